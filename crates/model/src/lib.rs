@@ -1,0 +1,70 @@
+//! moe-model: the Qwen3.5-MoE / Qwen3-Next model engine.
+//!
+//! It loads checkpoints exactly as published on the Hugging Face Hub ([`ModelConfig`], [`Checkpoint`],
+//! [`Tokenizer`]), runs the hybrid decoder on the CPU in f32 with bf16 weights ([`Model`]), and keeps the routed experts
+//! behind the [`Experts`] seam so that they can live in other processes. The numeric reference is Hugging Face
+//! transformers 5.24 (see `spec/qwen35-architecture.md` in the shared docs).
+
+pub mod config;
+pub mod cpu;
+pub mod error;
+pub mod generate;
+pub mod layers;
+pub mod model;
+pub mod sampling;
+pub mod state;
+pub mod synth;
+pub mod tokenizer;
+pub mod weights;
+
+pub use config::{Family, LayerKind, ModelConfig};
+pub use error::{ModelError, Result};
+pub use generate::{generate, FinishReason, GenerateOutput, GenerateRequest};
+pub use layers::moe::{Experts, LocalExperts, Routing};
+pub use model::{LogitsFor, Model, Segment};
+pub use sampling::{Sampler, SamplingParams};
+pub use state::SequenceState;
+pub use tokenizer::{ChatTemplate, GenerationConfig, Message, Tokenizer};
+pub use weights::Checkpoint;
+
+use std::path::{Path, PathBuf};
+
+/// Everything loaded from a model directory, with all routed experts in this process.
+#[derive(Debug)]
+pub struct LoadedModel {
+    pub dir: PathBuf,
+    pub model: Model,
+    pub experts: LocalExperts,
+    pub tokenizer: Tokenizer,
+    pub chat_template: Option<ChatTemplate>,
+    pub generation: GenerationConfig,
+}
+
+impl LoadedModel {
+    /// Loads config.json, the checkpoint, the tokenizer, the chat template and generation_config.json from `dir`.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let ckpt = Checkpoint::open(dir)?;
+        let experts = LocalExperts::load(&ckpt, &config, |_, _| true)?;
+        let model = Model::load(&ckpt, config)?;
+        Ok(LoadedModel {
+            dir: dir.to_owned(),
+            tokenizer: Tokenizer::from_file(&dir.join("tokenizer.json"))?,
+            chat_template: ChatTemplate::load(dir)?,
+            generation: GenerationConfig::load(dir)?,
+            model,
+            experts,
+        })
+    }
+
+    /// End-of-sequence ids: config.json's and generation_config.json's together.
+    pub fn eos_token_ids(&self) -> Vec<u32> {
+        let mut ids = self.model.config().eos_token_ids.clone();
+        for id in &self.generation.eos_token_ids {
+            if !ids.contains(id) {
+                ids.push(*id);
+            }
+        }
+        ids
+    }
+}

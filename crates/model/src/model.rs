@@ -1,0 +1,221 @@
+//! The decoder (spec §3.2): embeddings, the stack of hybrid layers, the final norm and the LM head, run over a
+//! batch of sequence segments of any lengths and positions.
+
+use crate::config::{LayerKind, ModelConfig};
+use crate::cpu::matmul::{matmul, widen};
+use crate::cpu::ops::{rms_norm_offset, rms_norm_offset_into, Rope};
+use crate::error::{ModelError, Result};
+use crate::layers::attention::Attention;
+use crate::layers::gdn::GatedDeltaNet;
+use crate::layers::moe::{Experts, MoeBlock, SwiGlu};
+use crate::layers::Span;
+use crate::state::SequenceState;
+use crate::weights::{Checkpoint, Mat};
+
+#[derive(Debug)]
+enum Mixer {
+    Attention(Attention),
+    Linear(GatedDeltaNet),
+}
+
+#[derive(Debug)]
+enum Mlp {
+    Moe(MoeBlock),
+    /// Qwen3-Next layers outside `decoder_sparse_step` / in `mlp_only_layers`.
+    Dense(SwiGlu),
+}
+
+#[derive(Debug)]
+struct Layer {
+    input_norm: Vec<f32>,
+    post_norm: Vec<f32>,
+    mixer: Mixer,
+    mlp: Mlp,
+}
+
+/// Which logits a segment wants back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsFor {
+    /// Only after the segment's last token (generation).
+    Last,
+    /// After every token of the segment (scoring, echo).
+    All,
+    /// None (a prefill chunk that is not the last).
+    None,
+}
+
+/// One sequence's part of a batch: new tokens appended to its state.
+#[derive(Debug)]
+pub struct Segment<'a> {
+    pub state: &'a mut SequenceState,
+    pub tokens: &'a [u32],
+    pub logits: LogitsFor,
+}
+
+/// The router-side model: everything but the routed experts, which come through [`Experts`].
+#[derive(Debug)]
+pub struct Model {
+    config: ModelConfig,
+    embed: Mat,
+    lm_head: Mat,
+    final_norm: Vec<f32>,
+    layers: Vec<Layer>,
+    rope: Rope,
+}
+
+impl Model {
+    /// Loads the non-expert weights of the model described by `config` from `ckpt`.
+    pub fn load(ckpt: &Checkpoint, config: ModelConfig) -> Result<Self> {
+        let (v, h) = (config.vocab_size, config.hidden_size);
+        let embed = ckpt.matrix("embed_tokens.weight", &[v, h])?;
+        let lm_head = if config.tie_word_embeddings && !ckpt.contains("lm_head.weight") {
+            embed.clone()
+        } else {
+            ckpt.matrix("lm_head.weight", &[v, h])?
+        };
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for (i, kind) in config.layer_types.iter().enumerate() {
+            let mixer = match kind {
+                LayerKind::Full => Mixer::Attention(Attention::load(ckpt, &config, i)?),
+                LayerKind::Linear => Mixer::Linear(GatedDeltaNet::load(ckpt, &config, i)?),
+            };
+            let mlp = if config.is_moe_layer(i) {
+                Mlp::Moe(MoeBlock::load(ckpt, &config, i)?)
+            } else {
+                Mlp::Dense(MoeBlock::load_dense(ckpt, &config, i)?)
+            };
+            layers.push(Layer {
+                input_norm: ckpt.vector(&format!("layers.{i}.input_layernorm.weight"), &[h])?,
+                post_norm: ckpt.vector(&format!("layers.{i}.post_attention_layernorm.weight"), &[h])?,
+                mixer,
+                mlp,
+            });
+        }
+        Ok(Model {
+            rope: Rope::new(config.rotary_dim(), config.rope_theta),
+            final_norm: ckpt.vector("norm.weight", &[h])?,
+            config,
+            embed,
+            lm_head,
+            layers,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// Returns a fresh state for a new sequence.
+    pub fn new_state(&self) -> SequenceState {
+        SequenceState::new(&self.config)
+    }
+
+    /// Bytes of non-expert weights one decode step reads (mixers, router, shared expert, dense MLPs, LM head; the
+    /// embedding row is negligible). Add `top_k × expert bytes` per MoE layer for the routed experts.
+    pub fn dense_weight_bytes(&self) -> usize {
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                let mixer = match &l.mixer {
+                    Mixer::Attention(a) => a.weight_bytes(),
+                    Mixer::Linear(g) => g.weight_bytes(),
+                };
+                let mlp = match &l.mlp {
+                    Mlp::Moe(m) => m.weight_bytes(),
+                    Mlp::Dense(d) => d.bytes(),
+                };
+                mixer + mlp
+            })
+            .sum();
+        layers + self.lm_head.bytes()
+    }
+
+    /// Runs every segment's new tokens through the model, appending to their states, and returns for each segment
+    /// the logits it asked for (`rows × vocab`, row-major; empty for [`LogitsFor::None`]).
+    ///
+    /// Segments are independent: a segment's outputs do not depend on which other segments share the batch.
+    pub fn forward(&self, batch: &mut [Segment<'_>], experts: &dyn Experts) -> Result<Vec<Vec<f32>>> {
+        let (h, vocab) = (self.config.hidden_size, self.config.vocab_size);
+        let mut spans = Vec::with_capacity(batch.len());
+        let mut ntok = 0;
+        for seg in batch.iter() {
+            if seg.tokens.is_empty() {
+                return Err(ModelError::InvalidInput("a batch segment has no tokens".into()));
+            }
+            if let Some(&bad) = seg.tokens.iter().find(|&&t| t as usize >= vocab) {
+                return Err(ModelError::InvalidInput(format!(
+                    "token id {bad} is out of range (vocab_size {vocab})"
+                )));
+            }
+            if seg.state.layers.len() != self.layers.len() {
+                return Err(ModelError::InvalidInput("sequence state belongs to another model".into()));
+            }
+            spans.push(Span {
+                start: ntok,
+                len: seg.tokens.len(),
+                pos: seg.state.position,
+            });
+            ntok += seg.tokens.len();
+        }
+
+        let mut x = vec![0f32; ntok * h];
+        let ed = self.embed.data();
+        for (row, &tok) in x.chunks_exact_mut(h).zip(batch.iter().flat_map(|s| s.tokens.iter())) {
+            widen(&ed[tok as usize * h..(tok as usize + 1) * h], row);
+        }
+
+        let mut xn = vec![0f32; ntok * h];
+        for (i, layer) in self.layers.iter().enumerate() {
+            rms_norm_offset_into(&x, &layer.input_norm, self.config.rms_norm_eps as f32, &mut xn);
+            let mut states: Vec<_> = batch.iter_mut().map(|s| &mut s.state.layers[i]).collect();
+            let mixed = match &layer.mixer {
+                Mixer::Attention(a) => a.forward(&xn, &spans, &mut states, &self.rope),
+                Mixer::Linear(g) => g.forward(&xn, &spans, &mut states),
+            };
+            for (a, b) in x.iter_mut().zip(&mixed) {
+                *a += b;
+            }
+            rms_norm_offset_into(&x, &layer.post_norm, self.config.rms_norm_eps as f32, &mut xn);
+            let mlp_out = match &layer.mlp {
+                Mlp::Moe(m) => m.forward(i, &xn, ntok, experts)?,
+                Mlp::Dense(d) => d.forward(&xn, ntok, true),
+            };
+            for (a, b) in x.iter_mut().zip(&mlp_out) {
+                *a += b;
+            }
+        }
+        for (seg, span) in batch.iter_mut().zip(&spans) {
+            seg.state.position += span.len;
+        }
+
+        // Gather the rows whose logits were asked for, then one LM-head matmul over all of them.
+        let mut rows = Vec::new();
+        for (seg, span) in batch.iter().zip(&spans) {
+            match seg.logits {
+                LogitsFor::Last => rows.push(span.start + span.len - 1),
+                LogitsFor::All => rows.extend(span.start..span.start + span.len),
+                LogitsFor::None => {}
+            }
+        }
+        let mut hs = Vec::with_capacity(rows.len() * h);
+        for &r in &rows {
+            hs.extend_from_slice(&x[r * h..(r + 1) * h]);
+        }
+        rms_norm_offset(&mut hs, &self.final_norm, self.config.rms_norm_eps as f32);
+        let mut logits = vec![0f32; rows.len() * vocab];
+        matmul(&hs, rows.len(), &self.lm_head, &mut logits);
+        let mut out = Vec::with_capacity(batch.len());
+        let mut offset = 0;
+        for (seg, span) in batch.iter().zip(&spans) {
+            let n = match seg.logits {
+                LogitsFor::Last => 1,
+                LogitsFor::All => span.len,
+                LogitsFor::None => 0,
+            };
+            out.push(logits[offset * vocab..(offset + n) * vocab].to_vec());
+            offset += n;
+        }
+        Ok(out)
+    }
+}

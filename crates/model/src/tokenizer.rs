@@ -1,0 +1,236 @@
+//! Text in and out: `tokenizer.json` (the `tokenizers` crate), the chat template (`chat_template.jinja`, else
+//! `tokenizer_config.json`'s `chat_template`, rendered with minijinja and the Python string methods HF templates use),
+//! and `generation_config.json` (sampling defaults, end-of-sequence ids).
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::config::token_ids;
+use crate::error::{ModelError, Result};
+
+/// The model's tokenizer.
+#[derive(Debug)]
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    path: PathBuf,
+}
+
+impl Tokenizer {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        if !path.exists() {
+            return Err(ModelError::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "file not found")));
+        }
+        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| ModelError::Tokenizer {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        Ok(Tokenizer {
+            inner,
+            path: path.to_owned(),
+        })
+    }
+
+    /// Encodes text; `special` adds the tokenizer's own special tokens (a BOS, for models that use one).
+    pub fn encode(&self, text: &str, special: bool) -> Result<Vec<u32>> {
+        let enc = self.inner.encode(text, special).map_err(|e| ModelError::Tokenizer {
+            path: self.path.clone(),
+            message: e.to_string(),
+        })?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Decodes ids to text, skipping special tokens when asked.
+    pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
+        self.inner.decode(ids, skip_special).map_err(|e| ModelError::Tokenizer {
+            path: self.path.clone(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Returns the id of a token string (for special tokens named in tokenizer_config.json).
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+}
+
+/// One chat message.
+#[derive(Debug, Clone, Serialize)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+/// A model's chat template.
+#[derive(Debug)]
+pub struct ChatTemplate {
+    source: String,
+    path: PathBuf,
+    bos_token: Option<String>,
+    eos_token: Option<String>,
+}
+
+/// A special-token entry of tokenizer_config.json: a string or an AddedToken object.
+fn token_string(v: Option<&Value>) -> Option<String> {
+    match v? {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o.get("content").and_then(Value::as_str).map(str::to_owned),
+        _ => None,
+    }
+}
+
+impl ChatTemplate {
+    /// Loads the template of the model in `dir`: `chat_template.jinja` when present, else the `chat_template` key of
+    /// `tokenizer_config.json` (a string, or a list of named templates of which `default` is taken). Returns
+    /// `Ok(None)` when the model has none.
+    pub fn load(dir: &Path) -> Result<Option<Self>> {
+        let cfg_path = dir.join("tokenizer_config.json");
+        let cfg: Option<Value> = if cfg_path.exists() {
+            let text = std::fs::read_to_string(&cfg_path).map_err(|e| ModelError::io(&cfg_path, e))?;
+            Some(serde_json::from_str(&text).map_err(|e| ModelError::json(&cfg_path, e))?)
+        } else {
+            None
+        };
+        let jinja = dir.join("chat_template.jinja");
+        let (source, path) = if jinja.exists() {
+            (std::fs::read_to_string(&jinja).map_err(|e| ModelError::io(&jinja, e))?, jinja)
+        } else {
+            let found = match cfg.as_ref().and_then(|c| c.get("chat_template")) {
+                Some(Value::String(s)) => Some(s.clone()),
+                Some(Value::Array(list)) => list
+                    .iter()
+                    .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+                    .or_else(|| list.first())
+                    .and_then(|t| t.get("template"))
+                    .and_then(Value::as_str)
+                    .map(str::to_owned),
+                _ => None,
+            };
+            match found {
+                Some(s) => (s, cfg_path.clone()),
+                None => return Ok(None),
+            }
+        };
+        let template = ChatTemplate {
+            source,
+            path,
+            bos_token: token_string(cfg.as_ref().and_then(|c| c.get("bos_token"))),
+            eos_token: token_string(cfg.as_ref().and_then(|c| c.get("eos_token"))),
+        };
+        // Compile once now, so a broken template is reported at load time.
+        template.environment()?;
+        Ok(Some(template))
+    }
+
+    fn environment(&self) -> Result<minijinja::Environment<'_>> {
+        let mut env = minijinja::Environment::new();
+        minijinja_contrib::add_to_environment(&mut env);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+        });
+        env.add_template("chat", &self.source).map_err(|e| ModelError::Tokenizer {
+            path: self.path.clone(),
+            message: format!("chat template: {e}"),
+        })?;
+        Ok(env)
+    }
+
+    /// Renders the conversation, ending with the assistant's turn prompt when `add_generation_prompt`.
+    pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        let env = self.environment()?;
+        let template = env.get_template("chat").map_err(|e| ModelError::Tokenizer {
+            path: self.path.clone(),
+            message: format!("chat template: {e}"),
+        })?;
+        template
+            .render(minijinja::context! {
+                messages => messages,
+                add_generation_prompt => add_generation_prompt,
+                bos_token => self.bos_token.clone().unwrap_or_default(),
+                eos_token => self.eos_token.clone().unwrap_or_default(),
+            })
+            .map_err(|e| ModelError::Tokenizer {
+                path: self.path.clone(),
+                message: format!("chat template: {e}"),
+            })
+    }
+}
+
+/// Defaults from `generation_config.json`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GenerationConfig {
+    pub eos_token_ids: Vec<u32>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<usize>,
+    /// `do_sample: false` means greedy by default.
+    pub do_sample: Option<bool>,
+}
+
+impl GenerationConfig {
+    /// Reads `generation_config.json` in `dir`; absent file means no defaults.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let path = dir.join("generation_config.json");
+        if !path.exists() {
+            return Ok(Self::default());
+        }
+        let text = std::fs::read_to_string(&path).map_err(|e| ModelError::io(&path, e))?;
+        let v: Value = serde_json::from_str(&text).map_err(|e| ModelError::json(&path, e))?;
+        let eos_token_ids = match v.get("eos_token_id") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(e) => token_ids(e).ok_or_else(|| ModelError::json(&path, "eos_token_id: expected an id or a list of ids"))?,
+        };
+        let num = |k: &str| v.get(k).and_then(Value::as_f64);
+        Ok(GenerationConfig {
+            eos_token_ids,
+            temperature: num("temperature").map(|t| t as f32),
+            top_p: num("top_p").map(|t| t as f32),
+            top_k: v.get("top_k").and_then(Value::as_u64).map(|k| k as usize),
+            do_sample: v.get("do_sample").and_then(Value::as_bool),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn template_with_python_methods() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tpl = "{%- for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content.strip() + '<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}{%- if messages[0].content.startswith('x') %}{{ raise_exception('no x') }}{%- endif %}";
+        std::fs::write(dir.path().join("tokenizer_config.json"), serde_json::json!({"chat_template": tpl}).to_string())
+            .expect("write");
+        let t = ChatTemplate::load(dir.path()).expect("load").expect("present");
+        let msgs = [Message {
+            role: "user".into(),
+            content: "  hi ".into(),
+        }];
+        assert_eq!(t.render(&msgs, true).expect("render"), "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
+        let bad = [Message {
+            role: "user".into(),
+            content: "xx".into(),
+        }];
+        assert!(t.render(&bad, true).expect_err("raises").to_string().contains("no x"));
+        // chat_template.jinja wins over tokenizer_config.json.
+        std::fs::write(dir.path().join("chat_template.jinja"), "J{{ messages|length }}").expect("write");
+        let t = ChatTemplate::load(dir.path()).expect("load").expect("present");
+        assert_eq!(t.render(&msgs, false).expect("render"), "J1");
+    }
+
+    #[test]
+    fn generation_config_eos_list() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(
+            dir.path().join("generation_config.json"),
+            r#"{"eos_token_id":[5,6],"temperature":0.6,"top_k":20,"do_sample":true}"#,
+        )
+        .expect("write");
+        let g = GenerationConfig::load(dir.path()).expect("load");
+        assert_eq!(g.eos_token_ids, vec![5, 6]);
+        assert_eq!(g.top_k, Some(20));
+        assert_eq!(g.temperature, Some(0.6));
+    }
+}

@@ -1,0 +1,345 @@
+//! Checkpoint loading: safetensors files as published on the Hub, memory-mapped.
+//!
+//! A checkpoint is one `model.safetensors` or shards listed in `model.safetensors.index.json`. Headers are parsed and
+//! validated by the `safetensors` crate (which rejects truncated files and overlapping offsets); the data stays in
+//! the page cache through `memmap2`, so a node that needs a few experts touches only their pages. Matrices are kept as
+//! bf16: BF16 tensors are borrowed from the map, F16 and F32 ones are rounded to bf16 once at load. Vectors (norm
+//! weights, `A_log`, `dt_bias`, ...) are widened to f32 exactly as stored.
+//!
+//! Names are looked up relative to the text-model prefix, detected once: `model.language_model.` (the official
+//! Qwen3.5 layout) or `model.` (Qwen3-Next and files saved from the CausalLM class). `lm_head.weight` is top-level.
+//! `model.visual.*` and `mtp.*` are never read.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use half::{bf16, f16};
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+use serde::Deserialize;
+
+use crate::error::{ModelError, Result};
+
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+pub const SINGLE_FILE: &str = "model.safetensors";
+
+/// One memory-mapped safetensors file.
+#[derive(Debug)]
+struct ShardFile {
+    path: PathBuf,
+    map: Mmap,
+    /// Byte offset of the data section (8 + header length).
+    data_start: usize,
+}
+
+#[derive(Debug, Clone)]
+struct TensorEntry {
+    file: usize,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    /// Absolute byte range inside the file.
+    start: usize,
+    end: usize,
+}
+
+/// The bytes behind a bf16 tensor: borrowed from a map, or owned after a dtype conversion.
+#[derive(Debug)]
+enum Storage {
+    Mapped { file: Arc<ShardFile>, start: usize, len: usize },
+    Owned(Vec<bf16>),
+}
+
+impl Storage {
+    fn as_slice(&self) -> &[bf16] {
+        match self {
+            Storage::Mapped { file, start, len } => {
+                let bytes = &file.map[*start..*start + *len * 2];
+                // Alignment was checked when the storage was made (maps are page-aligned and `start` is even).
+                bytemuck_cast(bytes)
+            }
+            Storage::Owned(v) => v,
+        }
+    }
+}
+
+fn bytemuck_cast(bytes: &[u8]) -> &[bf16] {
+    debug_assert!(bytes.len() % 2 == 0 && (bytes.as_ptr() as usize) % std::mem::align_of::<bf16>() == 0);
+    // SAFETY: bf16 is a plain 2-byte value with no invalid bit patterns; length and alignment are checked above
+    // (the callers only build mapped storages at even offsets of a page-aligned map).
+    unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<bf16>(), bytes.len() / 2) }
+}
+
+/// A row-major bf16 matrix `[rows, cols]` (a torch Linear weight is `[out, in]`), or a view of rows of one.
+#[derive(Debug, Clone)]
+pub struct Mat {
+    storage: Arc<Storage>,
+    /// Offset of the first element inside the storage.
+    offset: usize,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl Mat {
+    /// Returns the elements, `rows * cols` of them, row-major.
+    pub fn data(&self) -> &[bf16] {
+        &self.storage.as_slice()[self.offset..self.offset + self.rows * self.cols]
+    }
+
+    /// Returns the view of rows `start..end`.
+    pub fn rows(&self, start: usize, end: usize) -> Mat {
+        assert!(start <= end && end <= self.rows, "row range {start}..{end} of a {}-row matrix", self.rows);
+        Mat {
+            storage: Arc::clone(&self.storage),
+            offset: self.offset + start * self.cols,
+            rows: end - start,
+            cols: self.cols,
+        }
+    }
+
+    /// Builds an owned matrix (used by tests and by synthetic models).
+    pub fn from_vec(rows: usize, cols: usize, data: Vec<bf16>) -> Mat {
+        assert_eq!(data.len(), rows * cols);
+        Mat {
+            storage: Arc::new(Storage::Owned(data)),
+            offset: 0,
+            rows,
+            cols,
+        }
+    }
+
+    /// Bytes of weights this matrix holds (what a full pass over it reads).
+    pub fn bytes(&self) -> usize {
+        self.rows * self.cols * 2
+    }
+}
+
+#[derive(Deserialize)]
+struct IndexJson {
+    weight_map: HashMap<String, String>,
+}
+
+/// An opened checkpoint directory.
+#[derive(Debug)]
+pub struct Checkpoint {
+    dir: PathBuf,
+    files: Vec<Arc<ShardFile>>,
+    tensors: HashMap<String, TensorEntry>,
+    /// `model.language_model.` or `model.`.
+    prefix: &'static str,
+}
+
+impl Checkpoint {
+    /// Opens and validates every safetensors file of the checkpoint in `dir`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let index_path = dir.join(INDEX_FILE);
+        let single_path = dir.join(SINGLE_FILE);
+        let (file_names, index) = if index_path.exists() {
+            let text = std::fs::read_to_string(&index_path).map_err(|e| ModelError::io(&index_path, e))?;
+            let index: IndexJson = serde_json::from_str(&text).map_err(|e| ModelError::json(&index_path, e))?;
+            let mut names: Vec<String> = index.weight_map.values().cloned().collect();
+            names.sort();
+            names.dedup();
+            for name in &names {
+                if name.contains('/') || name.contains('\\') || name == ".." {
+                    return Err(ModelError::json(&index_path, format!("weight_map names a file outside the directory: {name:?}")));
+                }
+            }
+            (names, Some((index_path, index.weight_map)))
+        } else if single_path.exists() {
+            (vec![SINGLE_FILE.to_owned()], None)
+        } else {
+            return Err(ModelError::io(
+                dir,
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!("neither {SINGLE_FILE} nor {INDEX_FILE} is in the directory"),
+                ),
+            ));
+        };
+
+        let mut files = Vec::with_capacity(file_names.len());
+        let mut tensors = HashMap::new();
+        for (file_idx, name) in file_names.iter().enumerate() {
+            let path = dir.join(name);
+            let file = File::open(&path).map_err(|e| ModelError::io(&path, e))?;
+            // SAFETY: the map is read-only and private to this process; a checkpoint file that another process
+            // truncates while we serve is outside what any mmap-based loader can defend against.
+            let map = unsafe { Mmap::map(&file) }.map_err(|e| ModelError::io(&path, e))?;
+            let (header_len, metadata) = SafeTensors::read_metadata(&map).map_err(|e| ModelError::Safetensors {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+            let data_start = 8 + header_len;
+            for (tname, info) in metadata.tensors() {
+                let (s, e) = info.data_offsets;
+                tensors.insert(
+                    tname,
+                    TensorEntry {
+                        file: file_idx,
+                        dtype: info.dtype,
+                        shape: info.shape.clone(),
+                        start: data_start + s,
+                        end: data_start + e,
+                    },
+                );
+            }
+            files.push(Arc::new(ShardFile { path, map, data_start }));
+        }
+        if let Some((index_path, weight_map)) = index {
+            for (tname, fname) in &weight_map {
+                let found = tensors
+                    .get(tname)
+                    .map(|t| files[t.file].path.file_name().and_then(|f| f.to_str()) == Some(fname.as_str()));
+                if found != Some(true) {
+                    return Err(ModelError::Safetensors {
+                        path: index_path,
+                        message: format!("the index places tensor {tname:?} in {fname}, which does not contain it"),
+                    });
+                }
+            }
+        }
+        let prefix = if tensors.contains_key("model.language_model.embed_tokens.weight") {
+            "model.language_model."
+        } else if tensors.contains_key("model.embed_tokens.weight") {
+            "model."
+        } else {
+            return Err(ModelError::MissingTensor {
+                dir: dir.to_owned(),
+                tensor: "model.language_model.embed_tokens.weight (or model.embed_tokens.weight)".into(),
+            });
+        };
+        Ok(Checkpoint {
+            dir: dir.to_owned(),
+            files,
+            tensors,
+            prefix,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The detected text-model prefix.
+    pub fn prefix(&self) -> &'static str {
+        self.prefix
+    }
+
+    /// Returns the full name of a text-model tensor (`layers.0.input_layernorm.weight` → with the prefix).
+    pub fn full_name(&self, name: &str) -> String {
+        if name == "lm_head.weight" {
+            name.to_owned()
+        } else {
+            format!("{}{}", self.prefix, name)
+        }
+    }
+
+    /// Returns whether the checkpoint holds the text-model tensor `name`.
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(&self.full_name(name))
+    }
+
+    /// Returns the shape of the text-model tensor `name`, if present.
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.tensors.get(&self.full_name(name)).map(|t| t.shape.as_slice())
+    }
+
+    fn entry(&self, name: &str, expected: &[usize]) -> Result<(String, &TensorEntry)> {
+        let full = self.full_name(name);
+        let entry = self.tensors.get(&full).ok_or_else(|| ModelError::MissingTensor {
+            dir: self.dir.clone(),
+            tensor: full.clone(),
+        })?;
+        if entry.shape != expected {
+            return Err(ModelError::ShapeMismatch {
+                path: self.files[entry.file].path.clone(),
+                tensor: full,
+                expected: expected.to_vec(),
+                actual: entry.shape.clone(),
+            });
+        }
+        Ok((full, entry))
+    }
+
+    /// Loads a tensor of exactly `shape` as a bf16 matrix `[shape[0], product of the rest]` (for 3-D expert tensors
+    /// `[E, r, c]` this is `[E·r, c]`; take per-expert views with [`Mat::rows`]).
+    pub fn matrix(&self, name: &str, shape: &[usize]) -> Result<Mat> {
+        let (full, entry) = self.entry(name, shape)?;
+        let file = &self.files[entry.file];
+        let numel: usize = shape.iter().product();
+        let (rows, cols) = match shape {
+            [] => (1, 1),
+            [n] => (1, *n),
+            [r, rest @ ..] if shape.len() == 3 => (r * rest[0], rest[1]),
+            [r, rest @ ..] => (*r, rest.iter().product()),
+        };
+        let bytes = &file.map[entry.start..entry.end];
+        let storage = match entry.dtype {
+            Dtype::BF16 if entry.start % 2 == 0 => Storage::Mapped {
+                file: Arc::clone(file),
+                start: entry.start,
+                len: numel,
+            },
+            Dtype::BF16 => Storage::Owned(
+                bytes.chunks_exact(2).map(|b| bf16::from_bits(u16::from_le_bytes([b[0], b[1]]))).collect(),
+            ),
+            Dtype::F16 => Storage::Owned(
+                bytes
+                    .chunks_exact(2)
+                    .map(|b| bf16::from_f32(f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()))
+                    .collect(),
+            ),
+            Dtype::F32 => Storage::Owned(
+                bytes
+                    .chunks_exact(4)
+                    .map(|b| bf16::from_f32(f32::from_le_bytes([b[0], b[1], b[2], b[3]])))
+                    .collect(),
+            ),
+            other => {
+                return Err(ModelError::UnsupportedDtype {
+                    path: file.path.clone(),
+                    tensor: full,
+                    dtype: format!("{other:?}"),
+                })
+            }
+        };
+        let mat = Mat {
+            storage: Arc::new(storage),
+            offset: 0,
+            rows,
+            cols,
+        };
+        debug_assert_eq!(mat.data().len(), numel);
+        Ok(mat)
+    }
+
+    /// Loads a tensor of exactly `shape` as f32 values, widened exactly from the stored dtype.
+    pub fn vector(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let (full, entry) = self.entry(name, shape)?;
+        let file = &self.files[entry.file];
+        let bytes = &file.map[entry.start..entry.end];
+        let le16 = |b: &[u8]| u16::from_le_bytes([b[0], b[1]]);
+        Ok(match entry.dtype {
+            Dtype::BF16 => bytes.chunks_exact(2).map(|b| bf16::from_bits(le16(b)).to_f32()).collect(),
+            Dtype::F16 => bytes.chunks_exact(2).map(|b| f16::from_bits(le16(b)).to_f32()).collect(),
+            Dtype::F32 => bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            other => {
+                return Err(ModelError::UnsupportedDtype {
+                    path: file.path.clone(),
+                    tensor: full,
+                    dtype: format!("{other:?}"),
+                })
+            }
+        })
+    }
+
+    /// Total bytes of the data sections of all files.
+    pub fn total_bytes(&self) -> usize {
+        self.files.iter().map(|f| f.map.len() - f.data_start).sum()
+    }
+}
