@@ -39,7 +39,10 @@ impl SamplingParams {
             )));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(ModelError::InvalidInput(format!("top_p must be in (0, 1], got {}", self.top_p)));
+            return Err(ModelError::InvalidInput(format!(
+                "top_p must be in (0, 1], got {}",
+                self.top_p
+            )));
         }
         Ok(())
     }
@@ -67,7 +70,11 @@ impl Sampler {
             return argmax(logits);
         }
         let inv_t = 1.0 / self.params.temperature;
-        let mut cand: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l * inv_t)).collect();
+        let mut cand: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i as u32, l * inv_t))
+            .collect();
         cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         if self.params.top_k > 0 {
             cand.truncate(self.params.top_k);
@@ -120,7 +127,9 @@ pub fn top_logprobs(logits: &[f32], n: usize) -> Vec<(u32, f32)> {
     if n == 0 {
         return Vec::new();
     }
-    idx.select_nth_unstable_by(n - 1, |&a, &b| lp[b as usize].total_cmp(&lp[a as usize]).then(a.cmp(&b)));
+    idx.select_nth_unstable_by(n - 1, |&a, &b| {
+        lp[b as usize].total_cmp(&lp[a as usize]).then(a.cmp(&b))
+    });
     let mut top: Vec<(u32, f32)> = idx[..n].iter().map(|&i| (i, lp[i as usize])).collect();
     top.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
     top
@@ -154,7 +163,10 @@ mod tests {
             (0..50).map(|_| s.sample(&logits)).collect()
         };
         assert_eq!(a, b, "same seed, same tokens");
-        assert!(a.iter().all(|&t| t == 1 || t == 2), "top-k 2 keeps two tokens");
+        assert!(
+            a.iter().all(|&t| t == 1 || t == 2),
+            "top-k 2 keeps two tokens"
+        );
         assert!(a.contains(&1) && a.contains(&2));
     }
 

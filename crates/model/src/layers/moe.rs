@@ -35,7 +35,10 @@ impl Routing {
     /// Returns the (expert, weight) pairs of token `t`.
     pub fn token(&self, t: usize) -> impl Iterator<Item = (u32, f32)> + '_ {
         let (a, b) = (self.offsets[t] as usize, self.offsets[t + 1] as usize);
-        self.experts[a..b].iter().copied().zip(self.weights[a..b].iter().copied())
+        self.experts[a..b]
+            .iter()
+            .copied()
+            .zip(self.weights[a..b].iter().copied())
     }
 }
 
@@ -43,7 +46,13 @@ impl Routing {
 pub trait Experts: Send + Sync {
     /// Writes into `out` (`ntok × H`, overwritten) the sum over each token's routed experts of `weight · expert(x)`,
     /// where `hidden` is `ntok × H` (the post-attention-normed hidden states) and `routing` has `ntok` tokens.
-    fn forward(&self, layer: usize, hidden: &[f32], routing: &Routing, out: &mut [f32]) -> Result<()>;
+    fn forward(
+        &self,
+        layer: usize,
+        hidden: &[f32],
+        routing: &Routing,
+        out: &mut [f32],
+    ) -> Result<()>;
 }
 
 /// A SwiGLU MLP, `down · (silu(gate · x) ⊙ (up · x))`: a routed expert, the shared expert, or a dense MLP.
@@ -100,7 +109,12 @@ impl MoeBlock {
         let h = cfg.hidden_size;
         Ok(MoeBlock {
             router: ckpt.matrix(&format!("{p}gate.weight"), &[cfg.num_experts, h])?,
-            shared: SwiGlu::load(ckpt, &format!("{p}shared_expert."), h, cfg.shared_expert_intermediate_size)?,
+            shared: SwiGlu::load(
+                ckpt,
+                &format!("{p}shared_expert."),
+                h,
+                cfg.shared_expert_intermediate_size,
+            )?,
             shared_gate: ckpt.matrix(&format!("{p}shared_expert_gate.weight"), &[1, h])?,
             top_k: cfg.num_experts_per_tok,
             renormalize: cfg.norm_topk_prob,
@@ -135,7 +149,9 @@ impl MoeBlock {
             for &i in top {
                 routing.experts.push(i);
                 let p = row[i as usize];
-                routing.weights.push(if self.renormalize { p / sum } else { p });
+                routing
+                    .weights
+                    .push(if self.renormalize { p / sum } else { p });
             }
             routing.offsets.push(routing.experts.len() as u32);
         }
@@ -143,7 +159,13 @@ impl MoeBlock {
     }
 
     /// `routed + sigmoid(x·w_sg) · shared(x)`.
-    pub(crate) fn forward(&self, layer: usize, x: &[f32], ntok: usize, experts: &dyn Experts) -> Result<Vec<f32>> {
+    pub(crate) fn forward(
+        &self,
+        layer: usize,
+        x: &[f32],
+        ntok: usize,
+        experts: &dyn Experts,
+    ) -> Result<Vec<f32>> {
         let routing = self.route(x, ntok);
         let mut out = vec![0f32; x.len()];
         experts.forward(layer, x, &routing, &mut out)?;
@@ -153,7 +175,10 @@ impl MoeBlock {
         let h = self.router.cols;
         for t in 0..ntok {
             let g = sigmoid(gate[t]);
-            for (o, s) in out[t * h..(t + 1) * h].iter_mut().zip(&shared[t * h..(t + 1) * h]) {
+            for (o, s) in out[t * h..(t + 1) * h]
+                .iter_mut()
+                .zip(&shared[t * h..(t + 1) * h])
+            {
                 *o += g * s;
             }
         }
@@ -162,7 +187,12 @@ impl MoeBlock {
 
     /// Loads the dense MLP of a non-MoE Qwen3-Next layer.
     pub(crate) fn load_dense(ckpt: &Checkpoint, cfg: &ModelConfig, layer: usize) -> Result<SwiGlu> {
-        SwiGlu::load(ckpt, &format!("layers.{layer}.mlp."), cfg.hidden_size, cfg.intermediate_size)
+        SwiGlu::load(
+            ckpt,
+            &format!("layers.{layer}.mlp."),
+            cfg.hidden_size,
+            cfg.intermediate_size,
+        )
     }
 }
 
@@ -177,6 +207,9 @@ pub struct ExpertStats {
     pub weight_bytes: AtomicU64,
 }
 
+/// One expert's share of a batch: its id, its weights, and its (token, router weight) pairs.
+type ExpertWork<'a> = (usize, &'a SwiGlu, &'a [(usize, f32)]);
+
 /// Routed experts held in this process, for the layers and experts selected at load time.
 #[derive(Debug)]
 pub struct LocalExperts {
@@ -190,7 +223,11 @@ impl LocalExperts {
     /// Loads the experts `(layer, expert)` for which `select` returns true, from either checkpoint layout: fused
     /// (`experts.gate_up_proj` `[E, 2I, H]` with gate rows first, `experts.down_proj` `[E, H, I]`) or per expert
     /// (`experts.{e}.{gate,up,down}_proj.weight`). Fused tensors are mapped once and viewed per expert.
-    pub fn load(ckpt: &Checkpoint, cfg: &ModelConfig, select: impl Fn(usize, usize) -> bool) -> Result<Self> {
+    pub fn load(
+        ckpt: &Checkpoint,
+        cfg: &ModelConfig,
+        select: impl Fn(usize, usize) -> bool,
+    ) -> Result<Self> {
         let (h, i, ne) = (cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts);
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
@@ -236,7 +273,13 @@ impl LocalExperts {
 }
 
 impl Experts for LocalExperts {
-    fn forward(&self, layer: usize, hidden: &[f32], routing: &Routing, out: &mut [f32]) -> Result<()> {
+    fn forward(
+        &self,
+        layer: usize,
+        hidden: &[f32],
+        routing: &Routing,
+        out: &mut [f32],
+    ) -> Result<()> {
         let started = Instant::now();
         let h = self.hidden;
         let ntok = routing.num_tokens();
@@ -247,29 +290,37 @@ impl Experts for LocalExperts {
         if hidden.len() != ntok * h || out.len() != ntok * h {
             return Err(ModelError::Experts {
                 layer,
-                message: format!("hidden has {} values for {ntok} tokens of width {h}", hidden.len()),
+                message: format!(
+                    "hidden has {} values for {ntok} tokens of width {h}",
+                    hidden.len()
+                ),
             });
         }
         // Group the tokens by expert, keeping token order inside each group.
         let mut groups: Vec<Vec<(usize, f32)>> = vec![Vec::new(); table.len()];
         for t in 0..ntok {
             for (e, w) in routing.token(t) {
-                let group = groups.get_mut(e as usize).ok_or_else(|| ModelError::Experts {
-                    layer,
-                    message: format!("expert {e} out of range (layer has {})", table.len()),
-                })?;
+                let group = groups
+                    .get_mut(e as usize)
+                    .ok_or_else(|| ModelError::Experts {
+                        layer,
+                        message: format!("expert {e} out of range (layer has {})", table.len()),
+                    })?;
                 group.push((t, w));
             }
         }
-        let work: Vec<(usize, &SwiGlu, &[(usize, f32)])> = groups
+        let work: Vec<ExpertWork<'_>> = groups
             .iter()
             .enumerate()
             .filter(|(_, g)| !g.is_empty())
             .map(|(e, g)| {
-                table[e].as_ref().map(|w| (e, w, g.as_slice())).ok_or_else(|| ModelError::Experts {
-                    layer,
-                    message: format!("expert {e} is not loaded here"),
-                })
+                table[e]
+                    .as_ref()
+                    .map(|w| (e, w, g.as_slice()))
+                    .ok_or_else(|| ModelError::Experts {
+                        layer,
+                        message: format!("expert {e} is not loaded here"),
+                    })
             })
             .collect::<Result<_>>()?;
         let results: Vec<Vec<f32>> = work
@@ -288,7 +339,10 @@ impl Experts for LocalExperts {
         let mut bytes = 0u64;
         for ((_, mlp, tokens), y) in work.iter().zip(&results) {
             for (i, &(t, w)) in tokens.iter().enumerate() {
-                for (o, v) in out[t * h..(t + 1) * h].iter_mut().zip(&y[i * h..(i + 1) * h]) {
+                for (o, v) in out[t * h..(t + 1) * h]
+                    .iter_mut()
+                    .zip(&y[i * h..(i + 1) * h])
+                {
                     *o += w * v;
                 }
             }
@@ -297,7 +351,9 @@ impl Experts for LocalExperts {
         }
         self.stats.flops.fetch_add(flops, Ordering::Relaxed);
         self.stats.weight_bytes.fetch_add(bytes, Ordering::Relaxed);
-        self.stats.nanos.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        self.stats
+            .nanos
+            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
         Ok(())
     }
 }

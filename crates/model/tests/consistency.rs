@@ -1,0 +1,212 @@
+//! Properties of the forward pass that must hold exactly (≤ 1e-5): prefill then decode equals one full forward, and a
+//! sequence decoded inside a batch of 8 sequences of different lengths and positions gives what it gives alone.
+
+use std::path::PathBuf;
+
+use moe_model::{LoadedModel, LogitsFor, Segment};
+
+const TOL: f32 = 1e-5;
+
+fn load(name: &str) -> LoadedModel {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(name);
+    LoadedModel::load(&dir).expect("fixture model loads")
+}
+
+fn tokens(n: usize, seed: u32, vocab: usize) -> Vec<u32> {
+    let mut s = seed.wrapping_mul(747_796_405).wrapping_add(2_891_336_453);
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            s % vocab as u32
+        })
+        .collect()
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn prefill_then_decode_equals_full_forward(name: &str) {
+    let lm = load(name);
+    let vocab = lm.model.config().vocab_size;
+    // 150 tokens: the prefill spans three 64-token chunks; the decode runs the recurrent kernel.
+    let seq = tokens(150, 7, vocab);
+    let mut full_state = lm.model.new_state();
+    let full = lm
+        .model
+        .forward(
+            &mut [Segment {
+                state: &mut full_state,
+                tokens: &seq,
+                logits: LogitsFor::All,
+            }],
+            &lm.experts,
+        )
+        .expect("full forward")
+        .remove(0);
+    for split in [1, 63, 64, 100] {
+        let mut state = lm.model.new_state();
+        let mut got = lm
+            .model
+            .forward(
+                &mut [Segment {
+                    state: &mut state,
+                    tokens: &seq[..split],
+                    logits: LogitsFor::All,
+                }],
+                &lm.experts,
+            )
+            .expect("prefill")
+            .remove(0);
+        for t in &seq[split..] {
+            let row = lm
+                .model
+                .forward(
+                    &mut [Segment {
+                        state: &mut state,
+                        tokens: std::slice::from_ref(t),
+                        logits: LogitsFor::Last,
+                    }],
+                    &lm.experts,
+                )
+                .expect("decode")
+                .remove(0);
+            got.extend(row);
+        }
+        assert_eq!(state.position(), seq.len());
+        let d = max_diff(&got, &full);
+        eprintln!("{name}: prefill {split} then decode vs full forward: {d:.2e}");
+        assert!(
+            d <= TOL,
+            "{name}: prefill {split} then decode differs from the full forward by {d}"
+        );
+    }
+}
+
+fn batch_of_eight_equals_alone(name: &str) {
+    let lm = load(name);
+    let vocab = lm.model.config().vocab_size;
+    let prompt_lens = [3usize, 70, 12, 1, 130, 33, 64, 9];
+    let prompts: Vec<Vec<u32>> = prompt_lens
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| tokens(n, i as u32 + 1, vocab))
+        .collect();
+    let steps = 6;
+    let next: Vec<Vec<u32>> = (0..8)
+        .map(|i| tokens(steps, 100 + i as u32, vocab))
+        .collect();
+
+    // Alone: each sequence prefilled and decoded by itself.
+    let mut alone = Vec::new();
+    for (p, nx) in prompts.iter().zip(&next) {
+        let mut state = lm.model.new_state();
+        let mut rows = Vec::new();
+        let mut seg = [Segment {
+            state: &mut state,
+            tokens: p,
+            logits: LogitsFor::Last,
+        }];
+        rows.push(
+            lm.model
+                .forward(&mut seg, &lm.experts)
+                .expect("prefill")
+                .remove(0),
+        );
+        for t in nx {
+            let mut seg = [Segment {
+                state: &mut state,
+                tokens: std::slice::from_ref(t),
+                logits: LogitsFor::Last,
+            }];
+            rows.push(
+                lm.model
+                    .forward(&mut seg, &lm.experts)
+                    .expect("decode")
+                    .remove(0),
+            );
+        }
+        alone.push(rows);
+    }
+
+    // Batched: all eight prefilled in one forward, then decoded together, one token each per step.
+    let mut states: Vec<_> = (0..8).map(|_| lm.model.new_state()).collect();
+    let mut batched: Vec<Vec<Vec<f32>>> = vec![Vec::new(); 8];
+    let mut segs: Vec<Segment<'_>> = states
+        .iter_mut()
+        .zip(&prompts)
+        .map(|(s, p)| Segment {
+            state: s,
+            tokens: p,
+            logits: LogitsFor::Last,
+        })
+        .collect();
+    for (i, row) in lm
+        .model
+        .forward(&mut segs, &lm.experts)
+        .expect("batched prefill")
+        .into_iter()
+        .enumerate()
+    {
+        batched[i].push(row);
+    }
+    for step in 0..steps {
+        let mut segs: Vec<Segment<'_>> = states
+            .iter_mut()
+            .zip(&next)
+            .map(|(s, nx)| Segment {
+                state: s,
+                tokens: std::slice::from_ref(&nx[step]),
+                logits: LogitsFor::Last,
+            })
+            .collect();
+        for (i, row) in lm
+            .model
+            .forward(&mut segs, &lm.experts)
+            .expect("batched decode")
+            .into_iter()
+            .enumerate()
+        {
+            batched[i].push(row);
+        }
+    }
+    let mut worst = 0f32;
+    for i in 0..8 {
+        for (a, b) in alone[i].iter().zip(&batched[i]) {
+            worst = worst.max(max_diff(a, b));
+        }
+    }
+    eprintln!("{name}: batch-vs-alone worst logit difference {worst:.2e}");
+    assert!(
+        worst <= TOL,
+        "{name}: a sequence in a batch of 8 differs from itself alone by {worst}"
+    );
+}
+
+#[test]
+fn qwen35_prefill_then_decode() {
+    prefill_then_decode_equals_full_forward("qwen35");
+}
+
+#[test]
+fn qwen3next_prefill_then_decode() {
+    prefill_then_decode_equals_full_forward("qwen3next");
+}
+
+#[test]
+fn qwen35_batch_of_eight() {
+    batch_of_eight_equals_alone("qwen35");
+}
+
+#[test]
+fn qwen3next_batch_of_eight() {
+    batch_of_eight_equals_alone("qwen3next");
+}
