@@ -126,18 +126,12 @@ struct FamilyDefaults {
 impl Family {
     fn defaults(self) -> FamilyDefaults {
         match self {
-            Family::Qwen3Next => FamilyDefaults {
-                vocab_size: 151_936,
-                num_hidden_layers: 48,
-                num_experts: 512,
-                num_experts_per_tok: 10,
-            },
-            Family::Qwen35Moe => FamilyDefaults {
-                vocab_size: 248_320,
-                num_hidden_layers: 40,
-                num_experts: 256,
-                num_experts_per_tok: 8,
-            },
+            Family::Qwen3Next => {
+                FamilyDefaults { vocab_size: 151_936, num_hidden_layers: 48, num_experts: 512, num_experts_per_tok: 10 }
+            }
+            Family::Qwen35Moe => {
+                FamilyDefaults { vocab_size: 248_320, num_hidden_layers: 40, num_experts: 256, num_experts_per_tok: 8 }
+            }
         }
     }
 }
@@ -145,14 +139,8 @@ impl Family {
 /// Parses an id or a list of ids (`eos_token_id` may be either).
 pub(crate) fn token_ids(value: &Value) -> Option<Vec<u32>> {
     match value {
-        Value::Number(n) => n
-            .as_u64()
-            .and_then(|v| u32::try_from(v).ok())
-            .map(|v| vec![v]),
-        Value::Array(items) => items
-            .iter()
-            .map(|v| v.as_u64().and_then(|v| u32::try_from(v).ok()))
-            .collect(),
+        Value::Number(n) => n.as_u64().and_then(|v| u32::try_from(v).ok()).map(|v| vec![v]),
+        Value::Array(items) => items.iter().map(|v| v.as_u64().and_then(|v| u32::try_from(v).ok())).collect(),
         _ => None,
     }
 }
@@ -177,10 +165,7 @@ impl ModelConfig {
             "qwen3_5_moe_text" => (Family::Qwen35Moe, root.clone()),
             "qwen3_5_moe" => {
                 // The multimodal wrapper: the text model lives under `text_config` (absent means all defaults).
-                let mut text = root
-                    .get("text_config")
-                    .cloned()
-                    .unwrap_or(Value::Object(Default::default()));
+                let mut text = root.get("text_config").cloned().unwrap_or(Value::Object(Default::default()));
                 // eos / tie live at the top level in some exports; the text config wins when both exist.
                 if let (Value::Object(t), Value::Object(r)) = (&mut text, &root) {
                     for key in ["eos_token_id", "tie_word_embeddings"] {
@@ -193,21 +178,12 @@ impl ModelConfig {
                 }
                 (Family::Qwen35Moe, text)
             }
-            _ => {
-                return Err(ModelError::UnknownModelType {
-                    path: path.to_owned(),
-                    model_type,
-                })
-            }
+            _ => return Err(ModelError::UnknownModelType { path: path.to_owned(), model_type }),
         };
-        let raw: RawText =
-            serde_json::from_value(text_value).map_err(|e| ModelError::json(path, e))?;
+        let raw: RawText = serde_json::from_value(text_value).map_err(|e| ModelError::json(path, e))?;
         if let Some(t) = &raw.model_type {
             if family == Family::Qwen35Moe && t != "qwen3_5_moe_text" && t != "qwen3_5_moe" {
-                return Err(ModelError::UnknownModelType {
-                    path: path.to_owned(),
-                    model_type: t.clone(),
-                });
+                return Err(ModelError::UnknownModelType { path: path.to_owned(), model_type: t.clone() });
             }
         }
         resolve(family, raw, path)
@@ -237,10 +213,7 @@ impl ModelConfig {
 }
 
 fn resolve(family: Family, raw: RawText, path: &Path) -> Result<ModelConfig> {
-    let invalid = |message: String| ModelError::InvalidConfig {
-        path: path.to_owned(),
-        message,
-    };
+    let invalid = |message: String| ModelError::InvalidConfig { path: path.to_owned(), message };
     let d = family.defaults();
     let num_hidden_layers = raw.num_hidden_layers.unwrap_or(d.num_hidden_layers);
     let layer_types = match raw.layer_types {
@@ -249,9 +222,7 @@ fn resolve(family: Family, raw: RawText, path: &Path) -> Result<ModelConfig> {
             .map(|t| match t.as_str() {
                 "linear_attention" => Ok(LayerKind::Linear),
                 "full_attention" => Ok(LayerKind::Full),
-                other => Err(invalid(format!(
-                    "layer_types: unknown layer type {other:?}"
-                ))),
+                other => Err(invalid(format!("layer_types: unknown layer type {other:?}"))),
             })
             .collect::<Result<Vec<_>>>()?,
         None => {
@@ -260,13 +231,7 @@ fn resolve(family: Family, raw: RawText, path: &Path) -> Result<ModelConfig> {
                 return Err(invalid("full_attention_interval must be at least 1".into()));
             }
             (0..num_hidden_layers)
-                .map(|i| {
-                    if (i + 1).is_multiple_of(interval) {
-                        LayerKind::Full
-                    } else {
-                        LayerKind::Linear
-                    }
-                })
+                .map(|i| if (i + 1).is_multiple_of(interval) { LayerKind::Full } else { LayerKind::Linear })
                 .collect()
         }
     };
@@ -275,30 +240,21 @@ fn resolve(family: Family, raw: RawText, path: &Path) -> Result<ModelConfig> {
     let rope = raw.rope_parameters.or(raw.rope_scaling).unwrap_or_default();
     if let Some(kind) = rope.rope_type.as_deref().or(rope.legacy_type.as_deref()) {
         if kind != "default" && kind != "mrope" {
-            return Err(invalid(format!(
-                "rope_parameters.rope_type {kind:?} is not supported (only \"default\")"
-            )));
+            return Err(invalid(format!("rope_parameters.rope_type {kind:?} is not supported (only \"default\")")));
         }
     }
     let rope_theta = rope.rope_theta.or(raw.rope_theta).unwrap_or(10_000.0);
-    let partial_rotary_factor = rope
-        .partial_rotary_factor
-        .or(raw.partial_rotary_factor)
-        .unwrap_or(0.25);
+    let partial_rotary_factor = rope.partial_rotary_factor.or(raw.partial_rotary_factor).unwrap_or(0.25);
     if let Some(act) = &raw.hidden_act {
         if act != "silu" {
-            return Err(invalid(format!(
-                "hidden_act {act:?} is not supported (only \"silu\")"
-            )));
+            return Err(invalid(format!("hidden_act {act:?} is not supported (only \"silu\")")));
         }
     }
     let eos_token_ids = match &raw.eos_token_id {
         None | Some(Value::Null) => Vec::new(),
-        Some(v) => token_ids(v).ok_or_else(|| {
-            invalid(format!(
-                "eos_token_id: expected an id or a list of ids, got {v}"
-            ))
-        })?,
+        Some(v) => {
+            token_ids(v).ok_or_else(|| invalid(format!("eos_token_id: expected an id or a list of ids, got {v}")))?
+        }
     };
     let cfg = ModelConfig {
         family,
@@ -340,12 +296,7 @@ fn resolve(family: Family, raw: RawText, path: &Path) -> Result<ModelConfig> {
 impl ModelConfig {
     /// Checks the relations between fields that the forward pass relies on.
     pub fn validate(&self, path: &Path) -> Result<()> {
-        let fail = |message: String| {
-            Err(ModelError::InvalidConfig {
-                path: PathBuf::from(path),
-                message,
-            })
-        };
+        let fail = |message: String| Err(ModelError::InvalidConfig { path: PathBuf::from(path), message });
         let positive = [
             ("vocab_size", self.vocab_size),
             ("hidden_size", self.hidden_size),
@@ -371,19 +322,13 @@ impl ModelConfig {
                 self.num_hidden_layers
             ));
         }
-        if !self
-            .num_attention_heads
-            .is_multiple_of(self.num_key_value_heads)
-        {
+        if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
             return fail(format!(
                 "num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
                 self.num_attention_heads, self.num_key_value_heads
             ));
         }
-        if !self
-            .linear_num_value_heads
-            .is_multiple_of(self.linear_num_key_heads)
-        {
+        if !self.linear_num_value_heads.is_multiple_of(self.linear_num_key_heads) {
             return fail(format!(
                 "linear_num_value_heads ({}) is not a multiple of linear_num_key_heads ({})",
                 self.linear_num_value_heads, self.linear_num_key_heads
@@ -395,24 +340,17 @@ impl ModelConfig {
                 "rotary dim int(head_dim * partial_rotary_factor) = {r} must be even and at most head_dim"
             ));
         }
-        if self.num_experts > 0
-            && (self.num_experts_per_tok == 0 || self.num_experts_per_tok > self.num_experts)
-        {
+        if self.num_experts > 0 && (self.num_experts_per_tok == 0 || self.num_experts_per_tok > self.num_experts) {
             return fail(format!(
                 "num_experts_per_tok ({}) must be in 1..=num_experts ({})",
                 self.num_experts_per_tok, self.num_experts
             ));
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
-            return fail(format!(
-                "rope_theta must be a positive number, got {}",
-                self.rope_theta
-            ));
+            return fail(format!("rope_theta must be a positive number, got {}", self.rope_theta));
         }
         if self.attention_bias {
-            return fail(
-                "attention_bias = true is not supported (no released model uses it)".into(),
-            );
+            return fail("attention_bias = true is not supported (no released model uses it)".into());
         }
         Ok(())
     }
@@ -436,9 +374,7 @@ mod tests {
         assert_eq!(c.rope_theta, 1e7);
         assert_eq!(c.rotary_dim(), 64);
         assert_eq!(c.eos_token_ids, vec![7]);
-        let full: Vec<usize> = (0..8)
-            .filter(|&i| c.layer_types[i] == LayerKind::Full)
-            .collect();
+        let full: Vec<usize> = (0..8).filter(|&i| c.layer_types[i] == LayerKind::Full).collect();
         assert_eq!(full, vec![3, 7]);
     }
 
@@ -456,8 +392,7 @@ mod tests {
 
     #[test]
     fn rope_theta_defaults_to_ten_thousand() {
-        let c = parse(r#"{"model_type":"qwen3_5_moe_text","num_hidden_layers":4}"#)
-            .expect("valid config");
+        let c = parse(r#"{"model_type":"qwen3_5_moe_text","num_hidden_layers":4}"#).expect("valid config");
         assert_eq!(c.rope_theta, 10_000.0);
         assert!(c.norm_topk_prob);
     }
@@ -472,13 +407,10 @@ mod tests {
     fn rejects_unknown_and_inconsistent() {
         let e = parse(r#"{"model_type":"llama"}"#).expect_err("unknown type");
         assert!(e.to_string().contains("llama"), "{e}");
-        let e = parse(
-            r#"{"model_type":"qwen3_next","num_hidden_layers":3,"layer_types":["full_attention"]}"#,
-        )
-        .expect_err("bad layer_types");
+        let e = parse(r#"{"model_type":"qwen3_next","num_hidden_layers":3,"layer_types":["full_attention"]}"#)
+            .expect_err("bad layer_types");
         assert!(e.to_string().contains("layer_types"), "{e}");
-        let e =
-            parse(r#"{"model_type":"qwen3_next","num_attention_heads":3}"#).expect_err("bad heads");
+        let e = parse(r#"{"model_type":"qwen3_next","num_attention_heads":3}"#).expect_err("bad heads");
         assert!(e.to_string().contains("num_key_value_heads"), "{e}");
         let e = parse("{not json").expect_err("bad json");
         assert!(e.to_string().contains("config.json"), "{e}");

@@ -32,19 +32,10 @@ pub enum ModelError {
     MissingTensor { dir: PathBuf, tensor: String },
     /// A tensor whose shape is not what config.json implies.
     #[error("{path}: tensor {tensor:?} has shape {actual:?}, expected {expected:?}")]
-    ShapeMismatch {
-        path: PathBuf,
-        tensor: String,
-        expected: Vec<usize>,
-        actual: Vec<usize>,
-    },
+    ShapeMismatch { path: PathBuf, tensor: String, expected: Vec<usize>, actual: Vec<usize> },
     /// A tensor stored in a dtype the engine does not read.
     #[error("{path}: tensor {tensor:?} has unsupported dtype {dtype} (supported: BF16, F16, F32)")]
-    UnsupportedDtype {
-        path: PathBuf,
-        tensor: String,
-        dtype: String,
-    },
+    UnsupportedDtype { path: PathBuf, tensor: String, dtype: String },
     /// The tokenizer or the chat template could not be loaded or applied.
     #[error("{path}: {message}")]
     Tokenizer { path: PathBuf, message: String },
@@ -76,17 +67,11 @@ impl ModelError {
     }
 
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        ModelError::Io {
-            path: path.into(),
-            source,
-        }
+        ModelError::Io { path: path.into(), source }
     }
 
     pub(crate) fn json(path: impl Into<PathBuf>, message: impl ToString) -> Self {
-        ModelError::Json {
-            path: path.into(),
-            message: message.to_string(),
-        }
+        ModelError::Json { path: path.into(), message: message.to_string() }
     }
 }
 

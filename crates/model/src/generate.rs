@@ -76,11 +76,7 @@ pub fn generate(
         } else {
             LogitsFor::None
         };
-        let mut batch = [Segment {
-            state: &mut state,
-            tokens: chunk,
-            logits: want,
-        }];
+        let mut batch = [Segment { state: &mut state, tokens: chunk, logits: want }];
         let out = model.forward(&mut batch, experts)?;
         let rows = &out[0];
         if want == LogitsFor::All {
@@ -105,11 +101,8 @@ pub fn generate(
         let stop = req.stop_ids.contains(&token);
         let more = !stop && output_ids.len() < req.max_tokens;
         if more || (req.echo && req.logprobs > 0) {
-            let mut batch = [Segment {
-                state: &mut state,
-                tokens: std::slice::from_ref(&token),
-                logits: LogitsFor::Last,
-            }];
+            let mut batch =
+                [Segment { state: &mut state, tokens: std::slice::from_ref(&token), logits: LogitsFor::Last }];
             last = model.forward(&mut batch, experts)?.swap_remove(0);
             if req.echo && req.logprobs > 0 {
                 logprobs.push(top_logprobs(&last, req.logprobs));
@@ -120,9 +113,5 @@ pub fn generate(
             break;
         }
     }
-    Ok(GenerateOutput {
-        output_ids,
-        logprobs,
-        finish_reason,
-    })
+    Ok(GenerateOutput { output_ids, logprobs, finish_reason })
 }

@@ -86,8 +86,7 @@ impl Model {
             };
             layers.push(Layer {
                 input_norm: ckpt.vector(&format!("layers.{i}.input_layernorm.weight"), &[h])?,
-                post_norm: ckpt
-                    .vector(&format!("layers.{i}.post_attention_layernorm.weight"), &[h])?,
+                post_norm: ckpt.vector(&format!("layers.{i}.post_attention_layernorm.weight"), &[h])?,
                 mixer,
                 mlp,
             });
@@ -136,55 +135,33 @@ impl Model {
     /// the logits it asked for (`rows × vocab`, row-major; empty for [`LogitsFor::None`]).
     ///
     /// Segments are independent: a segment's outputs do not depend on which other segments share the batch.
-    pub fn forward(
-        &self,
-        batch: &mut [Segment<'_>],
-        experts: &dyn Experts,
-    ) -> Result<Vec<Vec<f32>>> {
+    pub fn forward(&self, batch: &mut [Segment<'_>], experts: &dyn Experts) -> Result<Vec<Vec<f32>>> {
         let (h, vocab) = (self.config.hidden_size, self.config.vocab_size);
         let mut spans = Vec::with_capacity(batch.len());
         let mut ntok = 0;
         for seg in batch.iter() {
             if seg.tokens.is_empty() {
-                return Err(ModelError::InvalidInput(
-                    "a batch segment has no tokens".into(),
-                ));
+                return Err(ModelError::InvalidInput("a batch segment has no tokens".into()));
             }
             if let Some(&bad) = seg.tokens.iter().find(|&&t| t as usize >= vocab) {
-                return Err(ModelError::InvalidInput(format!(
-                    "token id {bad} is out of range (vocab_size {vocab})"
-                )));
+                return Err(ModelError::InvalidInput(format!("token id {bad} is out of range (vocab_size {vocab})")));
             }
             if seg.state.layers.len() != self.layers.len() {
-                return Err(ModelError::InvalidInput(
-                    "sequence state belongs to another model".into(),
-                ));
+                return Err(ModelError::InvalidInput("sequence state belongs to another model".into()));
             }
-            spans.push(Span {
-                start: ntok,
-                len: seg.tokens.len(),
-                pos: seg.state.position,
-            });
+            spans.push(Span { start: ntok, len: seg.tokens.len(), pos: seg.state.position });
             ntok += seg.tokens.len();
         }
 
         let mut x = vec![0f32; ntok * h];
         let ed = self.embed.data();
-        for (row, &tok) in x
-            .chunks_exact_mut(h)
-            .zip(batch.iter().flat_map(|s| s.tokens.iter()))
-        {
+        for (row, &tok) in x.chunks_exact_mut(h).zip(batch.iter().flat_map(|s| s.tokens.iter())) {
             widen(&ed[tok as usize * h..(tok as usize + 1) * h], row);
         }
 
         let mut xn = vec![0f32; ntok * h];
         for (i, layer) in self.layers.iter().enumerate() {
-            rms_norm_offset_into(
-                &x,
-                &layer.input_norm,
-                self.config.rms_norm_eps as f32,
-                &mut xn,
-            );
+            rms_norm_offset_into(&x, &layer.input_norm, self.config.rms_norm_eps as f32, &mut xn);
             let mut states: Vec<_> = batch.iter_mut().map(|s| &mut s.state.layers[i]).collect();
             let mixed = match &layer.mixer {
                 Mixer::Attention(a) => a.forward(&xn, &spans, &mut states, &self.rope),
@@ -193,12 +170,7 @@ impl Model {
             for (a, b) in x.iter_mut().zip(&mixed) {
                 *a += b;
             }
-            rms_norm_offset_into(
-                &x,
-                &layer.post_norm,
-                self.config.rms_norm_eps as f32,
-                &mut xn,
-            );
+            rms_norm_offset_into(&x, &layer.post_norm, self.config.rms_norm_eps as f32, &mut xn);
             let mlp_out = match &layer.mlp {
                 Mlp::Moe(m) => m.forward(i, &xn, ntok, experts)?,
                 Mlp::Dense(d) => d.forward(&xn, ntok, true),

@@ -21,12 +21,7 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        SamplingParams {
-            temperature: 1.0,
-            top_p: 1.0,
-            top_k: 0,
-            seed: 0,
-        }
+        SamplingParams { temperature: 1.0, top_p: 1.0, top_k: 0, seed: 0 }
     }
 }
 
@@ -39,10 +34,7 @@ impl SamplingParams {
             )));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(ModelError::InvalidInput(format!(
-                "top_p must be in (0, 1], got {}",
-                self.top_p
-            )));
+            return Err(ModelError::InvalidInput(format!("top_p must be in (0, 1], got {}", self.top_p)));
         }
         Ok(())
     }
@@ -58,10 +50,7 @@ pub struct Sampler {
 impl Sampler {
     pub fn new(params: SamplingParams) -> Result<Self> {
         params.validate()?;
-        Ok(Sampler {
-            params,
-            rng: StdRng::seed_from_u64(params.seed),
-        })
+        Ok(Sampler { params, rng: StdRng::seed_from_u64(params.seed) })
     }
 
     /// Picks the next token from one row of logits.
@@ -70,11 +59,7 @@ impl Sampler {
             return argmax(logits);
         }
         let inv_t = 1.0 / self.params.temperature;
-        let mut cand: Vec<(u32, f32)> = logits
-            .iter()
-            .enumerate()
-            .map(|(i, &l)| (i as u32, l * inv_t))
-            .collect();
+        let mut cand: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l * inv_t)).collect();
         cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         if self.params.top_k > 0 {
             cand.truncate(self.params.top_k);
@@ -127,9 +112,7 @@ pub fn top_logprobs(logits: &[f32], n: usize) -> Vec<(u32, f32)> {
     if n == 0 {
         return Vec::new();
     }
-    idx.select_nth_unstable_by(n - 1, |&a, &b| {
-        lp[b as usize].total_cmp(&lp[a as usize]).then(a.cmp(&b))
-    });
+    idx.select_nth_unstable_by(n - 1, |&a, &b| lp[b as usize].total_cmp(&lp[a as usize]).then(a.cmp(&b)));
     let mut top: Vec<(u32, f32)> = idx[..n].iter().map(|&i| (i, lp[i as usize])).collect();
     top.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
     top
@@ -142,18 +125,9 @@ mod tests {
     #[test]
     fn greedy_and_seeded() {
         let logits = [0.1, 3.0, 2.9, -1.0];
-        let mut g = Sampler::new(SamplingParams {
-            temperature: 0.0,
-            ..Default::default()
-        })
-        .expect("valid");
+        let mut g = Sampler::new(SamplingParams { temperature: 0.0, ..Default::default() }).expect("valid");
         assert_eq!(g.sample(&logits), 1);
-        let params = SamplingParams {
-            temperature: 1.0,
-            top_k: 2,
-            seed: 9,
-            ..Default::default()
-        };
+        let params = SamplingParams { temperature: 1.0, top_k: 2, seed: 9, ..Default::default() };
         let a: Vec<u32> = {
             let mut s = Sampler::new(params).expect("valid");
             (0..50).map(|_| s.sample(&logits)).collect()
@@ -163,37 +137,21 @@ mod tests {
             (0..50).map(|_| s.sample(&logits)).collect()
         };
         assert_eq!(a, b, "same seed, same tokens");
-        assert!(
-            a.iter().all(|&t| t == 1 || t == 2),
-            "top-k 2 keeps two tokens"
-        );
+        assert!(a.iter().all(|&t| t == 1 || t == 2), "top-k 2 keeps two tokens");
         assert!(a.contains(&1) && a.contains(&2));
     }
 
     #[test]
     fn top_p_keeps_the_nucleus() {
         let logits = [10.0, 0.0, 0.0, 0.0];
-        let mut s = Sampler::new(SamplingParams {
-            top_p: 0.5,
-            seed: 1,
-            ..Default::default()
-        })
-        .expect("valid");
+        let mut s = Sampler::new(SamplingParams { top_p: 0.5, seed: 1, ..Default::default() }).expect("valid");
         assert!((0..100).all(|_| s.sample(&logits) == 0));
     }
 
     #[test]
     fn rejects_bad_params() {
-        assert!(Sampler::new(SamplingParams {
-            temperature: -1.0,
-            ..Default::default()
-        })
-        .is_err());
-        assert!(Sampler::new(SamplingParams {
-            top_p: 0.0,
-            ..Default::default()
-        })
-        .is_err());
+        assert!(Sampler::new(SamplingParams { temperature: -1.0, ..Default::default() }).is_err());
+        assert!(Sampler::new(SamplingParams { top_p: 0.0, ..Default::default() }).is_err());
     }
 
     #[test]

@@ -36,25 +36,14 @@ impl SequenceState {
             .layer_types
             .iter()
             .map(|kind| match kind {
-                LayerKind::Full => LayerState::Attention {
-                    k: Vec::new(),
-                    v: Vec::new(),
-                },
+                LayerKind::Full => LayerState::Attention { k: Vec::new(), v: Vec::new() },
                 LayerKind::Linear => LayerState::Linear {
                     conv: vec![0.0; (cfg.linear_conv_kernel_dim - 1) * cfg.linear_conv_channels()],
-                    s: vec![
-                        0.0;
-                        cfg.linear_num_value_heads
-                            * cfg.linear_key_head_dim
-                            * cfg.linear_value_head_dim
-                    ],
+                    s: vec![0.0; cfg.linear_num_value_heads * cfg.linear_key_head_dim * cfg.linear_value_head_dim],
                 },
             })
             .collect();
-        SequenceState {
-            layers,
-            position: 0,
-        }
+        SequenceState { layers, position: 0 }
     }
 
     /// Number of tokens the state has consumed (the position of the next token).

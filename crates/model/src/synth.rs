@@ -35,13 +35,8 @@ pub enum Preset {
 }
 
 impl Preset {
-    pub const ALL: [Preset; 5] = [
-        Preset::Tiny,
-        Preset::Demo,
-        Preset::Bench,
-        Preset::Qwen35_35bA3b,
-        Preset::Qwen35_397bA17b,
-    ];
+    pub const ALL: [Preset; 5] =
+        [Preset::Tiny, Preset::Demo, Preset::Bench, Preset::Qwen35_35bA3b, Preset::Qwen35_397bA17b];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -181,12 +176,7 @@ pub struct SynthOptions {
 
 impl SynthOptions {
     pub fn new(preset: Preset) -> Self {
-        SynthOptions {
-            preset,
-            layers: None,
-            seed: 0,
-            max_shard_bytes: 4 << 30,
-        }
+        SynthOptions { preset, layers: None, seed: 0, max_shard_bytes: 4 << 30 }
     }
 }
 
@@ -227,24 +217,12 @@ fn layer_is_full(i: usize) -> bool {
 fn tensors(s: &Shape) -> Vec<TensorSpec> {
     let mat = |name: String, shape: Vec<usize>| {
         let fan_in = *shape.last().unwrap_or(&1) as f32;
-        TensorSpec {
-            name,
-            shape,
-            init: Init {
-                mean: 0.0,
-                std: 1.0 / fan_in.sqrt(),
-                log_uniform_a: false,
-            },
-        }
+        TensorSpec { name, shape, init: Init { mean: 0.0, std: 1.0 / fan_in.sqrt(), log_uniform_a: false } }
     };
     let vec_init = |name: String, len: usize, mean: f32, std: f32| TensorSpec {
         name,
         shape: vec![len],
-        init: Init {
-            mean,
-            std,
-            log_uniform_a: false,
-        },
+        init: Init { mean, std, log_uniform_a: false },
     };
     let p = "model.language_model.";
     let h = s.hidden;
@@ -252,11 +230,7 @@ fn tensors(s: &Shape) -> Vec<TensorSpec> {
         TensorSpec {
             name: format!("{p}embed_tokens.weight"),
             shape: vec![s.vocab, h],
-            init: Init {
-                mean: 0.0,
-                std: 1.0,
-                log_uniform_a: false,
-            },
+            init: Init { mean: 0.0, std: 1.0, log_uniform_a: false },
         },
         vec_init(format!("{p}norm.weight"), h, 0.0, 0.1),
     ];
@@ -264,83 +238,38 @@ fn tensors(s: &Shape) -> Vec<TensorSpec> {
     for i in 0..s.layers {
         let l = format!("{p}layers.{i}.");
         out.push(vec_init(format!("{l}input_layernorm.weight"), h, 0.0, 0.1));
-        out.push(vec_init(
-            format!("{l}post_attention_layernorm.weight"),
-            h,
-            0.0,
-            0.1,
-        ));
+        out.push(vec_init(format!("{l}post_attention_layernorm.weight"), h, 0.0, 0.1));
         if layer_is_full(i) {
             let a = format!("{l}self_attn.");
-            out.push(mat(
-                format!("{a}q_proj.weight"),
-                vec![2 * s.heads * s.head_dim, h],
-            ));
-            out.push(mat(
-                format!("{a}k_proj.weight"),
-                vec![s.kv_heads * s.head_dim, h],
-            ));
-            out.push(mat(
-                format!("{a}v_proj.weight"),
-                vec![s.kv_heads * s.head_dim, h],
-            ));
-            out.push(mat(
-                format!("{a}o_proj.weight"),
-                vec![h, s.heads * s.head_dim],
-            ));
+            out.push(mat(format!("{a}q_proj.weight"), vec![2 * s.heads * s.head_dim, h]));
+            out.push(mat(format!("{a}k_proj.weight"), vec![s.kv_heads * s.head_dim, h]));
+            out.push(mat(format!("{a}v_proj.weight"), vec![s.kv_heads * s.head_dim, h]));
+            out.push(mat(format!("{a}o_proj.weight"), vec![h, s.heads * s.head_dim]));
             out.push(vec_init(format!("{a}q_norm.weight"), s.head_dim, 0.0, 0.1));
             out.push(vec_init(format!("{a}k_norm.weight"), s.head_dim, 0.0, 0.1));
         } else {
             let a = format!("{l}linear_attn.");
             out.push(mat(format!("{a}in_proj_qkv.weight"), vec![conv_ch, h]));
-            out.push(mat(
-                format!("{a}in_proj_z.weight"),
-                vec![s.lin_v_heads * s.lin_v_dim, h],
-            ));
+            out.push(mat(format!("{a}in_proj_z.weight"), vec![s.lin_v_heads * s.lin_v_dim, h]));
             out.push(mat(format!("{a}in_proj_b.weight"), vec![s.lin_v_heads, h]));
             out.push(mat(format!("{a}in_proj_a.weight"), vec![s.lin_v_heads, h]));
-            out.push(mat(
-                format!("{a}conv1d.weight"),
-                vec![conv_ch, 1, CONV_KERNEL],
-            ));
+            out.push(mat(format!("{a}conv1d.weight"), vec![conv_ch, 1, CONV_KERNEL]));
             out.push(vec_init(format!("{a}dt_bias"), s.lin_v_heads, 1.0, 0.1));
             out.push(TensorSpec {
                 name: format!("{a}A_log"),
                 shape: vec![s.lin_v_heads],
-                init: Init {
-                    mean: 0.0,
-                    std: 0.0,
-                    log_uniform_a: true,
-                },
+                init: Init { mean: 0.0, std: 0.0, log_uniform_a: true },
             });
             out.push(vec_init(format!("{a}norm.weight"), s.lin_v_dim, 1.0, 0.1));
-            out.push(mat(
-                format!("{a}out_proj.weight"),
-                vec![h, s.lin_v_heads * s.lin_v_dim],
-            ));
+            out.push(mat(format!("{a}out_proj.weight"), vec![h, s.lin_v_heads * s.lin_v_dim]));
         }
         let m = format!("{l}mlp.");
         out.push(mat(format!("{m}gate.weight"), vec![s.experts, h]));
-        out.push(mat(
-            format!("{m}experts.gate_up_proj"),
-            vec![s.experts, 2 * s.expert_inter, h],
-        ));
-        out.push(mat(
-            format!("{m}experts.down_proj"),
-            vec![s.experts, h, s.expert_inter],
-        ));
-        out.push(mat(
-            format!("{m}shared_expert.gate_proj.weight"),
-            vec![s.shared_inter, h],
-        ));
-        out.push(mat(
-            format!("{m}shared_expert.up_proj.weight"),
-            vec![s.shared_inter, h],
-        ));
-        out.push(mat(
-            format!("{m}shared_expert.down_proj.weight"),
-            vec![h, s.shared_inter],
-        ));
+        out.push(mat(format!("{m}experts.gate_up_proj"), vec![s.experts, 2 * s.expert_inter, h]));
+        out.push(mat(format!("{m}experts.down_proj"), vec![s.experts, h, s.expert_inter]));
+        out.push(mat(format!("{m}shared_expert.gate_proj.weight"), vec![s.shared_inter, h]));
+        out.push(mat(format!("{m}shared_expert.up_proj.weight"), vec![s.shared_inter, h]));
+        out.push(mat(format!("{m}shared_expert.down_proj.weight"), vec![h, s.shared_inter]));
         out.push(mat(format!("{m}shared_expert_gate.weight"), vec![1, h]));
     }
     out.push(mat("lm_head.weight".into(), vec![s.vocab, h]));
@@ -348,15 +277,8 @@ fn tensors(s: &Shape) -> Vec<TensorSpec> {
 }
 
 fn config_json(s: &Shape, eos: u32, pad: u32) -> Value {
-    let layer_types: Vec<&str> = (0..s.layers)
-        .map(|i| {
-            if layer_is_full(i) {
-                "full_attention"
-            } else {
-                "linear_attention"
-            }
-        })
-        .collect();
+    let layer_types: Vec<&str> =
+        (0..s.layers).map(|i| if layer_is_full(i) { "full_attention" } else { "linear_attention" }).collect();
     json!({
         "architectures": ["Qwen3_5MoeForConditionalGeneration"],
         "model_type": "qwen3_5_moe",
@@ -405,8 +327,7 @@ fn byte_alphabet() -> Vec<char> {
     let mut table = vec!['\0'; 256];
     let mut extra = 0u32;
     for (b, slot) in table.iter_mut().enumerate() {
-        let printable =
-            (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+        let printable = (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
         *slot = if printable {
             char::from(b as u8)
         } else {
@@ -428,10 +349,7 @@ fn tokenizer_json(vocab: usize) -> (Value, u32, u32) {
     }
     let target = vocab.saturating_sub(SPECIALS.len());
     let letters: Vec<char> = ('a'..='z').collect();
-    let mut frontier: Vec<String> = std::iter::once('Ġ')
-        .chain(letters.iter().copied())
-        .map(String::from)
-        .collect();
+    let mut frontier: Vec<String> = std::iter::once('Ġ').chain(letters.iter().copied()).map(String::from).collect();
     let mut next_id = bytes.len();
     'grow: while next_id < target {
         let mut next = Vec::new();
@@ -488,17 +406,11 @@ pub fn tensor_bytes(opts: &SynthOptions) -> u64 {
 }
 
 /// Writes the model into `out` (created if needed); `progress(done, total)` is called as tensor bytes are written.
-pub fn write_model(
-    out: &Path,
-    opts: &SynthOptions,
-    progress: &(dyn Fn(u64, u64) + Sync),
-) -> Result<SynthSummary> {
+pub fn write_model(out: &Path, opts: &SynthOptions, progress: &(dyn Fn(u64, u64) + Sync)) -> Result<SynthSummary> {
     let mut shape = opts.preset.shape();
     if let Some(layers) = opts.layers {
         if layers == 0 {
-            return Err(ModelError::InvalidInput(
-                "--layers must be at least 1".into(),
-            ));
+            return Err(ModelError::InvalidInput("--layers must be at least 1".into()));
         }
         shape.layers = layers;
     }
@@ -564,16 +476,14 @@ pub fn write_model(
             offset += len;
             weight_map.insert(t.name.clone(), json!(fname));
         }
-        let mut header =
-            serde_json::to_vec(&Value::Object(header)).map_err(|e| ModelError::json(&path, e))?;
+        let mut header = serde_json::to_vec(&Value::Object(header)).map_err(|e| ModelError::json(&path, e))?;
         while header.len() % 8 != 0 {
             header.push(b' ');
         }
         let file = File::create(&path).map_err(|e| ModelError::io(&path, e))?;
         let mut w = BufWriter::with_capacity(8 << 20, file);
         let io = |e| ModelError::io(&path, e);
-        w.write_all(&(header.len() as u64).to_le_bytes())
-            .map_err(io)?;
+        w.write_all(&(header.len() as u64).to_le_bytes()).map_err(io)?;
         w.write_all(&header).map_err(io)?;
         for &i in members {
             let t = &specs[i];
@@ -599,16 +509,9 @@ pub fn write_model(
         files.push(path);
     }
     if n > 1 {
-        write_json(
-            crate::weights::INDEX_FILE,
-            &json!({"metadata": {"total_size": total}, "weight_map": weight_map}),
-        )?;
+        write_json(crate::weights::INDEX_FILE, &json!({"metadata": {"total_size": total}, "weight_map": weight_map}))?;
     }
-    Ok(SynthSummary {
-        files,
-        tensor_bytes: total,
-        parameters: total / 2,
-    })
+    Ok(SynthSummary { files, tensor_bytes: total, parameters: total / 2 })
 }
 
 /// Draws one chunk of a tensor as little-endian bf16 bytes, from a generator seeded by (seed, tensor, chunk).
@@ -639,8 +542,8 @@ mod tests {
     fn tokenizer_fills_vocab_and_round_trips() {
         for vocab in [512, 8192] {
             let (tok, eos, pad) = tokenizer_json(vocab);
-            let t = tokenizers::Tokenizer::from_bytes(serde_json::to_vec(&tok).expect("json"))
-                .expect("valid tokenizer");
+            let t =
+                tokenizers::Tokenizer::from_bytes(serde_json::to_vec(&tok).expect("json")).expect("valid tokenizer");
             assert_eq!(t.get_vocab_size(true), vocab);
             assert_eq!(t.token_to_id("<|im_end|>"), Some(eos));
             assert_eq!(t.token_to_id("<|endoftext|>"), Some(pad));

@@ -20,19 +20,11 @@ pub struct Tokenizer {
 impl Tokenizer {
     pub fn from_file(path: &Path) -> Result<Self> {
         if !path.exists() {
-            return Err(ModelError::io(
-                path,
-                std::io::Error::new(std::io::ErrorKind::NotFound, "file not found"),
-            ));
+            return Err(ModelError::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "file not found")));
         }
-        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| ModelError::Tokenizer {
-            path: path.to_owned(),
-            message: e.to_string(),
-        })?;
-        Ok(Tokenizer {
-            inner,
-            path: path.to_owned(),
-        })
+        let inner = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| ModelError::Tokenizer { path: path.to_owned(), message: e.to_string() })?;
+        Ok(Tokenizer { inner, path: path.to_owned() })
     }
 
     /// Encodes text; `special` adds the tokenizer's own special tokens (a BOS, for models that use one).
@@ -40,10 +32,7 @@ impl Tokenizer {
         let enc = self
             .inner
             .encode(text, special)
-            .map_err(|e| ModelError::Tokenizer {
-                path: self.path.clone(),
-                message: e.to_string(),
-            })?;
+            .map_err(|e| ModelError::Tokenizer { path: self.path.clone(), message: e.to_string() })?;
         Ok(enc.get_ids().to_vec())
     }
 
@@ -51,10 +40,7 @@ impl Tokenizer {
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
         self.inner
             .decode(ids, skip_special)
-            .map_err(|e| ModelError::Tokenizer {
-                path: self.path.clone(),
-                message: e.to_string(),
-            })
+            .map_err(|e| ModelError::Tokenizer { path: self.path.clone(), message: e.to_string() })
     }
 
     /// Returns the id of a token string (for special tokens named in tokenizer_config.json).
@@ -95,18 +81,14 @@ impl ChatTemplate {
     pub fn load(dir: &Path) -> Result<Option<Self>> {
         let cfg_path = dir.join("tokenizer_config.json");
         let cfg: Option<Value> = if cfg_path.exists() {
-            let text =
-                std::fs::read_to_string(&cfg_path).map_err(|e| ModelError::io(&cfg_path, e))?;
+            let text = std::fs::read_to_string(&cfg_path).map_err(|e| ModelError::io(&cfg_path, e))?;
             Some(serde_json::from_str(&text).map_err(|e| ModelError::json(&cfg_path, e))?)
         } else {
             None
         };
         let jinja = dir.join("chat_template.jinja");
         let (source, path) = if jinja.exists() {
-            (
-                std::fs::read_to_string(&jinja).map_err(|e| ModelError::io(&jinja, e))?,
-                jinja,
-            )
+            (std::fs::read_to_string(&jinja).map_err(|e| ModelError::io(&jinja, e))?, jinja)
         } else {
             let found = match cfg.as_ref().and_then(|c| c.get("chat_template")) {
                 Some(Value::String(s)) => Some(s.clone()),
@@ -139,20 +121,11 @@ impl ChatTemplate {
         let mut env = minijinja::Environment::new();
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function(
-            "raise_exception",
-            |msg: String| -> std::result::Result<String, minijinja::Error> {
-                Err(minijinja::Error::new(
-                    minijinja::ErrorKind::InvalidOperation,
-                    msg,
-                ))
-            },
-        );
+        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+        });
         env.add_template("chat", &self.source)
-            .map_err(|e| ModelError::Tokenizer {
-                path: self.path.clone(),
-                message: format!("chat template: {e}"),
-            })?;
+            .map_err(|e| ModelError::Tokenizer { path: self.path.clone(), message: format!("chat template: {e}") })?;
         Ok(env)
     }
 
@@ -161,10 +134,7 @@ impl ChatTemplate {
         let env = self.environment()?;
         let template = env
             .get_template("chat")
-            .map_err(|e| ModelError::Tokenizer {
-                path: self.path.clone(),
-                message: format!("chat template: {e}"),
-            })?;
+            .map_err(|e| ModelError::Tokenizer { path: self.path.clone(), message: format!("chat template: {e}") })?;
         template
             .render(minijinja::context! {
                 messages => messages,
@@ -172,10 +142,7 @@ impl ChatTemplate {
                 bos_token => self.bos_token.clone().unwrap_or_default(),
                 eos_token => self.eos_token.clone().unwrap_or_default(),
             })
-            .map_err(|e| ModelError::Tokenizer {
-                path: self.path.clone(),
-                message: format!("chat template: {e}"),
-            })
+            .map_err(|e| ModelError::Tokenizer { path: self.path.clone(), message: format!("chat template: {e}") })
     }
 }
 
@@ -201,9 +168,9 @@ impl GenerationConfig {
         let v: Value = serde_json::from_str(&text).map_err(|e| ModelError::json(&path, e))?;
         let eos_token_ids = match v.get("eos_token_id") {
             None | Some(Value::Null) => Vec::new(),
-            Some(e) => token_ids(e).ok_or_else(|| {
-                ModelError::json(&path, "eos_token_id: expected an id or a list of ids")
-            })?,
+            Some(e) => {
+                token_ids(e).ok_or_else(|| ModelError::json(&path, "eos_token_id: expected an id or a list of ids"))?
+            }
         };
         let num = |k: &str| v.get(k).and_then(Value::as_f64);
         Ok(GenerationConfig {
@@ -224,40 +191,16 @@ mod tests {
     fn template_with_python_methods() {
         let dir = tempfile::tempdir().expect("tempdir");
         let tpl = "{%- for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content.strip() + '<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}{%- if messages[0].content.startswith('x') %}{{ raise_exception('no x') }}{%- endif %}";
-        std::fs::write(
-            dir.path().join("tokenizer_config.json"),
-            serde_json::json!({"chat_template": tpl}).to_string(),
-        )
-        .expect("write");
-        let t = ChatTemplate::load(dir.path())
-            .expect("load")
-            .expect("present");
-        let msgs = [Message {
-            role: "user".into(),
-            content: "  hi ".into(),
-        }];
-        assert_eq!(
-            t.render(&msgs, true).expect("render"),
-            "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
-        );
-        let bad = [Message {
-            role: "user".into(),
-            content: "xx".into(),
-        }];
-        assert!(t
-            .render(&bad, true)
-            .expect_err("raises")
-            .to_string()
-            .contains("no x"));
+        std::fs::write(dir.path().join("tokenizer_config.json"), serde_json::json!({"chat_template": tpl}).to_string())
+            .expect("write");
+        let t = ChatTemplate::load(dir.path()).expect("load").expect("present");
+        let msgs = [Message { role: "user".into(), content: "  hi ".into() }];
+        assert_eq!(t.render(&msgs, true).expect("render"), "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
+        let bad = [Message { role: "user".into(), content: "xx".into() }];
+        assert!(t.render(&bad, true).expect_err("raises").to_string().contains("no x"));
         // chat_template.jinja wins over tokenizer_config.json.
-        std::fs::write(
-            dir.path().join("chat_template.jinja"),
-            "J{{ messages|length }}",
-        )
-        .expect("write");
-        let t = ChatTemplate::load(dir.path())
-            .expect("load")
-            .expect("present");
+        std::fs::write(dir.path().join("chat_template.jinja"), "J{{ messages|length }}").expect("write");
+        let t = ChatTemplate::load(dir.path()).expect("load").expect("present");
         assert_eq!(t.render(&msgs, false).expect("render"), "J1");
     }
 

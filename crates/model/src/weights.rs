@@ -47,11 +47,7 @@ struct TensorEntry {
 /// The bytes behind a bf16 tensor: borrowed from a map, or owned after a dtype conversion.
 #[derive(Debug)]
 enum Storage {
-    Mapped {
-        file: Arc<ShardFile>,
-        start: usize,
-        len: usize,
-    },
+    Mapped { file: Arc<ShardFile>, start: usize, len: usize },
     Owned(Vec<bf16>),
 }
 
@@ -69,9 +65,7 @@ impl Storage {
 }
 
 fn bytemuck_cast(bytes: &[u8]) -> &[bf16] {
-    debug_assert!(
-        bytes.len() % 2 == 0 && (bytes.as_ptr() as usize) % std::mem::align_of::<bf16>() == 0
-    );
+    assert!(bytes.len().is_multiple_of(2) && bytes.as_ptr().cast::<bf16>().is_aligned());
     // SAFETY: bf16 is a plain 2-byte value with no invalid bit patterns; length and alignment are checked above
     // (the callers only build mapped storages at even offsets of a page-aligned map).
     unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<bf16>(), bytes.len() / 2) }
@@ -95,11 +89,7 @@ impl Mat {
 
     /// Returns the view of rows `start..end`.
     pub fn rows(&self, start: usize, end: usize) -> Mat {
-        assert!(
-            start <= end && end <= self.rows,
-            "row range {start}..{end} of a {}-row matrix",
-            self.rows
-        );
+        assert!(start <= end && end <= self.rows, "row range {start}..{end} of a {}-row matrix", self.rows);
         Mat {
             storage: Arc::clone(&self.storage),
             offset: self.offset + start * self.cols,
@@ -111,12 +101,7 @@ impl Mat {
     /// Builds an owned matrix (used by tests and by synthetic models).
     pub fn from_vec(rows: usize, cols: usize, data: Vec<bf16>) -> Mat {
         assert_eq!(data.len(), rows * cols);
-        Mat {
-            storage: Arc::new(Storage::Owned(data)),
-            offset: 0,
-            rows,
-            cols,
-        }
+        Mat { storage: Arc::new(Storage::Owned(data)), offset: 0, rows, cols }
     }
 
     /// Bytes of weights this matrix holds (what a full pass over it reads).
@@ -146,10 +131,8 @@ impl Checkpoint {
         let index_path = dir.join(INDEX_FILE);
         let single_path = dir.join(SINGLE_FILE);
         let (file_names, index) = if index_path.exists() {
-            let text =
-                std::fs::read_to_string(&index_path).map_err(|e| ModelError::io(&index_path, e))?;
-            let index: IndexJson =
-                serde_json::from_str(&text).map_err(|e| ModelError::json(&index_path, e))?;
+            let text = std::fs::read_to_string(&index_path).map_err(|e| ModelError::io(&index_path, e))?;
+            let index: IndexJson = serde_json::from_str(&text).map_err(|e| ModelError::json(&index_path, e))?;
             let mut names: Vec<String> = index.weight_map.values().cloned().collect();
             names.sort();
             names.dedup();
@@ -182,11 +165,8 @@ impl Checkpoint {
             // SAFETY: the map is read-only and private to this process; a checkpoint file that another process
             // truncates while we serve is outside what any mmap-based loader can defend against.
             let map = unsafe { Mmap::map(&file) }.map_err(|e| ModelError::io(&path, e))?;
-            let (header_len, metadata) =
-                SafeTensors::read_metadata(&map).map_err(|e| ModelError::Safetensors {
-                    path: path.clone(),
-                    message: e.to_string(),
-                })?;
+            let (header_len, metadata) = SafeTensors::read_metadata(&map)
+                .map_err(|e| ModelError::Safetensors { path: path.clone(), message: e.to_string() })?;
             let data_start = 8 + header_len;
             for (tname, info) in metadata.tensors() {
                 let (s, e) = info.data_offsets;
@@ -201,17 +181,13 @@ impl Checkpoint {
                     },
                 );
             }
-            files.push(Arc::new(ShardFile {
-                path,
-                map,
-                data_start,
-            }));
+            files.push(Arc::new(ShardFile { path, map, data_start }));
         }
         if let Some((index_path, weight_map)) = index {
             for (tname, fname) in &weight_map {
-                let found = tensors.get(tname).map(|t| {
-                    files[t.file].path.file_name().and_then(|f| f.to_str()) == Some(fname.as_str())
-                });
+                let found = tensors
+                    .get(tname)
+                    .map(|t| files[t.file].path.file_name().and_then(|f| f.to_str()) == Some(fname.as_str()));
                 if found != Some(true) {
                     return Err(ModelError::Safetensors {
                         path: index_path,
@@ -227,16 +203,10 @@ impl Checkpoint {
         } else {
             return Err(ModelError::MissingTensor {
                 dir: dir.to_owned(),
-                tensor: "model.language_model.embed_tokens.weight (or model.embed_tokens.weight)"
-                    .into(),
+                tensor: "model.language_model.embed_tokens.weight (or model.embed_tokens.weight)".into(),
             });
         };
-        Ok(Checkpoint {
-            dir: dir.to_owned(),
-            files,
-            tensors,
-            prefix,
-        })
+        Ok(Checkpoint { dir: dir.to_owned(), files, tensors, prefix })
     }
 
     pub fn dir(&self) -> &Path {
@@ -264,9 +234,7 @@ impl Checkpoint {
 
     /// Returns the shape of the text-model tensor `name`, if present.
     pub fn shape(&self, name: &str) -> Option<&[usize]> {
-        self.tensors
-            .get(&self.full_name(name))
-            .map(|t| t.shape.as_slice())
+        self.tensors.get(&self.full_name(name)).map(|t| t.shape.as_slice())
     }
 
     fn entry(&self, name: &str, expected: &[usize]) -> Result<(String, &TensorEntry)> {
@@ -274,10 +242,7 @@ impl Checkpoint {
         let entry = self
             .tensors
             .get(&full)
-            .ok_or_else(|| ModelError::MissingTensor {
-                dir: self.dir.clone(),
-                tensor: full.clone(),
-            })?;
+            .ok_or_else(|| ModelError::MissingTensor { dir: self.dir.clone(), tensor: full.clone() })?;
         if entry.shape != expected {
             return Err(ModelError::ShapeMismatch {
                 path: self.files[entry.file].path.clone(),
@@ -303,30 +268,20 @@ impl Checkpoint {
         };
         let bytes = &file.map[entry.start..entry.end];
         let storage = match entry.dtype {
-            Dtype::BF16 if entry.start.is_multiple_of(2) => Storage::Mapped {
-                file: Arc::clone(file),
-                start: entry.start,
-                len: numel,
-            },
+            Dtype::BF16 if entry.start.is_multiple_of(2) => {
+                Storage::Mapped { file: Arc::clone(file), start: entry.start, len: numel }
+            }
             Dtype::BF16 => Storage::Owned(
-                bytes
-                    .chunks_exact(2)
-                    .map(|b| bf16::from_bits(u16::from_le_bytes([b[0], b[1]])))
-                    .collect(),
+                bytes.chunks_exact(2).map(|b| bf16::from_bits(u16::from_le_bytes([b[0], b[1]]))).collect(),
             ),
             Dtype::F16 => Storage::Owned(
                 bytes
                     .chunks_exact(2)
-                    .map(|b| {
-                        bf16::from_f32(f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
-                    })
+                    .map(|b| bf16::from_f32(f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()))
                     .collect(),
             ),
             Dtype::F32 => Storage::Owned(
-                bytes
-                    .chunks_exact(4)
-                    .map(|b| bf16::from_f32(f32::from_le_bytes([b[0], b[1], b[2], b[3]])))
-                    .collect(),
+                bytes.chunks_exact(4).map(|b| bf16::from_f32(f32::from_le_bytes([b[0], b[1], b[2], b[3]]))).collect(),
             ),
             other => {
                 return Err(ModelError::UnsupportedDtype {
@@ -336,12 +291,7 @@ impl Checkpoint {
                 })
             }
         };
-        let mat = Mat {
-            storage: Arc::new(storage),
-            offset: 0,
-            rows,
-            cols,
-        };
+        let mat = Mat { storage: Arc::new(storage), offset: 0, rows, cols };
         debug_assert_eq!(mat.data().len(), numel);
         Ok(mat)
     }
@@ -353,18 +303,9 @@ impl Checkpoint {
         let bytes = &file.map[entry.start..entry.end];
         let le16 = |b: &[u8]| u16::from_le_bytes([b[0], b[1]]);
         Ok(match entry.dtype {
-            Dtype::BF16 => bytes
-                .chunks_exact(2)
-                .map(|b| bf16::from_bits(le16(b)).to_f32())
-                .collect(),
-            Dtype::F16 => bytes
-                .chunks_exact(2)
-                .map(|b| f16::from_bits(le16(b)).to_f32())
-                .collect(),
-            Dtype::F32 => bytes
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
+            Dtype::BF16 => bytes.chunks_exact(2).map(|b| bf16::from_bits(le16(b)).to_f32()).collect(),
+            Dtype::F16 => bytes.chunks_exact(2).map(|b| f16::from_bits(le16(b)).to_f32()).collect(),
+            Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
             other => {
                 return Err(ModelError::UnsupportedDtype {
                     path: file.path.clone(),

@@ -8,9 +8,7 @@ use moe_model::{LoadedModel, LogitsFor, Segment};
 const TOL: f32 = 1e-5;
 
 fn load(name: &str) -> LoadedModel {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
-        .join(name);
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(name);
     LoadedModel::load(&dir).expect("fixture model loads")
 }
 
@@ -28,10 +26,7 @@ fn tokens(n: usize, seed: u32, vocab: usize) -> Vec<u32> {
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
 fn prefill_then_decode_equals_full_forward(name: &str) {
@@ -42,39 +37,21 @@ fn prefill_then_decode_equals_full_forward(name: &str) {
     let mut full_state = lm.model.new_state();
     let full = lm
         .model
-        .forward(
-            &mut [Segment {
-                state: &mut full_state,
-                tokens: &seq,
-                logits: LogitsFor::All,
-            }],
-            &lm.experts,
-        )
+        .forward(&mut [Segment { state: &mut full_state, tokens: &seq, logits: LogitsFor::All }], &lm.experts)
         .expect("full forward")
         .remove(0);
     for split in [1, 63, 64, 100] {
         let mut state = lm.model.new_state();
         let mut got = lm
             .model
-            .forward(
-                &mut [Segment {
-                    state: &mut state,
-                    tokens: &seq[..split],
-                    logits: LogitsFor::All,
-                }],
-                &lm.experts,
-            )
+            .forward(&mut [Segment { state: &mut state, tokens: &seq[..split], logits: LogitsFor::All }], &lm.experts)
             .expect("prefill")
             .remove(0);
         for t in &seq[split..] {
             let row = lm
                 .model
                 .forward(
-                    &mut [Segment {
-                        state: &mut state,
-                        tokens: std::slice::from_ref(t),
-                        logits: LogitsFor::Last,
-                    }],
+                    &mut [Segment { state: &mut state, tokens: std::slice::from_ref(t), logits: LogitsFor::Last }],
                     &lm.experts,
                 )
                 .expect("decode")
@@ -84,10 +61,7 @@ fn prefill_then_decode_equals_full_forward(name: &str) {
         assert_eq!(state.position(), seq.len());
         let d = max_diff(&got, &full);
         eprintln!("{name}: prefill {split} then decode vs full forward: {d:.2e}");
-        assert!(
-            d <= TOL,
-            "{name}: prefill {split} then decode differs from the full forward by {d}"
-        );
+        assert!(d <= TOL, "{name}: prefill {split} then decode differs from the full forward by {d}");
     }
 }
 
@@ -95,44 +69,20 @@ fn batch_of_eight_equals_alone(name: &str) {
     let lm = load(name);
     let vocab = lm.model.config().vocab_size;
     let prompt_lens = [3usize, 70, 12, 1, 130, 33, 64, 9];
-    let prompts: Vec<Vec<u32>> = prompt_lens
-        .iter()
-        .enumerate()
-        .map(|(i, &n)| tokens(n, i as u32 + 1, vocab))
-        .collect();
+    let prompts: Vec<Vec<u32>> = prompt_lens.iter().enumerate().map(|(i, &n)| tokens(n, i as u32 + 1, vocab)).collect();
     let steps = 6;
-    let next: Vec<Vec<u32>> = (0..8)
-        .map(|i| tokens(steps, 100 + i as u32, vocab))
-        .collect();
+    let next: Vec<Vec<u32>> = (0..8).map(|i| tokens(steps, 100 + i as u32, vocab)).collect();
 
     // Alone: each sequence prefilled and decoded by itself.
     let mut alone = Vec::new();
     for (p, nx) in prompts.iter().zip(&next) {
         let mut state = lm.model.new_state();
         let mut rows = Vec::new();
-        let mut seg = [Segment {
-            state: &mut state,
-            tokens: p,
-            logits: LogitsFor::Last,
-        }];
-        rows.push(
-            lm.model
-                .forward(&mut seg, &lm.experts)
-                .expect("prefill")
-                .remove(0),
-        );
+        let mut seg = [Segment { state: &mut state, tokens: p, logits: LogitsFor::Last }];
+        rows.push(lm.model.forward(&mut seg, &lm.experts).expect("prefill").remove(0));
         for t in nx {
-            let mut seg = [Segment {
-                state: &mut state,
-                tokens: std::slice::from_ref(t),
-                logits: LogitsFor::Last,
-            }];
-            rows.push(
-                lm.model
-                    .forward(&mut seg, &lm.experts)
-                    .expect("decode")
-                    .remove(0),
-            );
+            let mut seg = [Segment { state: &mut state, tokens: std::slice::from_ref(t), logits: LogitsFor::Last }];
+            rows.push(lm.model.forward(&mut seg, &lm.experts).expect("decode").remove(0));
         }
         alone.push(rows);
     }
@@ -143,38 +93,18 @@ fn batch_of_eight_equals_alone(name: &str) {
     let mut segs: Vec<Segment<'_>> = states
         .iter_mut()
         .zip(&prompts)
-        .map(|(s, p)| Segment {
-            state: s,
-            tokens: p,
-            logits: LogitsFor::Last,
-        })
+        .map(|(s, p)| Segment { state: s, tokens: p, logits: LogitsFor::Last })
         .collect();
-    for (i, row) in lm
-        .model
-        .forward(&mut segs, &lm.experts)
-        .expect("batched prefill")
-        .into_iter()
-        .enumerate()
-    {
+    for (i, row) in lm.model.forward(&mut segs, &lm.experts).expect("batched prefill").into_iter().enumerate() {
         batched[i].push(row);
     }
     for step in 0..steps {
         let mut segs: Vec<Segment<'_>> = states
             .iter_mut()
             .zip(&next)
-            .map(|(s, nx)| Segment {
-                state: s,
-                tokens: std::slice::from_ref(&nx[step]),
-                logits: LogitsFor::Last,
-            })
+            .map(|(s, nx)| Segment { state: s, tokens: std::slice::from_ref(&nx[step]), logits: LogitsFor::Last })
             .collect();
-        for (i, row) in lm
-            .model
-            .forward(&mut segs, &lm.experts)
-            .expect("batched decode")
-            .into_iter()
-            .enumerate()
-        {
+        for (i, row) in lm.model.forward(&mut segs, &lm.experts).expect("batched decode").into_iter().enumerate() {
             batched[i].push(row);
         }
     }
@@ -185,10 +115,7 @@ fn batch_of_eight_equals_alone(name: &str) {
         }
     }
     eprintln!("{name}: batch-vs-alone worst logit difference {worst:.2e}");
-    assert!(
-        worst <= TOL,
-        "{name}: a sequence in a batch of 8 differs from itself alone by {worst}"
-    );
+    assert!(worst <= TOL, "{name}: a sequence in a batch of 8 differs from itself alone by {worst}");
 }
 
 #[test]

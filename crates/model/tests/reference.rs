@@ -19,16 +19,11 @@ fn fixtures() -> PathBuf {
 
 fn expected(name: &str) -> Value {
     let path = fixtures().join(format!("{name}.expected.json"));
-    serde_json::from_str(&std::fs::read_to_string(&path).expect("fixture exists"))
-        .expect("fixture is JSON")
+    serde_json::from_str(&std::fs::read_to_string(&path).expect("fixture exists")).expect("fixture is JSON")
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .expect("array")
-        .iter()
-        .map(|x| x.as_u64().expect("id") as u32)
-        .collect()
+    v.as_array().expect("array").iter().map(|x| x.as_u64().expect("id") as u32).collect()
 }
 
 fn check_echo(model_dir: &str, fixture: &str) {
@@ -42,14 +37,7 @@ fn check_echo(model_dir: &str, fixture: &str) {
         let mut state = lm.model.new_state();
         let logits = lm
             .model
-            .forward(
-                &mut [Segment {
-                    state: &mut state,
-                    tokens: &prompt,
-                    logits: LogitsFor::All,
-                }],
-                &lm.experts,
-            )
+            .forward(&mut [Segment { state: &mut state, tokens: &prompt, logits: LogitsFor::All }], &lm.experts)
             .expect("forward")
             .remove(0);
         for (pos, row) in logits.chunks_exact(vocab).enumerate() {
@@ -72,19 +60,13 @@ fn check_echo(model_dir: &str, fixture: &str) {
                 let want = case["next_logprobs"][pos].as_f64().expect("lp") as f32;
                 let got = lp[prompt[pos + 1] as usize];
                 worst = worst.max((got - want).abs());
-                assert!(
-                    (got - want).abs() <= LOGPROB_TOL,
-                    "{model_dir} pos {pos} next token: {got} vs {want}"
-                );
+                assert!((got - want).abs() <= LOGPROB_TOL, "{model_dir} pos {pos} next token: {got} vs {want}");
             }
         }
     }
     eprintln!("{model_dir}: worst echo log-prob difference {worst:.2e} to the fp32 reference, {worst64:.2e} to fp64");
     // Our fp32 path sits much closer to the exact (fp64) values than the fp32 reference does.
-    assert!(
-        worst64 <= F64_TOL,
-        "{model_dir}: {worst64} from the fp64 run"
-    );
+    assert!(worst64 <= F64_TOL, "{model_dir}: {worst64} from the fp64 run");
 }
 
 fn check_greedy(model_dir: &str, fixture: &str) {
@@ -93,26 +75,17 @@ fn check_greedy(model_dir: &str, fixture: &str) {
     for case in exp["greedy"].as_array().expect("greedy cases") {
         let prompt = ids(&case["prompt_ids"]);
         let want = ids(&case["output_ids"]);
-        let margins: Vec<f64> = case["margins"]
-            .as_array()
-            .expect("margins")
-            .iter()
-            .map(|m| m.as_f64().expect("f"))
-            .collect();
+        let margins: Vec<f64> =
+            case["margins"].as_array().expect("margins").iter().map(|m| m.as_f64().expect("f")).collect();
         let req = GenerateRequest {
             prompt: prompt.clone(),
             max_tokens: want.len(),
-            sampling: SamplingParams {
-                temperature: 0.0,
-                ..Default::default()
-            },
+            sampling: SamplingParams { temperature: 0.0, ..Default::default() },
             logprobs: 0,
             echo: false,
             stop_ids: Vec::new(),
         };
-        let got = generate(&lm.model, &lm.experts, &req, |_| {})
-            .expect("generate")
-            .output_ids;
+        let got = generate(&lm.model, &lm.experts, &req, |_| {}).expect("generate").output_ids;
         let decisive = margins.iter().take_while(|&&m| m > MARGIN).count();
         assert!(decisive > 0, "the fixture has a decisive first step");
         assert_eq!(

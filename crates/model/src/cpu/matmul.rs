@@ -57,20 +57,8 @@ pub fn matmul_serial(x: &[f32], ntok: usize, w: &Mat, y: &mut [f32]) {
 }
 
 fn check(x: &[f32], ntok: usize, w: &Mat, y: &[f32]) {
-    assert_eq!(
-        x.len(),
-        ntok * w.cols,
-        "matmul: x has {} values, expected {ntok}×{}",
-        x.len(),
-        w.cols
-    );
-    assert_eq!(
-        y.len(),
-        ntok * w.rows,
-        "matmul: y has {} values, expected {ntok}×{}",
-        y.len(),
-        w.rows
-    );
+    assert_eq!(x.len(), ntok * w.cols, "matmul: x has {} values, expected {ntok}×{}", x.len(), w.cols);
+    assert_eq!(y.len(), ntok * w.rows, "matmul: y has {} values, expected {ntok}×{}", y.len(), w.rows);
 }
 
 #[derive(Clone, Copy)]
@@ -111,13 +99,7 @@ unsafe fn matmul_rows(x: &[f32], ntok: usize, w: &Mat, r0: usize, r1: usize, y: 
             let mut t = tb;
             while t < tb_end {
                 let nt = (tb_end - t).min(4);
-                let block = Block {
-                    x: &x[t * k..(t + nt) * k],
-                    nt,
-                    w: &wd[r * k..(r + nr) * k],
-                    nr,
-                    k,
-                };
+                let block = Block { x: &x[t * k..(t + nt) * k], nt, w: &wd[r * k..(r + nr) * k], nr, k };
                 kernel(&block, &mut out);
                 for (i, row) in out.iter().take(nt).enumerate() {
                     for (j, v) in row.iter().take(nr).enumerate() {
@@ -141,9 +123,7 @@ fn kernel() -> Kernel {
         *KERNEL.get_or_init(|| {
             if std::arch::is_x86_feature_detected!("avx512f") {
                 x86::block_avx512
-            } else if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
+            } else if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
                 x86::block_avx2
             } else {
                 block_scalar
@@ -184,10 +164,7 @@ fn block_scalar(b: &Block<'_>, out: &mut [[f32; 4]; 4]) {
         for r in 0..b.nr {
             let xr = &b.x[t * k..(t + 1) * k];
             let wr = &b.w[r * k..(r + 1) * k];
-            out[t][r] = xr
-                .iter()
-                .zip(wr)
-                .fold(0.0, |acc, (a, w)| a.mul_add(w.to_f32(), acc));
+            out[t][r] = xr.iter().zip(wr).fold(0.0, |acc, (a, w)| a.mul_add(w.to_f32(), acc));
         }
     }
 }
@@ -237,9 +214,9 @@ mod x86 {
                 let mut wv = [_mm512_setzero_ps(); NR];
                 for (r, v) in wv.iter_mut().enumerate() {
                     let p = wp.add(r * k + c * 16);
-                    *v = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
-                        _mm256_loadu_si256(p.cast()),
-                    )));
+                    *v = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
+                        p.cast(),
+                    ))));
                 }
                 for (t, acc_t) in acc.iter_mut().enumerate() {
                     let xv = _mm512_loadu_ps(xp.add(t * k + c * 16));
@@ -293,9 +270,8 @@ mod x86 {
                 let xv = _mm256_loadu_ps(xp.add(c * 8));
                 for (r, a) in acc.iter_mut().enumerate() {
                     let p = wp.add(r * k + c * 8);
-                    let wv = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(
-                        _mm_loadu_si128(p.cast()),
-                    )));
+                    let wv =
+                        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast()))));
                     *a = _mm256_fmadd_ps(wv, xv, *a);
                 }
             }
@@ -350,14 +326,7 @@ mod tests {
     fn matches_f64_reference() {
         // Odd sizes exercise the vector tails and every block shape; 70 and 130 tokens cross token blocks.
         for &(rows, cols) in &[(7, 45), (130, 96), (65, 1000)] {
-            let w = Mat::from_vec(
-                rows,
-                cols,
-                pseudo(rows * cols, 7)
-                    .into_iter()
-                    .map(bf16::from_f32)
-                    .collect(),
-            );
+            let w = Mat::from_vec(rows, cols, pseudo(rows * cols, 7).into_iter().map(bf16::from_f32).collect());
             for ntok in [1, 2, 3, 4, 5, 9, 70, 130] {
                 let x = pseudo(ntok * cols, ntok as u32);
                 let want = reference(&x, ntok, &w);
@@ -369,10 +338,7 @@ mod tests {
                         matmul_serial(&x, ntok, &w, &mut y);
                     }
                     for (a, b) in y.iter().zip(&want) {
-                        assert!(
-                            (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
-                            "{rows}x{cols} ntok={ntok}: {a} vs {b}"
-                        );
+                        assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{rows}x{cols} ntok={ntok}: {a} vs {b}");
                     }
                 }
             }
@@ -383,14 +349,7 @@ mod tests {
     #[test]
     fn batch_invariant() {
         let (rows, cols) = (300, 520);
-        let w = Mat::from_vec(
-            rows,
-            cols,
-            pseudo(rows * cols, 11)
-                .into_iter()
-                .map(bf16::from_f32)
-                .collect(),
-        );
+        let w = Mat::from_vec(rows, cols, pseudo(rows * cols, 11).into_iter().map(bf16::from_f32).collect());
         let x = pseudo(150 * cols, 3);
         let mut all = vec![0f32; 150 * rows];
         matmul(&x, 150, &w, &mut all);
@@ -401,11 +360,7 @@ mod tests {
             let mut three = vec![0f32; 3 * rows];
             let s = t.min(147);
             matmul_serial(&x[s * cols..(s + 3) * cols], 3, &w, &mut three);
-            assert_eq!(
-                three[(t - s) * rows..(t - s + 1) * rows],
-                all[t * rows..(t + 1) * rows],
-                "token {t} in 3"
-            );
+            assert_eq!(three[(t - s) * rows..(t - s + 1) * rows], all[t * rows..(t + 1) * rows], "token {t} in 3");
         }
     }
 
@@ -414,13 +369,7 @@ mod tests {
         let k = 77;
         let w: Vec<bf16> = pseudo(4 * k, 3).into_iter().map(bf16::from_f32).collect();
         let x = pseudo(4 * k, 4);
-        let block = |nt, nr| Block {
-            x: &x[..nt * k],
-            nt,
-            w: &w[..nr * k],
-            nr,
-            k,
-        };
+        let block = |nt, nr| Block { x: &x[..nt * k], nt, w: &w[..nr * k], nr, k };
         let mut want = [[0f32; 4]; 4];
         block_scalar(&block(4, 4), &mut want);
         #[cfg(target_arch = "x86_64")]
@@ -429,9 +378,7 @@ mod tests {
             if std::arch::is_x86_feature_detected!("avx512f") {
                 kernels.push(x86::block_avx512);
             }
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
                 kernels.push(x86::block_avx2);
             }
             for kernel in kernels {
@@ -441,10 +388,7 @@ mod tests {
                         kernel(&block(nt, nr), &mut got);
                         for t in 0..nt {
                             for r in 0..nr {
-                                assert!(
-                                    (got[t][r] - want[t][r]).abs() < 1e-5,
-                                    "{nt}x{nr} ({t},{r})"
-                                );
+                                assert!((got[t][r] - want[t][r]).abs() < 1e-5, "{nt}x{nr} ({t},{r})");
                             }
                         }
                     }

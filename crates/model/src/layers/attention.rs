@@ -28,12 +28,7 @@ pub(crate) struct Attention {
 impl Attention {
     pub(crate) fn load(ckpt: &Checkpoint, cfg: &ModelConfig, layer: usize) -> Result<Self> {
         let p = format!("layers.{layer}.self_attn.");
-        let (h, nh, nkv, hd) = (
-            cfg.hidden_size,
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-        );
+        let (h, nh, nkv, hd) = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
         Ok(Attention {
             q_proj: ckpt.matrix(&format!("{p}q_proj.weight"), &[2 * nh * hd, h])?,
             k_proj: ckpt.matrix(&format!("{p}k_proj.weight"), &[nkv * hd, h])?,
@@ -54,13 +49,7 @@ impl Attention {
 
     /// Runs the layer on the normed hidden states `x` (`ntok × H`, the segments of `spans` back to back) and returns
     /// the mixer output. Each span's state gets its new keys and values appended.
-    pub(crate) fn forward(
-        &self,
-        x: &[f32],
-        spans: &[Span],
-        states: &mut [&mut LayerState],
-        rope: &Rope,
-    ) -> Vec<f32> {
+    pub(crate) fn forward(&self, x: &[f32], spans: &[Span], states: &mut [&mut LayerState], rope: &Rope) -> Vec<f32> {
         let ntok = spans.iter().map(|s| s.len).sum::<usize>();
         let (nh, nkv, hd) = (self.heads, self.kv_heads, self.head_dim);
         let mut qg = vec![0f32; ntok * 2 * nh * hd];
@@ -74,24 +63,16 @@ impl Attention {
         // Per-span slices, so that spans run in parallel, each owning its rows and its state.
         let qg_parts = split_rows(&mut qg, spans, 2 * nh * hd);
         let o_parts = split_rows(&mut o, spans, nh * hd);
-        spans
-            .par_iter()
-            .zip(states.par_iter_mut())
-            .zip(qg_parts.into_par_iter().zip(o_parts))
-            .for_each(|((span, state), (qg_span, o_span))| {
-                let LayerState::Attention {
-                    k: k_cache,
-                    v: v_cache,
-                } = &mut **state
-                else {
-                    unreachable!(
-                        "layer kinds of state and model agree: both come from layer_types"
-                    );
+        spans.par_iter().zip(states.par_iter_mut()).zip(qg_parts.into_par_iter().zip(o_parts)).for_each(
+            |((span, state), (qg_span, o_span))| {
+                let LayerState::Attention { k: k_cache, v: v_cache } = &mut **state else {
+                    unreachable!("layer kinds of state and model agree: both come from layer_types");
                 };
                 let rows = span.start * nkv * hd..(span.start + span.len) * nkv * hd;
                 let new_kv = (&k[rows.clone()], &v[rows]);
                 self.attend(qg_span, new_kv, span, k_cache, v_cache, rope, o_span);
-            });
+            },
+        );
 
         let mut out = vec![0f32; ntok * self.o_proj.rows];
         matmul(&o, ntok, &self.o_proj, &mut out);
@@ -112,11 +93,7 @@ impl Attention {
     ) {
         let (nh, nkv, hd) = (self.heads, self.kv_heads, self.head_dim);
         let kvw = nkv * hd;
-        debug_assert_eq!(
-            k_cache.len(),
-            span.pos * kvw,
-            "cache length matches the sequence position"
-        );
+        debug_assert_eq!(k_cache.len(), span.pos * kvw, "cache length matches the sequence position");
         for t in 0..span.len {
             let pos = span.pos + t;
             for h in 0..nh {
@@ -138,41 +115,39 @@ impl Attention {
         let k_cache = &*k_cache;
         let v_cache = &*v_cache;
         let qg = &*qg;
-        o.par_chunks_mut(nh * hd)
-            .enumerate()
-            .for_each(|(t, o_row)| {
-                let ctx = span.pos + t + 1;
-                let mut scores = vec![0f32; ctx];
-                for h in 0..nh {
-                    let base = (t * nh + h) * 2 * hd;
-                    let q = &qg[base..base + hd];
-                    let gate = &qg[base + hd..base + 2 * hd];
-                    let g = h / group;
-                    let mut max = f32::NEG_INFINITY;
-                    for (j, s) in scores.iter_mut().enumerate() {
-                        let kr = &k_cache[j * kvw + g * hd..j * kvw + (g + 1) * hd];
-                        *s = q.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>() * scale;
-                        max = max.max(*s);
-                    }
-                    let mut sum = 0f32;
-                    for s in scores.iter_mut() {
-                        *s = (*s - max).exp();
-                        sum += *s;
-                    }
-                    let inv = 1.0 / sum;
-                    let out = &mut o_row[h * hd..(h + 1) * hd];
-                    out.fill(0.0);
-                    for (j, s) in scores.iter().enumerate() {
-                        let p = s * inv;
-                        let vr = &v_cache[j * kvw + g * hd..j * kvw + (g + 1) * hd];
-                        for (a, b) in out.iter_mut().zip(vr) {
-                            *a += p * b;
-                        }
-                    }
-                    for (a, gt) in out.iter_mut().zip(gate) {
-                        *a *= sigmoid(*gt);
+        o.par_chunks_mut(nh * hd).enumerate().for_each(|(t, o_row)| {
+            let ctx = span.pos + t + 1;
+            let mut scores = vec![0f32; ctx];
+            for h in 0..nh {
+                let base = (t * nh + h) * 2 * hd;
+                let q = &qg[base..base + hd];
+                let gate = &qg[base + hd..base + 2 * hd];
+                let g = h / group;
+                let mut max = f32::NEG_INFINITY;
+                for (j, s) in scores.iter_mut().enumerate() {
+                    let kr = &k_cache[j * kvw + g * hd..j * kvw + (g + 1) * hd];
+                    *s = q.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>() * scale;
+                    max = max.max(*s);
+                }
+                let mut sum = 0f32;
+                for s in scores.iter_mut() {
+                    *s = (*s - max).exp();
+                    sum += *s;
+                }
+                let inv = 1.0 / sum;
+                let out = &mut o_row[h * hd..(h + 1) * hd];
+                out.fill(0.0);
+                for (j, s) in scores.iter().enumerate() {
+                    let p = s * inv;
+                    let vr = &v_cache[j * kvw + g * hd..j * kvw + (g + 1) * hd];
+                    for (a, b) in out.iter_mut().zip(vr) {
+                        *a += p * b;
                     }
                 }
-            });
+                for (a, gt) in out.iter_mut().zip(gate) {
+                    *a *= sigmoid(*gt);
+                }
+            }
+        });
     }
 }

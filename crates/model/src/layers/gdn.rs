@@ -58,12 +58,8 @@ impl GatedDeltaNet {
     pub(crate) fn load(ckpt: &Checkpoint, cfg: &ModelConfig, layer: usize) -> Result<Self> {
         let p = format!("layers.{layer}.linear_attn.");
         let h = cfg.hidden_size;
-        let (hk, hv, dk, dv) = (
-            cfg.linear_num_key_heads,
-            cfg.linear_num_value_heads,
-            cfg.linear_key_head_dim,
-            cfg.linear_value_head_dim,
-        );
+        let (hk, hv, dk, dv) =
+            (cfg.linear_num_key_heads, cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim);
         let c = cfg.linear_conv_channels();
         let kernel = cfg.linear_conv_kernel_dim;
         let proj = match cfg.family {
@@ -74,10 +70,7 @@ impl GatedDeltaNet {
                 a: ckpt.matrix(&format!("{p}in_proj_a.weight"), &[hv, h])?,
             },
             Family::Qwen3Next => Projections::Grouped {
-                qkvz: ckpt.matrix(
-                    &format!("{p}in_proj_qkvz.weight"),
-                    &[2 * hk * dk + 2 * hv * dv, h],
-                )?,
+                qkvz: ckpt.matrix(&format!("{p}in_proj_qkvz.weight"), &[2 * hk * dk + 2 * hv * dv, h])?,
                 ba: ckpt.matrix(&format!("{p}in_proj_ba.weight"), &[2 * hv, h])?,
             },
         };
@@ -119,12 +112,7 @@ impl GatedDeltaNet {
         let mut b = vec![0f32; ntok * hv];
         let mut a = vec![0f32; ntok * hv];
         match &self.proj {
-            Projections::Split {
-                qkv,
-                z: wz,
-                b: wb,
-                a: wa,
-            } => {
+            Projections::Split { qkv, z: wz, b: wb, a: wa } => {
                 matmul(x, ntok, qkv, &mut m);
                 matmul(x, ntok, wz, &mut z);
                 matmul(x, ntok, wb, &mut b);
@@ -138,16 +126,12 @@ impl GatedDeltaNet {
                 matmul(x, ntok, qkvz, &mut p);
                 matmul(x, ntok, ba, &mut pba);
                 for t in 0..ntok {
-                    let (pr, mr) = (
-                        &p[t * qkvz.rows..(t + 1) * qkvz.rows],
-                        &mut m[t * c..(t + 1) * c],
-                    );
+                    let (pr, mr) = (&p[t * qkvz.rows..(t + 1) * qkvz.rows], &mut m[t * c..(t + 1) * c]);
                     let zr = &mut z[t * hv * dv..(t + 1) * hv * dv];
                     for g in 0..hk {
                         let grp = &pr[g * gw..(g + 1) * gw];
                         mr[g * dk..(g + 1) * dk].copy_from_slice(&grp[..dk]);
-                        mr[hk * dk + g * dk..hk * dk + (g + 1) * dk]
-                            .copy_from_slice(&grp[dk..2 * dk]);
+                        mr[hk * dk + g * dk..hk * dk + (g + 1) * dk].copy_from_slice(&grp[dk..2 * dk]);
                         let vo = 2 * hk * dk + g * r * dv;
                         mr[vo..vo + r * dv].copy_from_slice(&grp[2 * dk..2 * dk + r * dv]);
                         zr[g * r * dv..(g + 1) * r * dv].copy_from_slice(&grp[2 * dk + r * dv..]);
@@ -163,49 +147,31 @@ impl GatedDeltaNet {
     }
 
     /// Runs the layer on normed hidden states `x` (spans back to back) and returns the mixer output.
-    pub(crate) fn forward(
-        &self,
-        x: &[f32],
-        spans: &[Span],
-        states: &mut [&mut LayerState],
-    ) -> Vec<f32> {
+    pub(crate) fn forward(&self, x: &[f32], spans: &[Span], states: &mut [&mut LayerState]) -> Vec<f32> {
         let ntok = spans.iter().map(|s| s.len).sum::<usize>();
         let (m, z, b, a) = self.project(x, ntok);
         let (c, hv, dv) = (self.channels(), self.hv, self.dv);
         let mut y = vec![0f32; ntok * hv * dv];
         let y_parts = split_rows(&mut y, spans, hv * dv);
-        spans
-            .par_iter()
-            .zip(states.par_iter_mut())
-            .zip(y_parts)
-            .for_each(|((span, state), y_span)| {
-                let LayerState::Linear { conv, s } = &mut **state else {
-                    unreachable!(
-                        "layer kinds of state and model agree: both come from layer_types"
-                    );
-                };
-                let rows = span.start..span.start + span.len;
-                let inputs = SpanInputs {
-                    m: &m[rows.start * c..rows.end * c],
-                    z: &z[rows.start * hv * dv..rows.end * hv * dv],
-                    b: &b[rows.start * hv..rows.end * hv],
-                    a: &a[rows.start * hv..rows.end * hv],
-                };
-                self.span(span.len, inputs, conv, s, y_span);
-            });
+        spans.par_iter().zip(states.par_iter_mut()).zip(y_parts).for_each(|((span, state), y_span)| {
+            let LayerState::Linear { conv, s } = &mut **state else {
+                unreachable!("layer kinds of state and model agree: both come from layer_types");
+            };
+            let rows = span.start..span.start + span.len;
+            let inputs = SpanInputs {
+                m: &m[rows.start * c..rows.end * c],
+                z: &z[rows.start * hv * dv..rows.end * hv * dv],
+                b: &b[rows.start * hv..rows.end * hv],
+                a: &a[rows.start * hv..rows.end * hv],
+            };
+            self.span(span.len, inputs, conv, s, y_span);
+        });
         let mut out = vec![0f32; ntok * self.out_proj.rows];
         matmul(&y, ntok, &self.out_proj, &mut out);
         out
     }
 
-    fn span(
-        &self,
-        n: usize,
-        inp: SpanInputs<'_>,
-        conv_state: &mut [f32],
-        s: &mut [f32],
-        y: &mut [f32],
-    ) {
+    fn span(&self, n: usize, inp: SpanInputs<'_>, conv_state: &mut [f32], s: &mut [f32], y: &mut [f32]) {
         let (hk, hv, dk, dv, kk) = (self.hk, self.hv, self.dk, self.dv, self.kernel);
         let c = self.channels();
         // Causal depthwise conv over [state | inputs], then SiLU; the state keeps the last K−1 raw inputs.
@@ -249,31 +215,13 @@ impl GatedDeltaNet {
                     l2_norm_scaled(&mut kt, L2_EPS, 1.0);
                     q.extend(qt.iter().map(|&x| f64::from(x)));
                     k.extend(kt.iter().map(|&x| f64::from(x)));
-                    v.extend(
-                        ur[2 * hk * dk + j * dv..2 * hk * dk + (j + 1) * dv]
-                            .iter()
-                            .map(|&x| f64::from(x)),
-                    );
+                    v.extend(ur[2 * hk * dk + j * dv..2 * hk * dk + (j + 1) * dv].iter().map(|&x| f64::from(x)));
                     beta.push(f64::from(sigmoid(inp.b[t * hv + j])));
-                    g.push(f64::from(
-                        self.neg_a[j] * softplus(inp.a[t * hv + j] + self.dt_bias[j]),
-                    ));
+                    g.push(f64::from(self.neg_a[j] * softplus(inp.a[t * hv + j] + self.dt_bias[j])));
                 }
                 let mut s64: Vec<f64> = sj.iter().map(|&x| f64::from(x)).collect();
-                let head = HeadInputs {
-                    q: &q,
-                    k: &k,
-                    v: &v,
-                    beta: &beta,
-                    g: &g,
-                    dk,
-                    dv,
-                };
-                let o = if n == 1 {
-                    recurrent_step(&head, &mut s64)
-                } else {
-                    chunked(&head, n, &mut s64)
-                };
+                let head = HeadInputs { q: &q, k: &k, v: &v, beta: &beta, g: &g, dk, dv };
+                let o = if n == 1 { recurrent_step(&head, &mut s64) } else { chunked(&head, n, &mut s64) };
                 for (dst, src) in sj.iter_mut().zip(&s64) {
                     *dst = *src as f32;
                 }
@@ -368,9 +316,8 @@ fn chunked(h: &HeadInputs<'_>, n: usize, s: &mut [f64]) -> Vec<f64> {
         // A_ij = β_i (k_i·k_j) e^{Γ_i−Γ_j}, j < i (strictly lower).
         for i in 0..l {
             for j in 0..i {
-                kk[i * CHUNK + j] = beta[i]
-                    * dot(&k[i * dk..(i + 1) * dk], &k[j * dk..(j + 1) * dk])
-                    * (gamma[i] - gamma[j]).exp();
+                kk[i * CHUNK + j] =
+                    beta[i] * dot(&k[i * dk..(i + 1) * dk], &k[j * dk..(j + 1) * dk]) * (gamma[i] - gamma[j]).exp();
             }
         }
         // Forward substitution: U = (I+A)⁻¹ diag(β) V and W = (I+A)⁻¹ diag(β e^Γ) K.
@@ -404,11 +351,7 @@ fn chunked(h: &HeadInputs<'_>, n: usize, s: &mut [f64]) -> Vec<f64> {
             let eg = gamma[i].exp();
             for r in 0..dk {
                 let (wr, qr) = (w[i * dk + r], q[i * dk + r] * eg);
-                for ((x, o), sc) in vpi
-                    .iter_mut()
-                    .zip(oi.iter_mut())
-                    .zip(&s[r * dv..(r + 1) * dv])
-                {
+                for ((x, o), sc) in vpi.iter_mut().zip(oi.iter_mut()).zip(&s[r * dv..(r + 1) * dv]) {
                     *x -= wr * sc;
                     *o += qr * sc;
                 }
@@ -434,10 +377,7 @@ fn chunked(h: &HeadInputs<'_>, n: usize, s: &mut [f64]) -> Vec<f64> {
             let f = (last - gamma[j]).exp();
             for r in 0..dk {
                 let kr = k[j * dk + r] * f;
-                for (sc, x) in s[r * dv..(r + 1) * dv]
-                    .iter_mut()
-                    .zip(&vp[j * dv..(j + 1) * dv])
-                {
+                for (sc, x) in s[r * dv..(r + 1) * dv].iter_mut().zip(&vp[j * dv..(j + 1) * dv]) {
                     *sc += kr * x;
                 }
             }
@@ -478,15 +418,7 @@ mod tests {
         let mut s0: Vec<f64> = (0..dk * dv).map(|_| rnd()).collect();
         let mut s1 = s0.clone();
 
-        let all = HeadInputs {
-            q: &q,
-            k: &k,
-            v: &v,
-            beta: &beta,
-            g: &g,
-            dk,
-            dv,
-        };
+        let all = HeadInputs { q: &q, k: &k, v: &v, beta: &beta, g: &g, dk, dv };
         let chunk_out = chunked(&all, n, &mut s0);
         for t in 0..n {
             let one = HeadInputs {

@@ -14,11 +14,7 @@ pub(crate) struct Span {
 }
 
 /// Splits a `ntok × width` buffer into the disjoint row blocks of each span (spans are back to back from row 0).
-pub(crate) fn split_rows<'a>(
-    buf: &'a mut [f32],
-    spans: &[Span],
-    width: usize,
-) -> Vec<&'a mut [f32]> {
+pub(crate) fn split_rows<'a>(buf: &'a mut [f32], spans: &[Span], width: usize) -> Vec<&'a mut [f32]> {
     let mut parts = Vec::with_capacity(spans.len());
     let mut rest = buf;
     for span in spans {

@@ -35,10 +35,7 @@ impl Routing {
     /// Returns the (expert, weight) pairs of token `t`.
     pub fn token(&self, t: usize) -> impl Iterator<Item = (u32, f32)> + '_ {
         let (a, b) = (self.offsets[t] as usize, self.offsets[t + 1] as usize);
-        self.experts[a..b]
-            .iter()
-            .copied()
-            .zip(self.weights[a..b].iter().copied())
+        self.experts[a..b].iter().copied().zip(self.weights[a..b].iter().copied())
     }
 }
 
@@ -46,13 +43,7 @@ impl Routing {
 pub trait Experts: Send + Sync {
     /// Writes into `out` (`ntok × H`, overwritten) the sum over each token's routed experts of `weight · expert(x)`,
     /// where `hidden` is `ntok × H` (the post-attention-normed hidden states) and `routing` has `ntok` tokens.
-    fn forward(
-        &self,
-        layer: usize,
-        hidden: &[f32],
-        routing: &Routing,
-        out: &mut [f32],
-    ) -> Result<()>;
+    fn forward(&self, layer: usize, hidden: &[f32], routing: &Routing, out: &mut [f32]) -> Result<()>;
 }
 
 /// A SwiGLU MLP, `down · (silu(gate · x) ⊙ (up · x))`: a routed expert, the shared expert, or a dense MLP.
@@ -109,12 +100,7 @@ impl MoeBlock {
         let h = cfg.hidden_size;
         Ok(MoeBlock {
             router: ckpt.matrix(&format!("{p}gate.weight"), &[cfg.num_experts, h])?,
-            shared: SwiGlu::load(
-                ckpt,
-                &format!("{p}shared_expert."),
-                h,
-                cfg.shared_expert_intermediate_size,
-            )?,
+            shared: SwiGlu::load(ckpt, &format!("{p}shared_expert."), h, cfg.shared_expert_intermediate_size)?,
             shared_gate: ckpt.matrix(&format!("{p}shared_expert_gate.weight"), &[1, h])?,
             top_k: cfg.num_experts_per_tok,
             renormalize: cfg.norm_topk_prob,
@@ -149,9 +135,7 @@ impl MoeBlock {
             for &i in top {
                 routing.experts.push(i);
                 let p = row[i as usize];
-                routing
-                    .weights
-                    .push(if self.renormalize { p / sum } else { p });
+                routing.weights.push(if self.renormalize { p / sum } else { p });
             }
             routing.offsets.push(routing.experts.len() as u32);
         }
@@ -159,13 +143,7 @@ impl MoeBlock {
     }
 
     /// `routed + sigmoid(x·w_sg) · shared(x)`.
-    pub(crate) fn forward(
-        &self,
-        layer: usize,
-        x: &[f32],
-        ntok: usize,
-        experts: &dyn Experts,
-    ) -> Result<Vec<f32>> {
+    pub(crate) fn forward(&self, layer: usize, x: &[f32], ntok: usize, experts: &dyn Experts) -> Result<Vec<f32>> {
         let routing = self.route(x, ntok);
         let mut out = vec![0f32; x.len()];
         experts.forward(layer, x, &routing, &mut out)?;
@@ -175,10 +153,7 @@ impl MoeBlock {
         let h = self.router.cols;
         for t in 0..ntok {
             let g = sigmoid(gate[t]);
-            for (o, s) in out[t * h..(t + 1) * h]
-                .iter_mut()
-                .zip(&shared[t * h..(t + 1) * h])
-            {
+            for (o, s) in out[t * h..(t + 1) * h].iter_mut().zip(&shared[t * h..(t + 1) * h]) {
                 *o += g * s;
             }
         }
@@ -187,12 +162,7 @@ impl MoeBlock {
 
     /// Loads the dense MLP of a non-MoE Qwen3-Next layer.
     pub(crate) fn load_dense(ckpt: &Checkpoint, cfg: &ModelConfig, layer: usize) -> Result<SwiGlu> {
-        SwiGlu::load(
-            ckpt,
-            &format!("layers.{layer}.mlp."),
-            cfg.hidden_size,
-            cfg.intermediate_size,
-        )
+        SwiGlu::load(ckpt, &format!("layers.{layer}.mlp."), cfg.hidden_size, cfg.intermediate_size)
     }
 }
 
@@ -223,11 +193,7 @@ impl LocalExperts {
     /// Loads the experts `(layer, expert)` for which `select` returns true, from either checkpoint layout: fused
     /// (`experts.gate_up_proj` `[E, 2I, H]` with gate rows first, `experts.down_proj` `[E, H, I]`) or per expert
     /// (`experts.{e}.{gate,up,down}_proj.weight`). Fused tensors are mapped once and viewed per expert.
-    pub fn load(
-        ckpt: &Checkpoint,
-        cfg: &ModelConfig,
-        select: impl Fn(usize, usize) -> bool,
-    ) -> Result<Self> {
+    pub fn load(ckpt: &Checkpoint, cfg: &ModelConfig, select: impl Fn(usize, usize) -> bool) -> Result<Self> {
         let (h, i, ne) = (cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts);
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
@@ -256,56 +222,36 @@ impl LocalExperts {
             }
             layers.push(experts);
         }
-        Ok(LocalExperts {
-            layers,
-            hidden: h,
-            stats: ExpertStats::default(),
-        })
+        Ok(LocalExperts { layers, hidden: h, stats: ExpertStats::default() })
     }
 
     /// Bytes of one expert of `layer` (0 if none is loaded there).
     pub fn expert_bytes(&self, layer: usize) -> usize {
-        self.layers
-            .get(layer)
-            .and_then(|l| l.iter().flatten().next())
-            .map_or(0, SwiGlu::bytes)
+        self.layers.get(layer).and_then(|l| l.iter().flatten().next()).map_or(0, SwiGlu::bytes)
     }
 }
 
 impl Experts for LocalExperts {
-    fn forward(
-        &self,
-        layer: usize,
-        hidden: &[f32],
-        routing: &Routing,
-        out: &mut [f32],
-    ) -> Result<()> {
+    fn forward(&self, layer: usize, hidden: &[f32], routing: &Routing, out: &mut [f32]) -> Result<()> {
         let started = Instant::now();
         let h = self.hidden;
         let ntok = routing.num_tokens();
-        let table = self.layers.get(layer).ok_or_else(|| ModelError::Experts {
-            layer,
-            message: "no such layer".into(),
-        })?;
+        let table =
+            self.layers.get(layer).ok_or_else(|| ModelError::Experts { layer, message: "no such layer".into() })?;
         if hidden.len() != ntok * h || out.len() != ntok * h {
             return Err(ModelError::Experts {
                 layer,
-                message: format!(
-                    "hidden has {} values for {ntok} tokens of width {h}",
-                    hidden.len()
-                ),
+                message: format!("hidden has {} values for {ntok} tokens of width {h}", hidden.len()),
             });
         }
         // Group the tokens by expert, keeping token order inside each group.
         let mut groups: Vec<Vec<(usize, f32)>> = vec![Vec::new(); table.len()];
         for t in 0..ntok {
             for (e, w) in routing.token(t) {
-                let group = groups
-                    .get_mut(e as usize)
-                    .ok_or_else(|| ModelError::Experts {
-                        layer,
-                        message: format!("expert {e} out of range (layer has {})", table.len()),
-                    })?;
+                let group = groups.get_mut(e as usize).ok_or_else(|| ModelError::Experts {
+                    layer,
+                    message: format!("expert {e} out of range (layer has {})", table.len()),
+                })?;
                 group.push((t, w));
             }
         }
@@ -317,10 +263,7 @@ impl Experts for LocalExperts {
                 table[e]
                     .as_ref()
                     .map(|w| (e, w, g.as_slice()))
-                    .ok_or_else(|| ModelError::Experts {
-                        layer,
-                        message: format!("expert {e} is not loaded here"),
-                    })
+                    .ok_or_else(|| ModelError::Experts { layer, message: format!("expert {e} is not loaded here") })
             })
             .collect::<Result<_>>()?;
         let results: Vec<Vec<f32>> = work
@@ -339,10 +282,7 @@ impl Experts for LocalExperts {
         let mut bytes = 0u64;
         for ((_, mlp, tokens), y) in work.iter().zip(&results) {
             for (i, &(t, w)) in tokens.iter().enumerate() {
-                for (o, v) in out[t * h..(t + 1) * h]
-                    .iter_mut()
-                    .zip(&y[i * h..(i + 1) * h])
-                {
+                for (o, v) in out[t * h..(t + 1) * h].iter_mut().zip(&y[i * h..(i + 1) * h]) {
                     *o += w * v;
                 }
             }
@@ -351,9 +291,7 @@ impl Experts for LocalExperts {
         }
         self.stats.flops.fetch_add(flops, Ordering::Relaxed);
         self.stats.weight_bytes.fetch_add(bytes, Ordering::Relaxed);
-        self.stats
-            .nanos
-            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        self.stats.nanos.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
         Ok(())
     }
 }
