@@ -1,1 +1,50 @@
-fn main() {}
+//! moectl: the operator's command-line tool for moe-mesh.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod bench_model;
+mod generate;
+mod init_model;
+
+/// moe-mesh: expert-parallel serving of Qwen3.5-MoE / Qwen3-Next models.
+#[derive(Debug, Parser)]
+#[command(name = "moectl", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Generate text from a prompt with a model directory (everything in this process).
+    Generate(generate::Args),
+    /// Write a random-weight model in the official Qwen3.5 checkpoint layout.
+    InitModel(init_model::Args),
+    /// Measure decode and prefill speed of a model next to this machine's memory bandwidth and FMA peak.
+    BenchModel(bench_model::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Generate(args) => generate::run(args),
+        Command::InitModel(args) => init_model::run(args),
+        Command::BenchModel(args) => bench_model::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

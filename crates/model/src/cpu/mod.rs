@@ -3,3 +3,4 @@
 
 pub mod matmul;
 pub mod ops;
+pub mod probe;

@@ -1,0 +1,171 @@
+//! `moectl bench-model`: decode and prefill throughput of one model in this process, printed next to the machine's
+//! memory bandwidth and f32 FMA peak as measured by the same run (ratios survive noisy, shared machines).
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use moe_model::cpu::{matmul, probe};
+use moe_model::{LoadedModel, LogitsFor, Segment, SequenceState};
+use serde_json::json;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Model directory (e.g. one written by `moectl init-model --preset bench`).
+    #[arg(long)]
+    model: PathBuf,
+    /// Decode batch sizes to measure.
+    #[arg(long, value_delimiter = ',', default_value = "1,16")]
+    batch: Vec<usize>,
+    /// Timed decode steps per batch size.
+    #[arg(long, default_value_t = 24)]
+    decode_steps: usize,
+    /// Prompt length of the prefill measurement.
+    #[arg(long, default_value_t = 512)]
+    prompt_len: usize,
+    /// Buffer for the memory-bandwidth probe, in GiB (make it several times the last-level cache).
+    #[arg(long, default_value_t = 2.0)]
+    bandwidth_gib: f64,
+    /// Print the results as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+fn tokens(n: usize, seed: u64, vocab: usize) -> Vec<u32> {
+    let mut s = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s % vocab as u64) as u32
+        })
+        .collect()
+}
+
+pub fn run(args: Args) -> Result<()> {
+    if args.decode_steps == 0 || args.prompt_len == 0 || args.batch.contains(&0) {
+        bail!("--decode-steps, --prompt-len and every --batch must be positive");
+    }
+    let threads = rayon::current_num_threads();
+    eprintln!("measuring memory bandwidth ({:.1} GiB buffer) and FMA peak on {threads} threads...", args.bandwidth_gib);
+    let bandwidth = probe::memory_bandwidth((args.bandwidth_gib * (1u64 << 30) as f64) as usize, 5);
+    let peak = probe::fma_peak();
+
+    let t0 = Instant::now();
+    let lm = LoadedModel::load(&args.model).with_context(|| format!("loading {}", args.model.display()))?;
+    let load_s = t0.elapsed().as_secs_f64();
+    let model = &lm.model;
+    let experts = &lm.experts;
+    let cfg = model.config();
+    let vocab = cfg.vocab_size;
+    eprintln!("loaded {} in {load_s:.2} s; matmul kernel {}", args.model.display(), matmul::kernel_name());
+
+    let forward = |segs: &mut [Segment<'_>]| model.forward(segs, experts);
+
+    // Prefill: once to fault the weights in from the page cache, then timed.
+    let prompt = tokens(args.prompt_len, 1, vocab);
+    let mut prefill_s = f64::MAX;
+    let mut expert_flops = 0u64;
+    let mut expert_s = 0f64;
+    for round in 0..2 {
+        let mut st = model.new_state();
+        let f0 = experts.stats.flops.load(Ordering::Relaxed);
+        let n0 = experts.stats.nanos.load(Ordering::Relaxed);
+        let t = Instant::now();
+        forward(&mut [Segment { state: &mut st, tokens: &prompt, logits: LogitsFor::Last }])?;
+        let secs = t.elapsed().as_secs_f64();
+        if round == 1 {
+            prefill_s = secs;
+            expert_flops = experts.stats.flops.load(Ordering::Relaxed) - f0;
+            expert_s = (experts.stats.nanos.load(Ordering::Relaxed) - n0) as f64 * 1e-9;
+        }
+    }
+
+    let mut decode = Vec::new();
+    for &batch in &args.batch {
+        let mut states: Vec<SequenceState> = (0..batch).map(|_| model.new_state()).collect();
+        let prompts: Vec<Vec<u32>> = (0..batch).map(|i| tokens(16 + i % 7, 10 + i as u64, vocab)).collect();
+        let mut segs: Vec<Segment<'_>> = states
+            .iter_mut()
+            .zip(&prompts)
+            .map(|(s, p)| Segment { state: s, tokens: p, logits: LogitsFor::Last })
+            .collect();
+        forward(&mut segs)?;
+        let feed = tokens(args.decode_steps + 2, 99, vocab);
+        let mut step = |i: usize| -> Result<()> {
+            let toks: Vec<u32> = (0..batch).map(|b| (feed[i] + b as u32) % vocab as u32).collect();
+            let mut segs: Vec<Segment<'_>> = states
+                .iter_mut()
+                .zip(&toks)
+                .map(|(s, t)| Segment { state: s, tokens: std::slice::from_ref(t), logits: LogitsFor::Last })
+                .collect();
+            forward(&mut segs)?;
+            Ok(())
+        };
+        step(0)?;
+        step(1)?;
+        let b0 = experts.stats.weight_bytes.load(Ordering::Relaxed);
+        let t = Instant::now();
+        for i in 0..args.decode_steps {
+            step(i + 2)?;
+        }
+        let secs = t.elapsed().as_secs_f64();
+        let expert_bytes = (experts.stats.weight_bytes.load(Ordering::Relaxed) - b0) as f64 / args.decode_steps as f64;
+        let bytes_per_step = model.dense_weight_bytes() as f64 + expert_bytes;
+        let step_s = secs / args.decode_steps as f64;
+        decode.push(json!({
+            "batch": batch,
+            "tokens_per_s": batch as f64 / step_s,
+            "step_ms": step_s * 1e3,
+            "weight_bytes_per_step": bytes_per_step,
+            "weight_read_gbps": bytes_per_step / step_s / 1e9,
+            "fraction_of_bandwidth": bytes_per_step / step_s / bandwidth,
+        }));
+    }
+
+    let report = json!({
+        "model": args.model.display().to_string(),
+        "threads": threads,
+        "kernel": matmul::kernel_name(),
+        "memory_bandwidth_gbps": bandwidth / 1e9,
+        "fma_peak_gflops": peak / 1e9,
+        "load_s": load_s,
+        "prefill": {
+            "prompt_tokens": args.prompt_len,
+            "tokens_per_s": args.prompt_len as f64 / prefill_s,
+            "seconds": prefill_s,
+            "expert_gflops": expert_flops as f64 / expert_s.max(1e-12) / 1e9,
+            "expert_fraction_of_fma_peak": expert_flops as f64 / expert_s.max(1e-12) / peak,
+            "expert_share_of_time": expert_s / prefill_s,
+        },
+        "decode": decode,
+    });
+    if args.json {
+        println!("{report}");
+        return Ok(());
+    }
+    println!("machine: {threads} threads, memory read {:.1} GB/s, f32 FMA peak {:.1} GFLOP/s ({})", bandwidth / 1e9, peak / 1e9, matmul::kernel_name());
+    println!(
+        "prefill {} tokens: {:.1} tokens/s ({:.2} s); expert matmuls {:.1} GFLOP/s = {:.0}% of FMA peak, {:.0}% of the time",
+        args.prompt_len,
+        args.prompt_len as f64 / prefill_s,
+        prefill_s,
+        expert_flops as f64 / expert_s.max(1e-12) / 1e9,
+        100.0 * expert_flops as f64 / expert_s.max(1e-12) / peak,
+        100.0 * expert_s / prefill_s
+    );
+    for d in &decode {
+        println!(
+            "decode batch {:>3}: {:>8.1} tokens/s, step {:>7.2} ms, weights read {:>6.0} MB/step = {:>5.1} GB/s = {:>3.0}% of measured bandwidth",
+            d["batch"],
+            d["tokens_per_s"].as_f64().unwrap_or(0.0),
+            d["step_ms"].as_f64().unwrap_or(0.0),
+            d["weight_bytes_per_step"].as_f64().unwrap_or(0.0) / 1e6,
+            d["weight_read_gbps"].as_f64().unwrap_or(0.0),
+            100.0 * d["fraction_of_bandwidth"].as_f64().unwrap_or(0.0)
+        );
+    }
+    Ok(())
+}
