@@ -146,7 +146,12 @@ pub fn run(args: Args) -> Result<()> {
         println!("{report}");
         return Ok(());
     }
-    println!("machine: {threads} threads, memory read {:.1} GB/s, f32 FMA peak {:.1} GFLOP/s ({})", bandwidth / 1e9, peak / 1e9, matmul::kernel_name());
+    println!(
+        "machine: {threads} threads, memory read {:.1} GB/s, f32 FMA peak {:.1} GFLOP/s ({})",
+        bandwidth / 1e9,
+        peak / 1e9,
+        matmul::kernel_name()
+    );
     println!(
         "prefill {} tokens: {:.1} tokens/s ({:.2} s); expert matmuls {:.1} GFLOP/s = {:.0}% of FMA peak, {:.0}% of the time",
         args.prompt_len,

@@ -51,7 +51,8 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     let started = Instant::now();
-    let lm = LoadedModel::load(&args.model).with_context(|| format!("loading the model in {}", args.model.display()))?;
+    let lm =
+        LoadedModel::load(&args.model).with_context(|| format!("loading the model in {}", args.model.display()))?;
     tracing::info!(elapsed = ?started.elapsed(), "model loaded");
     let cfg = lm.model.config();
 

@@ -25,7 +25,7 @@ pub use model::{LogitsFor, Model, Segment};
 pub use sampling::{Sampler, SamplingParams};
 pub use state::SequenceState;
 pub use tokenizer::{ChatTemplate, GenerationConfig, Message, Tokenizer};
-pub use weights::Checkpoint;
+pub use weights::{Checkpoint, Residency};
 
 use std::path::{Path, PathBuf};
 

@@ -1,6 +1,8 @@
 //! The decoder (spec §3.2): embeddings, the stack of hybrid layers, the final norm and the LM head, run over a
 //! batch of sequence segments of any lengths and positions.
 
+use rayon::prelude::*;
+
 use crate::config::{LayerKind, ModelConfig};
 use crate::cpu::matmul::{matmul, widen};
 use crate::cpu::ops::{rms_norm_offset, rms_norm_offset_into, Rope};
@@ -73,24 +75,26 @@ impl Model {
         } else {
             ckpt.matrix("lm_head.weight", &[v, h])?
         };
-        let mut layers = Vec::with_capacity(config.num_hidden_layers);
-        for (i, kind) in config.layer_types.iter().enumerate() {
-            let mixer = match kind {
-                LayerKind::Full => Mixer::Attention(Attention::load(ckpt, &config, i)?),
-                LayerKind::Linear => Mixer::Linear(GatedDeltaNet::load(ckpt, &config, i)?),
-            };
-            let mlp = if config.is_moe_layer(i) {
-                Mlp::Moe(MoeBlock::load(ckpt, &config, i)?)
-            } else {
-                Mlp::Dense(MoeBlock::load_dense(ckpt, &config, i)?)
-            };
-            layers.push(Layer {
-                input_norm: ckpt.vector(&format!("layers.{i}.input_layernorm.weight"), &[h])?,
-                post_norm: ckpt.vector(&format!("layers.{i}.post_attention_layernorm.weight"), &[h])?,
-                mixer,
-                mlp,
-            });
-        }
+        let layers = (0..config.num_hidden_layers)
+            .into_par_iter()
+            .map(|i| -> Result<Layer> {
+                let mixer = match config.layer_types[i] {
+                    LayerKind::Full => Mixer::Attention(Attention::load(ckpt, &config, i)?),
+                    LayerKind::Linear => Mixer::Linear(GatedDeltaNet::load(ckpt, &config, i)?),
+                };
+                let mlp = if config.is_moe_layer(i) {
+                    Mlp::Moe(MoeBlock::load(ckpt, &config, i)?)
+                } else {
+                    Mlp::Dense(MoeBlock::load_dense(ckpt, &config, i)?)
+                };
+                Ok(Layer {
+                    input_norm: ckpt.vector(&format!("layers.{i}.input_layernorm.weight"), &[h])?,
+                    post_norm: ckpt.vector(&format!("layers.{i}.post_attention_layernorm.weight"), &[h])?,
+                    mixer,
+                    mlp,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(Model {
             rope: Rope::new(config.rotary_dim(), config.rope_theta),
             final_norm: ckpt.vector("norm.weight", &[h])?,

@@ -5,7 +5,7 @@ use rayon::prelude::*;
 
 use crate::config::ModelConfig;
 use crate::cpu::matmul::matmul;
-use crate::cpu::ops::{rms_norm_offset, sigmoid, Rope};
+use crate::cpu::ops::{dot, rms_norm_offset, sigmoid, Rope};
 use crate::error::Result;
 use crate::layers::{split_rows, Span};
 use crate::state::LayerState;
@@ -126,7 +126,7 @@ impl Attention {
                 let mut max = f32::NEG_INFINITY;
                 for (j, s) in scores.iter_mut().enumerate() {
                     let kr = &k_cache[j * kvw + g * hd..j * kvw + (g + 1) * hd];
-                    *s = q.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>() * scale;
+                    *s = dot(q, kr) * scale;
                     max = max.max(*s);
                 }
                 let mut sum = 0f32;

@@ -17,7 +17,7 @@ use rayon::prelude::*;
 
 use crate::config::{Family, ModelConfig};
 use crate::cpu::matmul::matmul;
-use crate::cpu::ops::{inv_rms, l2_norm_scaled, sigmoid, silu, softplus};
+use crate::cpu::ops::{dot64 as dot, inv_rms, l2_norm_scaled, sigmoid, silu, softplus};
 use crate::error::Result;
 use crate::layers::{split_rows, Span};
 use crate::state::LayerState;
@@ -39,7 +39,7 @@ enum Projections {
 #[derive(Debug)]
 pub(crate) struct GatedDeltaNet {
     proj: Projections,
-    /// Depthwise conv weights `[C][K]`.
+    /// Depthwise conv weights, transposed to `[K][C]` so that the conv runs along contiguous channels.
     conv: Vec<f32>,
     /// `−exp(A_log)` per value head.
     neg_a: Vec<f32>,
@@ -75,9 +75,12 @@ impl GatedDeltaNet {
             },
         };
         let a_log = ckpt.vector(&format!("{p}A_log"), &[hv])?;
+        let conv_ck = ckpt.vector(&format!("{p}conv1d.weight"), &[c, 1, kernel])?;
+        let conv =
+            (0..kernel).flat_map(|j| (0..c).map(move |ch| (ch, j))).map(|(ch, j)| conv_ck[ch * kernel + j]).collect();
         Ok(GatedDeltaNet {
             proj,
-            conv: ckpt.vector(&format!("{p}conv1d.weight"), &[c, 1, kernel])?,
+            conv,
             neg_a: a_log.iter().map(|v| -v.exp()).collect(),
             dt_bias: ckpt.vector(&format!("{p}dt_bias"), &[hv])?,
             norm: ckpt.vector(&format!("{p}norm.weight"), &[dv])?,
@@ -183,8 +186,9 @@ impl GatedDeltaNet {
             let ur = &mut u[t * c..(t + 1) * c];
             for j in 0..kk {
                 let wr = &window[(t + j) * c..(t + j + 1) * c];
-                for (ch, (acc, x)) in ur.iter_mut().zip(wr).enumerate() {
-                    *acc += self.conv[ch * kk + j] * x;
+                let taps = &self.conv[j * c..(j + 1) * c];
+                for ((acc, x), w) in ur.iter_mut().zip(wr).zip(taps) {
+                    *acc += w * x;
                 }
             }
             for v in ur.iter_mut() {
@@ -266,14 +270,13 @@ struct HeadInputs<'a> {
 fn recurrent_step(h: &HeadInputs<'_>, s: &mut [f64]) -> Vec<f64> {
     let (dk, dv) = (h.dk, h.dv);
     let alpha = h.g[0].exp();
-    for x in s.iter_mut() {
-        *x *= alpha;
-    }
+    // Decay and predict in one pass over S, then correct and read in a second.
     let mut e = h.v[..dv].to_vec();
     for i in 0..dk {
         let ki = h.k[i];
-        for (ec, sc) in e.iter_mut().zip(&s[i * dv..(i + 1) * dv]) {
-            *ec -= ki * sc;
+        for (ec, sc) in e.iter_mut().zip(&mut s[i * dv..(i + 1) * dv]) {
+            *sc *= alpha;
+            *ec -= ki * *sc;
         }
     }
     for ec in e.iter_mut() {
@@ -300,7 +303,6 @@ fn chunked(h: &HeadInputs<'_>, n: usize, s: &mut [f64]) -> Vec<f64> {
     let mut u = vec![0f64; CHUNK * dv];
     let mut w = vec![0f64; CHUNK * dk];
     let mut vp = vec![0f64; CHUNK * dv];
-    let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
     let mut c0 = 0;
     while c0 < n {
         let l = (n - c0).min(CHUNK);

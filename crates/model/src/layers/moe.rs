@@ -193,35 +193,42 @@ impl LocalExperts {
     /// Loads the experts `(layer, expert)` for which `select` returns true, from either checkpoint layout: fused
     /// (`experts.gate_up_proj` `[E, 2I, H]` with gate rows first, `experts.down_proj` `[E, H, I]`) or per expert
     /// (`experts.{e}.{gate,up,down}_proj.weight`). Fused tensors are mapped once and viewed per expert.
-    pub fn load(ckpt: &Checkpoint, cfg: &ModelConfig, select: impl Fn(usize, usize) -> bool) -> Result<Self> {
+    pub fn load(ckpt: &Checkpoint, cfg: &ModelConfig, select: impl Fn(usize, usize) -> bool + Sync) -> Result<Self> {
         let (h, i, ne) = (cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts);
-        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
-        for l in 0..cfg.num_hidden_layers {
-            let mut experts = vec![None; if cfg.is_moe_layer(l) { ne } else { 0 }];
-            if cfg.is_moe_layer(l) && (0..ne).any(|e| select(l, e)) {
-                let p = format!("layers.{l}.mlp.experts.");
-                if ckpt.contains(&format!("{p}gate_up_proj")) {
-                    let gate_up = ckpt.matrix(&format!("{p}gate_up_proj"), &[ne, 2 * i, h])?;
-                    let down = ckpt.matrix(&format!("{p}down_proj"), &[ne, h, i])?;
-                    for (e, slot) in experts.iter_mut().enumerate() {
-                        if select(l, e) {
-                            *slot = Some(SwiGlu {
-                                gate: gate_up.rows(e * 2 * i, e * 2 * i + i),
-                                up: gate_up.rows(e * 2 * i + i, (e + 1) * 2 * i),
-                                down: down.rows(e * h, (e + 1) * h),
-                            });
-                        }
-                    }
-                } else {
-                    for (e, slot) in experts.iter_mut().enumerate() {
-                        if select(l, e) {
-                            *slot = Some(SwiGlu::load(ckpt, &format!("{p}{e}."), h, i)?);
-                        }
-                    }
+        let layers = (0..cfg.num_hidden_layers)
+            .into_par_iter()
+            .map(|l| -> Result<Vec<Option<SwiGlu>>> {
+                if !cfg.is_moe_layer(l) {
+                    return Ok(Vec::new());
                 }
-            }
-            layers.push(experts);
-        }
+                let p = format!("layers.{l}.mlp.experts.");
+                let fused = if ckpt.contains(&format!("{p}gate_up_proj")) {
+                    Some((
+                        ckpt.matrix_view(&format!("{p}gate_up_proj"), &[ne, 2 * i, h])?,
+                        ckpt.matrix_view(&format!("{p}down_proj"), &[ne, h, i])?,
+                    ))
+                } else {
+                    None
+                };
+                // Experts are copied (when resident) in parallel: loading is bound by page faults and copies.
+                (0..ne)
+                    .into_par_iter()
+                    .map(|e| -> Result<Option<SwiGlu>> {
+                        if !select(l, e) {
+                            return Ok(None);
+                        }
+                        Ok(Some(match &fused {
+                            Some((gate_up, down)) => SwiGlu {
+                                gate: ckpt.settle(&gate_up.rows(e * 2 * i, e * 2 * i + i))?,
+                                up: ckpt.settle(&gate_up.rows(e * 2 * i + i, (e + 1) * 2 * i))?,
+                                down: ckpt.settle(&down.rows(e * h, (e + 1) * h))?,
+                            },
+                            None => SwiGlu::load(ckpt, &format!("{p}{e}."), h, i)?,
+                        }))
+                    })
+                    .collect()
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(LocalExperts { layers, hidden: h, stats: ExpertStats::default() })
     }
 
