@@ -40,7 +40,7 @@ pub fn run(args: Args) -> Result<()> {
     if args.out.exists() && !args.force && args.out.read_dir().map(|mut d| d.next().is_some()).unwrap_or(false) {
         bail!("{} is not empty (use --force to overwrite)", args.out.display());
     }
-    if !(args.shard_gib > 0.0) {
+    if args.shard_gib.is_nan() || args.shard_gib <= 0.0 {
         bail!("--shard-gib must be positive");
     }
     let opts = SynthOptions {
