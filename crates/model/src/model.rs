@@ -55,7 +55,6 @@ pub struct Segment<'a> {
 }
 
 /// The router-side model: everything but the routed experts, which come through [`Experts`].
-#[derive(Debug)]
 pub struct Model {
     config: ModelConfig,
     embed: Mat,
@@ -63,6 +62,17 @@ pub struct Model {
     final_norm: Vec<f32>,
     layers: Vec<Layer>,
     rope: Rope,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("family", &self.config.family)
+            .field("layers", &self.layers.len())
+            .field("hidden_size", &self.config.hidden_size)
+            .field("dense_weight_bytes", &self.dense_weight_bytes())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Model {

@@ -11,10 +11,18 @@ use crate::config::token_ids;
 use crate::error::{ModelError, Result};
 
 /// The model's tokenizer.
-#[derive(Debug)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     path: PathBuf,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokenizer")
+            .field("path", &self.path)
+            .field("vocab", &self.inner.get_vocab_size(true))
+            .finish_non_exhaustive()
+    }
 }
 
 impl Tokenizer {

@@ -181,7 +181,6 @@ pub struct ExpertStats {
 type ExpertWork<'a> = (usize, &'a SwiGlu, &'a [(usize, f32)]);
 
 /// Routed experts held in this process, for the layers and experts selected at load time.
-#[derive(Debug)]
 pub struct LocalExperts {
     /// `layers[l][e]` is `None` for dense layers and unselected experts.
     layers: Vec<Vec<Option<SwiGlu>>>,
@@ -235,6 +234,16 @@ impl LocalExperts {
     /// Bytes of one expert of `layer` (0 if none is loaded there).
     pub fn expert_bytes(&self, layer: usize) -> usize {
         self.layers.get(layer).and_then(|l| l.iter().flatten().next()).map_or(0, SwiGlu::bytes)
+    }
+}
+
+impl std::fmt::Debug for LocalExperts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let loaded: usize = self.layers.iter().map(|l| l.iter().flatten().count()).sum();
+        f.debug_struct("LocalExperts")
+            .field("layers", &self.layers.len())
+            .field("loaded", &loaded)
+            .finish_non_exhaustive()
     }
 }
 
