@@ -10,6 +10,7 @@ use serde_json::json;
 
 #[derive(Debug, clap::Args)]
 #[command(group(clap::ArgGroup::new("input").required(true).args(["prompt", "prompt_ids"])))]
+#[command(allow_negative_numbers = true)]
 pub struct Args {
     /// Model directory (config.json, safetensors, tokenizer.json), as published on the Hugging Face Hub.
     #[arg(long)]
