@@ -94,8 +94,12 @@ unsafe fn matmul_rows(x: &[f32], ntok: usize, w: &Mat, r0: usize, r1: usize, y: 
     while tb < ntok {
         let tb_end = (tb + TOKEN_BLOCK).min(ntok);
         let mut r = r0;
+        // One token: one weight row at a time, a single sequential stream per thread, which the hardware prefetcher
+        // follows best (measured 28-31 GB/s against 21-28 with 4 interleaved rows). More tokens: 4 rows, so that
+        // each widened weight vector feeds 16 FMAs. The per-element order of operations is the same either way.
+        let row_block = if ntok == 1 { 1 } else { 4 };
         while r < r1 {
-            let nr = (r1 - r).min(4);
+            let nr = (r1 - r).min(row_block);
             let mut t = tb;
             while t < tb_end {
                 let nt = (tb_end - t).min(4);
