@@ -5,9 +5,9 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use moe_model::cpu::{matmul, probe};
-use moe_model::{LoadedModel, LogitsFor, Segment, SequenceState};
+use moe_model::{LogitsFor, Segment, SequenceState};
 use serde_json::json;
 
 #[derive(Debug, clap::Args)]
@@ -57,7 +57,7 @@ pub fn run(args: Args) -> Result<()> {
     let peak = probe::fma_peak();
 
     let t0 = Instant::now();
-    let lm = LoadedModel::load(&args.model).with_context(|| format!("loading {}", args.model.display()))?;
+    let lm = crate::load_model(&args.model)?;
     let load_s = t0.elapsed().as_secs_f64();
     let model = &lm.model;
     let experts = &lm.experts;

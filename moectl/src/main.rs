@@ -26,6 +26,31 @@ enum Command {
     BenchModel(bench_model::Args),
 }
 
+/// Loads a model directory with a progress bar on stderr (shown only when loading takes more than a moment).
+fn load_model(dir: &std::path::Path) -> anyhow::Result<moe_model::LoadedModel> {
+    use anyhow::Context;
+    let bar = indicatif::ProgressBar::hidden();
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("loading weights [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let started = std::time::Instant::now();
+    let shown = std::sync::atomic::AtomicBool::new(false);
+    let lm = moe_model::LoadedModel::load_with_progress(dir, &|done, total| {
+        if !shown.load(std::sync::atomic::Ordering::Relaxed) && started.elapsed().as_millis() > 500 {
+            shown.store(true, std::sync::atomic::Ordering::Relaxed);
+            bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+        }
+        bar.set_length(total);
+        bar.set_position(done);
+    })
+    .with_context(|| format!("loading the model in {}", dir.display()))?;
+    bar.finish_and_clear();
+    tracing::info!(elapsed = ?started.elapsed(), model = %dir.display(), "model loaded");
+    Ok(lm)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()

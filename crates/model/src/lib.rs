@@ -43,10 +43,29 @@ pub struct LoadedModel {
 impl LoadedModel {
     /// Loads config.json, the checkpoint, the tokenizer, the chat template and generation_config.json from `dir`.
     pub fn load(dir: &Path) -> Result<Self> {
+        Self::load_with_progress(dir, &|_, _| {})
+    }
+
+    /// Same as [`LoadedModel::load`], calling `progress(bytes_loaded, bytes_total)` about ten times a second while
+    /// the weights load (large checkpoints take minutes).
+    pub fn load_with_progress(dir: &Path, progress: &(dyn Fn(u64, u64) + Sync)) -> Result<Self> {
         let config = ModelConfig::from_file(&dir.join("config.json"))?;
         let ckpt = Checkpoint::open(dir)?;
-        let experts = LocalExperts::load(&ckpt, &config, |_, _| true)?;
-        let model = Model::load(&ckpt, config)?;
+        let total = ckpt.text_model_bytes();
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let (model, experts) = std::thread::scope(|scope| {
+            scope.spawn(|| {
+                while !done.load(std::sync::atomic::Ordering::Acquire) {
+                    progress(ckpt.bytes_loaded().min(total), total);
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+            });
+            let loaded = LocalExperts::load(&ckpt, &config, |_, _| true)
+                .and_then(|experts| Model::load(&ckpt, config).map(|model| (model, experts)));
+            done.store(true, std::sync::atomic::Ordering::Release);
+            loaded
+        })?;
+        progress(total, total);
         Ok(LoadedModel {
             dir: dir.to_owned(),
             tokenizer: Tokenizer::from_file(&dir.join("tokenizer.json"))?,

@@ -144,6 +144,8 @@ pub struct Checkpoint {
     /// `model.language_model.` or `model.`.
     prefix: &'static str,
     residency: Residency,
+    /// Bytes of tensor data read so far by `matrix`, `settle` and `vector` (for load progress).
+    loaded: std::sync::atomic::AtomicU64,
 }
 
 impl Checkpoint {
@@ -232,7 +234,7 @@ impl Checkpoint {
                 tensor: "model.language_model.embed_tokens.weight (or model.embed_tokens.weight)".into(),
             });
         };
-        Ok(Checkpoint { dir: dir.to_owned(), files, tensors, prefix, residency })
+        Ok(Checkpoint { dir: dir.to_owned(), files, tensors, prefix, residency, loaded: Default::default() })
     }
 
     pub fn dir(&self) -> &Path {
@@ -287,8 +289,23 @@ impl Checkpoint {
         self.settle(&mat)
     }
 
+    /// Bytes of tensor data loaded so far through this checkpoint.
+    pub fn bytes_loaded(&self) -> u64 {
+        self.loaded.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Bytes of the text model's tensors (everything but `mtp.*` and `model.visual.*`): what a full load reads.
+    pub fn text_model_bytes(&self) -> u64 {
+        self.tensors
+            .iter()
+            .filter(|(name, _)| !name.starts_with("mtp.") && !name.starts_with("model.visual."))
+            .map(|(_, t)| (t.end - t.start) as u64)
+            .sum()
+    }
+
     /// Applies the checkpoint's residency to a matrix or view (a copy when resident, the view itself when mapped).
     pub fn settle(&self, mat: &Mat) -> Result<Mat> {
+        self.loaded.fetch_add(mat.bytes() as u64, std::sync::atomic::Ordering::Relaxed);
         match (self.residency, &*mat.storage) {
             (Residency::Resident, Storage::Mapped { file, .. }) => {
                 mat.to_resident().map_err(|e| ModelError::io(&file.path, e))
@@ -343,6 +360,7 @@ impl Checkpoint {
     /// Loads a tensor of exactly `shape` as f32 values, widened exactly from the stored dtype.
     pub fn vector(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let (full, entry) = self.entry(name, shape)?;
+        self.loaded.fetch_add((entry.end - entry.start) as u64, std::sync::atomic::Ordering::Relaxed);
         let file = &self.files[entry.file];
         let bytes = &file.map[entry.start..entry.end];
         let le16 = |b: &[u8]| u16::from_le_bytes([b[0], b[1]]);
