@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use moe_model::{generate, GenerateRequest, LoadedModel, Message, SamplingParams};
+use moe_model::{generate, GenerateRequest, Message, SamplingParams};
 use serde_json::json;
 
 #[derive(Debug, clap::Args)]
@@ -51,10 +51,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let started = Instant::now();
-    let lm =
-        LoadedModel::load(&args.model).with_context(|| format!("loading the model in {}", args.model.display()))?;
-    tracing::info!(elapsed = ?started.elapsed(), "model loaded");
+    let lm = crate::load_model(&args.model)?;
     let cfg = lm.model.config();
 
     let prompt = match (&args.prompt, &args.prompt_ids) {

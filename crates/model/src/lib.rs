@@ -66,9 +66,12 @@ impl LoadedModel {
             loaded
         })?;
         progress(total, total);
+        tracing::info!(bytes = total, "weights loaded");
+        let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json"))?;
+        tracing::info!("tokenizer loaded");
         Ok(LoadedModel {
             dir: dir.to_owned(),
-            tokenizer: Tokenizer::from_file(&dir.join("tokenizer.json"))?,
+            tokenizer,
             chat_template: ChatTemplate::load(dir)?,
             generation: GenerationConfig::load(dir)?,
             model,
