@@ -62,6 +62,8 @@ pub struct Model {
     final_norm: Vec<f32>,
     layers: Vec<Layer>,
     rope: Rope,
+    /// Unique per loaded model, so that a sequence state cannot be fed to a model it was not made by.
+    id: u64,
 }
 
 impl std::fmt::Debug for Model {
@@ -105,7 +107,9 @@ impl Model {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         Ok(Model {
+            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             rope: Rope::new(config.rotary_dim(), config.rope_theta),
             final_norm: ckpt.vector("norm.weight", &[h])?,
             config,
@@ -121,7 +125,7 @@ impl Model {
 
     /// Returns a fresh state for a new sequence.
     pub fn new_state(&self) -> SequenceState {
-        SequenceState::new(&self.config)
+        SequenceState::new(&self.config, self.id)
     }
 
     /// Bytes of non-expert weights one decode step reads (mixers, router, shared expert, dense MLPs, LM head; the
@@ -160,8 +164,8 @@ impl Model {
             if let Some(&bad) = seg.tokens.iter().find(|&&t| t as usize >= vocab) {
                 return Err(ModelError::InvalidInput(format!("token id {bad} is out of range (vocab_size {vocab})")));
             }
-            if seg.state.layers.len() != self.layers.len() {
-                return Err(ModelError::InvalidInput("sequence state belongs to another model".into()));
+            if seg.state.model_id != self.id {
+                return Err(ModelError::InvalidInput("the sequence state was made by another model".into()));
             }
             spans.push(Span { start: ntok, len: seg.tokens.len(), pos: seg.state.position });
             ntok += seg.tokens.len();

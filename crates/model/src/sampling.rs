@@ -60,11 +60,16 @@ impl Sampler {
         }
         let inv_t = 1.0 / self.params.temperature;
         let mut cand: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l * inv_t)).collect();
-        cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        if self.params.top_k > 0 {
+        let by_logit = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        // Keep the work linear in the vocabulary where possible: top-k is a selection, and only top-p needs order.
+        if self.params.top_k > 0 && self.params.top_k < cand.len() {
+            cand.select_nth_unstable_by(self.params.top_k - 1, by_logit);
             cand.truncate(self.params.top_k);
         }
-        let max = cand[0].1;
+        if self.params.top_p < 1.0 {
+            cand.sort_by(by_logit);
+        }
+        let max = cand.iter().map(|c| c.1).fold(f32::NEG_INFINITY, f32::max);
         let mut probs: Vec<f32> = cand.iter().map(|c| (c.1 - max).exp()).collect();
         let total: f32 = probs.iter().sum();
         probs.iter_mut().for_each(|p| *p /= total);

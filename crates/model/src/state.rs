@@ -28,10 +28,12 @@ pub(crate) enum LayerState {
 pub struct SequenceState {
     pub(crate) layers: Vec<LayerState>,
     pub(crate) position: usize,
+    /// The [`crate::Model`] instance this state belongs to; a state is meaningless to any other model.
+    pub(crate) model_id: u64,
 }
 
 impl SequenceState {
-    pub(crate) fn new(cfg: &ModelConfig) -> Self {
+    pub(crate) fn new(cfg: &ModelConfig, model_id: u64) -> Self {
         let layers = cfg
             .layer_types
             .iter()
@@ -43,7 +45,7 @@ impl SequenceState {
                 },
             })
             .collect();
-        SequenceState { layers, position: 0 }
+        SequenceState { layers, position: 0, model_id }
     }
 
     /// Number of tokens the state has consumed (the position of the next token).

@@ -54,3 +54,19 @@ fn echo_and_long_prompts() {
     assert!(generate(&lm.model, &lm.experts, &greedy(vec![], 3, vec![], 0, false), |_| {}).is_err());
     assert!(generate(&lm.model, &lm.experts, &greedy(vec![100_000], 3, vec![], 0, false), |_| {}).is_err());
 }
+
+#[test]
+fn a_state_only_works_with_its_own_model() {
+    let a = load();
+    let b = load();
+    let mut state = a.model.new_state();
+    let err = b
+        .model
+        .forward(
+            &mut [moe_model::Segment { state: &mut state, tokens: &[1, 2], logits: moe_model::LogitsFor::Last }],
+            &b.experts,
+        )
+        .expect_err("foreign state");
+    assert!(err.to_string().contains("another model"), "{err}");
+    assert_eq!(state.position(), 0, "a rejected forward leaves the state untouched");
+}
