@@ -50,6 +50,7 @@ pub fn run(args: Args) -> Result<()> {
         max_shard_bytes: (args.shard_gib * (1u64 << 30) as f64) as u64,
     };
     let total = synth::tensor_bytes(&opts);
+    eprintln!("writing {} ({:.2} GB of weights) to {}", args.preset.name(), total as f64 / 1e9, args.out.display());
     let bar = ProgressBar::new(total);
     bar.set_style(
         ProgressStyle::with_template(
