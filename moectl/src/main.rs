@@ -27,7 +27,7 @@ enum Command {
 }
 
 /// Loads a model directory with a progress bar on stderr (shown only when loading takes more than a moment).
-fn load_model(dir: &std::path::Path) -> anyhow::Result<moe_model::LoadedModel> {
+fn load_model(dir: &std::path::Path, mapped: bool) -> anyhow::Result<moe_model::LoadedModel> {
     use anyhow::Context;
     let bar = indicatif::ProgressBar::hidden();
     bar.set_style(
@@ -37,7 +37,8 @@ fn load_model(dir: &std::path::Path) -> anyhow::Result<moe_model::LoadedModel> {
     );
     let started = std::time::Instant::now();
     let shown = std::sync::atomic::AtomicBool::new(false);
-    let lm = moe_model::LoadedModel::load_with_progress(dir, &|done, total| {
+    let residency = if mapped { moe_model::Residency::Mapped } else { moe_model::Residency::Resident };
+    let lm = moe_model::LoadedModel::load_with(dir, residency, &|done, total| {
         if !shown.load(std::sync::atomic::Ordering::Relaxed) && started.elapsed().as_millis() > 500 {
             shown.store(true, std::sync::atomic::Ordering::Relaxed);
             bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());

@@ -43,14 +43,14 @@ pub struct LoadedModel {
 impl LoadedModel {
     /// Loads config.json, the checkpoint, the tokenizer, the chat template and generation_config.json from `dir`.
     pub fn load(dir: &Path) -> Result<Self> {
-        Self::load_with_progress(dir, &|_, _| {})
+        Self::load_with(dir, Residency::Resident, &|_, _| {})
     }
 
-    /// Same as [`LoadedModel::load`], calling `progress(bytes_loaded, bytes_total)` about ten times a second while
-    /// the weights load (large checkpoints take minutes).
-    pub fn load_with_progress(dir: &Path, progress: &(dyn Fn(u64, u64) + Sync)) -> Result<Self> {
+    /// Same as [`LoadedModel::load`] with the weights kept as `residency` says, calling
+    /// `progress(bytes_loaded, bytes_total)` about ten times a second while they load (large checkpoints take minutes).
+    pub fn load_with(dir: &Path, residency: Residency, progress: &(dyn Fn(u64, u64) + Sync)) -> Result<Self> {
         let config = ModelConfig::from_file(&dir.join("config.json"))?;
-        let ckpt = Checkpoint::open(dir)?;
+        let ckpt = Checkpoint::open_with(dir, residency)?;
         let total = ckpt.text_model_bytes();
         let done = std::sync::atomic::AtomicBool::new(false);
         let (model, experts) = std::thread::scope(|scope| {

@@ -48,8 +48,9 @@ struct TensorEntry {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Residency {
     /// Copied out of the page cache into anonymous memory. Decode reads every weight byte each step, and reading
-    /// through the file mapping was measurably slower (`moectl bench-model` on the bench preset: 16.9 tokens/s
-    /// mapped, 21.6 resident, same run conditions). Only the selected experts are copied.
+    /// through the file mapping was slower in every back-to-back comparison (`moectl bench-model [--mapped]` on the
+    /// bench preset, batch 1: 20.8-21.9 tokens/s mapped against 22.2-25.4 resident, and 16.9 against 21.6 in
+    /// another run). Only the selected experts are copied.
     #[default]
     Resident,
     /// Read in place from the memory-mapped files (no copy; pages load on first touch).
