@@ -22,9 +22,12 @@ pub struct Args {
     /// Decode batch sizes to measure.
     #[arg(long, value_delimiter = ',', default_value = "1,16")]
     batch: Vec<usize>,
-    /// Timed decode steps per batch size.
-    #[arg(long, default_value_t = 24)]
+    /// Timed decode steps per round.
+    #[arg(long, default_value_t = 16)]
     decode_steps: usize,
+    /// Rounds per batch size, each paired with its own bandwidth probe; the median round is reported.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
     /// Prompt length of the prefill measurement.
     #[arg(long, default_value_t = 512)]
     prompt_len: usize,
@@ -49,8 +52,8 @@ fn tokens(n: usize, seed: u64, vocab: usize) -> Vec<u32> {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    if args.decode_steps == 0 || args.prompt_len == 0 || args.batch.contains(&0) {
-        bail!("--decode-steps, --prompt-len and every --batch must be positive");
+    if args.decode_steps == 0 || args.rounds == 0 || args.prompt_len == 0 || args.batch.contains(&0) {
+        bail!("--decode-steps, --rounds, --prompt-len and every --batch must be positive");
     }
     let threads = rayon::current_num_threads();
     eprintln!("measuring memory bandwidth ({:.1} GiB buffer) and FMA peak on {threads} threads...", args.bandwidth_gib);
@@ -100,7 +103,7 @@ pub fn run(args: Args) -> Result<()> {
             .map(|(s, p)| Segment { state: s, tokens: p, logits: LogitsFor::Last })
             .collect();
         forward(&mut segs)?;
-        let feed = tokens(args.decode_steps + 2, 99, vocab);
+        let feed = tokens(args.rounds * args.decode_steps + 2, 99, vocab);
         let mut step = |i: usize| -> Result<()> {
             let toks: Vec<u32> = (0..batch).map(|b| (feed[i] + b as u32) % vocab as u32).collect();
             let mut segs: Vec<Segment<'_>> = states
@@ -113,28 +116,42 @@ pub fn run(args: Args) -> Result<()> {
         };
         step(0)?;
         step(1)?;
-        bandwidth = bandwidth.max(probe::memory_bandwidth(probe_bytes, 3));
-        let b0 = experts.stats.weight_bytes.load(Ordering::Relaxed);
-        let t = Instant::now();
-        for i in 0..args.decode_steps {
-            step(i + 2)?;
+        // Each round probes the bandwidth right before its timed steps, so that each ratio compares two figures taken
+        // under the same load from other tenants; the median round is reported.
+        let mut rounds = Vec::with_capacity(args.rounds);
+        for round in 0..args.rounds {
+            let probe_now = probe::memory_bandwidth(probe_bytes, 2);
+            bandwidth = bandwidth.max(probe_now);
+            let b0 = experts.stats.weight_bytes.load(Ordering::Relaxed);
+            let t = Instant::now();
+            for i in 0..args.decode_steps {
+                step(2 + round * args.decode_steps + i)?;
+            }
+            let step_s = t.elapsed().as_secs_f64() / args.decode_steps as f64;
+            let expert_bytes =
+                (experts.stats.weight_bytes.load(Ordering::Relaxed) - b0) as f64 / args.decode_steps as f64;
+            let bytes_per_step = model.dense_weight_bytes() as f64 + expert_bytes;
+            rounds.push((step_s, bytes_per_step, probe_now));
         }
-        let secs = t.elapsed().as_secs_f64();
-        let expert_bytes = (experts.stats.weight_bytes.load(Ordering::Relaxed) - b0) as f64 / args.decode_steps as f64;
-        let bytes_per_step = model.dense_weight_bytes() as f64 + expert_bytes;
-        let step_s = secs / args.decode_steps as f64;
+        rounds.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let (step_s, bytes_per_step, probe_now) = rounds[rounds.len() / 2];
+        let ratios: Vec<f64> = rounds.iter().map(|(s, b, p)| b / s / p).collect();
         decode.push(json!({
             "batch": batch,
             "tokens_per_s": batch as f64 / step_s,
+            "tokens_per_s_rounds": rounds.iter().map(|r| batch as f64 / r.0).collect::<Vec<_>>(),
             "step_ms": step_s * 1e3,
             "weight_bytes_per_step": bytes_per_step,
             "weight_read_gbps": bytes_per_step / step_s / 1e9,
+            "bandwidth_probe_gbps": probe_now / 1e9,
+            "fraction_of_paired_probe": bytes_per_step / step_s / probe_now,
+            "fraction_of_paired_probe_rounds": ratios,
         }));
     }
     bandwidth = bandwidth.max(probe::memory_bandwidth(probe_bytes, 3));
     for d in decode.iter_mut() {
         let gbps = d["weight_read_gbps"].as_f64().unwrap_or(0.0);
-        d["fraction_of_bandwidth"] = json!(gbps * 1e9 / bandwidth);
+        d["fraction_of_best_probe"] = json!(gbps * 1e9 / bandwidth);
     }
 
     let report = json!({
@@ -174,14 +191,27 @@ pub fn run(args: Args) -> Result<()> {
         100.0 * expert_s / prefill_s
     );
     for d in &decode {
+        let f = |k: &str| d[k].as_f64().unwrap_or(0.0);
+        let range = |k: &str| {
+            let v: Vec<f64> =
+                d[k].as_array().map(|a| a.iter().filter_map(|x| x.as_f64()).collect()).unwrap_or_default();
+            let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            (lo, hi)
+        };
+        let (tlo, thi) = range("tokens_per_s_rounds");
+        let (rlo, rhi) = range("fraction_of_paired_probe_rounds");
         println!(
-            "decode batch {:>3}: {:>8.1} tokens/s, step {:>7.2} ms, weights read {:>6.0} MB/step = {:>5.1} GB/s = {:>3.0}% of measured bandwidth",
+            "decode batch {:>3}: {:>7.1} tokens/s (rounds {tlo:.1}-{thi:.1}), step {:>7.2} ms, weights {:>5.0} MB/step = {:>5.1} GB/s = {:>3.0}% of the probe beside it (rounds {:.0}-{:.0}%), {:>3.0}% of the best probe",
             d["batch"],
-            d["tokens_per_s"].as_f64().unwrap_or(0.0),
-            d["step_ms"].as_f64().unwrap_or(0.0),
-            d["weight_bytes_per_step"].as_f64().unwrap_or(0.0) / 1e6,
-            d["weight_read_gbps"].as_f64().unwrap_or(0.0),
-            100.0 * d["fraction_of_bandwidth"].as_f64().unwrap_or(0.0)
+            f("tokens_per_s"),
+            f("step_ms"),
+            f("weight_bytes_per_step") / 1e6,
+            f("weight_read_gbps"),
+            100.0 * f("fraction_of_paired_probe"),
+            100.0 * rlo,
+            100.0 * rhi,
+            100.0 * f("fraction_of_best_probe"),
         );
     }
     Ok(())
