@@ -552,4 +552,24 @@ mod tests {
             assert_eq!(t.decode(&ids, false).expect("decode"), text);
         }
     }
+
+    /// Every preset's config.json resolves and validates, and the real shapes have the published parameter counts
+    /// (text model without MTP: 34.66B for 35B-A3B, 396.35B for 397B-A17B, per the architecture spec).
+    #[test]
+    fn presets_are_valid_and_real_shapes_match_published_sizes() {
+        for preset in Preset::ALL {
+            let s = preset.shape();
+            let cfg = crate::ModelConfig::from_json_str(
+                &config_json(&s, 1, 0).to_string(),
+                std::path::Path::new("config.json"),
+            )
+            .expect("preset config is valid");
+            assert_eq!(cfg.num_hidden_layers, s.layers);
+            assert_eq!(cfg.layer_types.iter().filter(|k| **k == crate::LayerKind::Full).count(), s.layers / 4);
+        }
+        let params = |p: Preset| tensor_bytes(&SynthOptions::new(p)) as f64 / 2.0 / 1e9;
+        assert!((params(Preset::Qwen35_35bA3b) - 34.66).abs() < 0.01, "{}", params(Preset::Qwen35_35bA3b));
+        assert!((params(Preset::Qwen35_397bA17b) - 396.35).abs() < 0.01, "{}", params(Preset::Qwen35_397bA17b));
+        assert!((params(Preset::Bench) - 2.02).abs() < 0.01, "{}", params(Preset::Bench));
+    }
 }
