@@ -1,10 +1,11 @@
 //! Checkpoint loading: safetensors files as published on the Hub, memory-mapped.
 //!
 //! A checkpoint is one `model.safetensors` or shards listed in `model.safetensors.index.json`. Headers are parsed and
-//! validated by the `safetensors` crate (which rejects truncated files and overlapping offsets); the data stays in
-//! the page cache through `memmap2`, so a node that needs a few experts touches only their pages. Matrices are kept as
-//! bf16: BF16 tensors are borrowed from the map, F16 and F32 ones are rounded to bf16 once at load. Vectors (norm
-//! weights, `A_log`, `dt_bias`, ...) are widened to f32 exactly as stored.
+//! validated by the `safetensors` crate (which rejects truncated files and overlapping offsets); files are mapped with
+//! `memmap2`, so a node that needs a few experts reads only their pages. Matrices are kept as bf16: BF16 tensors are
+//! viewed in the map and, by default ([`Residency::Resident`]), copied into a huge-page arena as they are selected; F16
+//! and F32 ones are rounded to bf16 once at load. Vectors (norm weights, `A_log`, `dt_bias`, ...) are widened to f32
+//! exactly as stored.
 //!
 //! Names are looked up relative to the text-model prefix, detected once: `model.language_model.` (the official
 //! Qwen3.5 layout) or `model.` (Qwen3-Next and files saved from the CausalLM class). `lm_head.weight` is top-level.
