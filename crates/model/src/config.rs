@@ -340,6 +340,9 @@ impl ModelConfig {
                 "rotary dim int(head_dim * partial_rotary_factor) = {r} must be even and at most head_dim"
             ));
         }
+        if self.family == Family::Qwen35Moe && self.num_experts == 0 {
+            return fail("num_experts must be positive (every Qwen3.5-MoE layer is a MoE layer)".into());
+        }
         if self.num_experts > 0 && (self.num_experts_per_tok == 0 || self.num_experts_per_tok > self.num_experts) {
             return fail(format!(
                 "num_experts_per_tok ({}) must be in 1..=num_experts ({})",
@@ -412,6 +415,10 @@ mod tests {
         assert!(e.to_string().contains("layer_types"), "{e}");
         let e = parse(r#"{"model_type":"qwen3_next","num_attention_heads":3}"#).expect_err("bad heads");
         assert!(e.to_string().contains("num_key_value_heads"), "{e}");
+        let e = parse(r#"{"model_type":"qwen3_5_moe_text","num_experts":0}"#).expect_err("no experts");
+        assert!(e.to_string().contains("num_experts"), "{e}");
+        let e = parse(r#"{"model_type":"qwen3_next","num_experts":4,"num_experts_per_tok":5}"#).expect_err("top-k > E");
+        assert!(e.to_string().contains("num_experts_per_tok"), "{e}");
         let e = parse("{not json").expect_err("bad json");
         assert!(e.to_string().contains("config.json"), "{e}");
     }
