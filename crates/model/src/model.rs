@@ -9,7 +9,7 @@ use crate::cpu::ops::{rms_norm_offset, rms_norm_offset_into, Rope};
 use crate::error::{ModelError, Result};
 use crate::layers::attention::Attention;
 use crate::layers::gdn::GatedDeltaNet;
-use crate::layers::moe::{Experts, MoeBlock, SwiGlu};
+use crate::layers::moe::{Experts, MoeBlock, MoeStep, SwiGlu};
 use crate::layers::Span;
 use crate::state::SequenceState;
 use crate::weights::{Checkpoint, Mat};
@@ -154,9 +154,20 @@ impl Model {
     ///
     /// Segments are independent: a segment's outputs do not depend on which other segments share the batch.
     pub fn forward(&self, batch: &mut [Segment<'_>], experts: &dyn Experts) -> Result<Vec<Vec<f32>>> {
-        let (h, vocab) = (self.config.hidden_size, self.config.vocab_size);
-        let mut spans = Vec::with_capacity(batch.len());
-        let mut ntok = 0;
+        self.forward_pipelined(batch, experts, 1)
+    }
+
+    /// [`Model::forward`] with the batch split into up to `micro_batches` groups of whole segments, balanced by
+    /// tokens, that take turns: while the routed experts of one group work (on other processes), the next group runs
+    /// its attention. Outputs are the same for every `micro_batches`, bit for bit.
+    pub fn forward_pipelined(
+        &self,
+        batch: &mut [Segment<'_>],
+        experts: &dyn Experts,
+        micro_batches: usize,
+    ) -> Result<Vec<Vec<f32>>> {
+        let vocab = self.config.vocab_size;
+        let mut total = 0;
         for seg in batch.iter() {
             if seg.tokens.is_empty() {
                 return Err(ModelError::InvalidInput("a batch segment has no tokens".into()));
@@ -167,43 +178,121 @@ impl Model {
             if seg.state.model_id != self.id {
                 return Err(ModelError::InvalidInput("the sequence state was made by another model".into()));
             }
+            total += seg.tokens.len();
+        }
+
+        // Cut the batch into contiguous groups of segments of about total/m tokens each.
+        let m = micro_batches.clamp(1, batch.len().max(1));
+        let mut groups = Vec::with_capacity(m);
+        let mut rest = batch;
+        let mut done = 0;
+        for g in 0..m {
+            let target = total * (g + 1) / m;
+            let mut take = 0;
+            while take < rest.len() && (done < target || take == 0) && rest.len() - take > m - g - 1 {
+                done += rest[take].tokens.len();
+                take += 1;
+            }
+            if g == m - 1 {
+                take = rest.len();
+            }
+            let (head, tail) = std::mem::take(&mut rest).split_at_mut(take);
+            rest = tail;
+            if !head.is_empty() {
+                groups.push(MicroBatch::new(self, head));
+            }
+        }
+
+        for (i, layer) in self.layers.iter().enumerate() {
+            for mb in groups.iter_mut() {
+                mb.finish_mlp()?;
+                mb.mixer_and_start_mlp(self, i, layer, experts)?;
+            }
+        }
+        let mut out = Vec::new();
+        for mb in groups.iter_mut() {
+            mb.finish_mlp()?;
+            out.extend(mb.logits(self));
+        }
+        Ok(out)
+    }
+}
+
+/// A group of whole segments that goes through the layers together, with its activations.
+struct MicroBatch<'s, 'b, 'e> {
+    segments: &'s mut [Segment<'b>],
+    spans: Vec<Span>,
+    ntok: usize,
+    /// The residual stream, `ntok × H`.
+    x: Vec<f32>,
+    /// Normed activations, reused per layer.
+    xn: Vec<f32>,
+    /// The MoE layer still at work, whose output the residual stream waits for.
+    pending: Option<MoeStep<'e>>,
+}
+
+impl<'s, 'b, 'e> MicroBatch<'s, 'b, 'e> {
+    fn new(model: &Model, segments: &'s mut [Segment<'b>]) -> Self {
+        let h = model.config.hidden_size;
+        let mut spans = Vec::with_capacity(segments.len());
+        let mut ntok = 0;
+        for seg in segments.iter() {
             spans.push(Span { start: ntok, len: seg.tokens.len(), pos: seg.state.position });
             ntok += seg.tokens.len();
         }
-
         let mut x = vec![0f32; ntok * h];
-        let ed = self.embed.data();
-        for (row, &tok) in x.chunks_exact_mut(h).zip(batch.iter().flat_map(|s| s.tokens.iter())) {
+        let ed = model.embed.data();
+        for (row, &tok) in x.chunks_exact_mut(h).zip(segments.iter().flat_map(|s| s.tokens.iter())) {
             widen(&ed[tok as usize * h..(tok as usize + 1) * h], row);
         }
+        MicroBatch { segments, spans, ntok, xn: vec![0f32; ntok * h], x, pending: None }
+    }
 
-        let mut xn = vec![0f32; ntok * h];
-        for (i, layer) in self.layers.iter().enumerate() {
-            rms_norm_offset_into(&x, &layer.input_norm, self.config.rms_norm_eps as f32, &mut xn);
-            let mut states: Vec<_> = batch.iter_mut().map(|s| &mut s.state.layers[i]).collect();
-            let mixed = match &layer.mixer {
-                Mixer::Attention(a) => a.forward(&xn, &spans, &mut states, &self.rope),
-                Mixer::Linear(g) => g.forward(&xn, &spans, &mut states),
-            };
-            for (a, b) in x.iter_mut().zip(&mixed) {
-                *a += b;
-            }
-            rms_norm_offset_into(&x, &layer.post_norm, self.config.rms_norm_eps as f32, &mut xn);
-            let mlp_out = match &layer.mlp {
-                Mlp::Moe(m) => m.forward(i, &xn, ntok, experts)?,
-                Mlp::Dense(d) => d.forward(&xn, ntok, true),
-            };
-            for (a, b) in x.iter_mut().zip(&mlp_out) {
+    /// Adds the output of the MoE layer in flight, if any, to the residual stream.
+    fn finish_mlp(&mut self) -> Result<()> {
+        if let Some(step) = self.pending.take() {
+            step.finish(&mut self.xn)?;
+            for (a, b) in self.x.iter_mut().zip(&self.xn) {
                 *a += b;
             }
         }
-        for (seg, span) in batch.iter_mut().zip(&spans) {
+        Ok(())
+    }
+
+    /// Runs layer `i`'s mixer and starts its MLP (a dense MLP finishes here; a MoE one is left in flight).
+    fn mixer_and_start_mlp(&mut self, model: &Model, i: usize, layer: &Layer, experts: &'e dyn Experts) -> Result<()> {
+        let eps = model.config.rms_norm_eps as f32;
+        rms_norm_offset_into(&self.x, &layer.input_norm, eps, &mut self.xn);
+        let mut states: Vec<_> = self.segments.iter_mut().map(|s| &mut s.state.layers[i]).collect();
+        let mixed = match &layer.mixer {
+            Mixer::Attention(a) => a.forward(&self.xn, &self.spans, &mut states, &model.rope),
+            Mixer::Linear(g) => g.forward(&self.xn, &self.spans, &mut states),
+        };
+        for (a, b) in self.x.iter_mut().zip(&mixed) {
+            *a += b;
+        }
+        rms_norm_offset_into(&self.x, &layer.post_norm, eps, &mut self.xn);
+        match &layer.mlp {
+            Mlp::Moe(m) => self.pending = Some(m.start(i, &self.xn, self.ntok, experts)?),
+            Mlp::Dense(d) => {
+                let out = d.forward(&self.xn, self.ntok, true);
+                for (a, b) in self.x.iter_mut().zip(&out) {
+                    *a += b;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Advances the segments' positions and returns the logits each asked for.
+    fn logits(&mut self, model: &Model) -> Vec<Vec<f32>> {
+        let (h, vocab) = (model.config.hidden_size, model.config.vocab_size);
+        for (seg, span) in self.segments.iter_mut().zip(&self.spans) {
             seg.state.position += span.len;
         }
-
         // Gather the rows whose logits were asked for, then one LM-head matmul over all of them.
         let mut rows = Vec::new();
-        for (seg, span) in batch.iter().zip(&spans) {
+        for (seg, span) in self.segments.iter().zip(&self.spans) {
             match seg.logits {
                 LogitsFor::Last => rows.push(span.start + span.len - 1),
                 LogitsFor::All => rows.extend(span.start..span.start + span.len),
@@ -212,14 +301,14 @@ impl Model {
         }
         let mut hs = Vec::with_capacity(rows.len() * h);
         for &r in &rows {
-            hs.extend_from_slice(&x[r * h..(r + 1) * h]);
+            hs.extend_from_slice(&self.x[r * h..(r + 1) * h]);
         }
-        rms_norm_offset(&mut hs, &self.final_norm, self.config.rms_norm_eps as f32);
+        rms_norm_offset(&mut hs, &model.final_norm, model.config.rms_norm_eps as f32);
         let mut logits = vec![0f32; rows.len() * vocab];
-        matmul(&hs, rows.len(), &self.lm_head, &mut logits);
-        let mut out = Vec::with_capacity(batch.len());
+        matmul(&hs, rows.len(), &model.lm_head, &mut logits);
+        let mut out = Vec::with_capacity(self.segments.len());
         let mut offset = 0;
-        for (seg, span) in batch.iter().zip(&spans) {
+        for (seg, span) in self.segments.iter().zip(&self.spans) {
             let n = match seg.logits {
                 LogitsFor::Last => 1,
                 LogitsFor::All => span.len,
@@ -228,6 +317,6 @@ impl Model {
             out.push(logits[offset * vocab..(offset + n) * vocab].to_vec());
             offset += n;
         }
-        Ok(out)
+        out
     }
 }

@@ -365,6 +365,12 @@ impl Checkpoint {
             .sum()
     }
 
+    /// Ends the current arena region: later copies go to a new one. Called after a batch of loads, so that matrices
+    /// loaded together (and later unloaded together) share regions with nothing else and free them when dropped.
+    pub fn seal_arena(&self) {
+        *self.arena.current.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = None;
+    }
+
     /// Applies the checkpoint's residency to a matrix or view (a copy when resident, the view itself when mapped).
     pub fn settle(&self, mat: &Mat) -> Result<Mat> {
         self.loaded.fetch_add(mat.bytes() as u64, std::sync::atomic::Ordering::Relaxed);

@@ -8,6 +8,7 @@
 //! implementation that returns the same sums gives the same tokens.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use rayon::prelude::*;
@@ -40,10 +41,42 @@ impl Routing {
 }
 
 /// Computes routed experts for a batch of tokens of one layer.
+///
+/// The work is split in two so that a caller can overlap it with its own: [`Experts::dispatch`] starts it (a remote
+/// implementation sends the activations and returns at once) and [`PendingExperts::wait`] collects the result.
 pub trait Experts: Send + Sync {
-    /// Writes into `out` (`ntok × H`, overwritten) the sum over each token's routed experts of `weight · expert(x)`,
-    /// where `hidden` is `ntok × H` (the post-attention-normed hidden states) and `routing` has `ntok` tokens.
-    fn forward(&self, layer: usize, hidden: &[f32], routing: &Routing, out: &mut [f32]) -> Result<()>;
+    /// Starts computing, for each token of `hidden` (`ntok × H`, the post-attention-normed hidden states), the sum over
+    /// its routed experts of `weight · expert(x)`; `routing` has `ntok` tokens.
+    fn dispatch(&self, layer: usize, hidden: &[f32], routing: &Routing) -> Result<Box<dyn PendingExperts + '_>>;
+
+    /// Computes the sums into `out` (`ntok × H`, overwritten): [`Experts::dispatch`] then [`PendingExperts::wait`].
+    fn forward(&self, layer: usize, hidden: &[f32], routing: &Routing, out: &mut [f32]) -> Result<()> {
+        self.dispatch(layer, hidden, routing)?.wait(out)
+    }
+}
+
+/// Routed-expert work in progress, started by [`Experts::dispatch`].
+pub trait PendingExperts: Send {
+    /// Blocks until the sums are known and writes them into `out` (`ntok × H`, overwritten).
+    fn wait(self: Box<Self>, out: &mut [f32]) -> Result<()>;
+}
+
+/// Work that was done when it was dispatched.
+#[derive(Debug)]
+pub struct Ready(pub Vec<f32>);
+
+impl PendingExperts for Ready {
+    fn wait(self: Box<Self>, out: &mut [f32]) -> Result<()> {
+        if out.len() != self.0.len() {
+            return Err(ModelError::InvalidInput(format!(
+                "output buffer has {} values, the result {}",
+                out.len(),
+                self.0.len()
+            )));
+        }
+        out.copy_from_slice(&self.0);
+        Ok(())
+    }
 }
 
 /// A SwiGLU MLP, `down · (silu(gate · x) ⊙ (up · x))`: a routed expert, the shared expert, or a dense MLP.
@@ -142,27 +175,48 @@ impl MoeBlock {
         routing
     }
 
-    /// `routed + sigmoid(x·w_sg) · shared(x)`.
-    pub(crate) fn forward(&self, layer: usize, x: &[f32], ntok: usize, experts: &dyn Experts) -> Result<Vec<f32>> {
+    /// Starts `routed + sigmoid(x·w_sg) · shared(x)`: dispatches the routed experts, then computes the shared expert
+    /// and its gate while they work. [`MoeStep::finish`] adds the two.
+    pub(crate) fn start<'e>(
+        &self,
+        layer: usize,
+        x: &[f32],
+        ntok: usize,
+        experts: &'e dyn Experts,
+    ) -> Result<MoeStep<'e>> {
         let routing = self.route(x, ntok);
-        let mut out = vec![0f32; x.len()];
-        experts.forward(layer, x, &routing, &mut out)?;
+        let routed = experts.dispatch(layer, x, &routing)?;
         let shared = self.shared.forward(x, ntok, true);
         let mut gate = vec![0f32; ntok];
         matmul(x, ntok, &self.shared_gate, &mut gate);
-        let h = self.router.cols;
-        for t in 0..ntok {
-            let g = sigmoid(gate[t]);
-            for (o, s) in out[t * h..(t + 1) * h].iter_mut().zip(&shared[t * h..(t + 1) * h]) {
-                *o += g * s;
-            }
-        }
-        Ok(out)
+        Ok(MoeStep { routed, shared, gate })
     }
 
     /// Loads the dense MLP of a non-MoE Qwen3-Next layer.
     pub(crate) fn load_dense(ckpt: &Checkpoint, cfg: &ModelConfig, layer: usize) -> Result<SwiGlu> {
         SwiGlu::load(ckpt, &format!("layers.{layer}.mlp."), cfg.hidden_size, cfg.intermediate_size)
+    }
+}
+
+/// A MoE layer in flight for one micro-batch: the routed experts at work, the shared expert done.
+pub(crate) struct MoeStep<'e> {
+    routed: Box<dyn PendingExperts + 'e>,
+    shared: Vec<f32>,
+    gate: Vec<f32>,
+}
+
+impl MoeStep<'_> {
+    /// Waits for the routed experts and writes the layer's MLP output into `out` (`ntok × H`).
+    pub(crate) fn finish(self, out: &mut [f32]) -> Result<()> {
+        self.routed.wait(out)?;
+        let h = self.shared.len() / self.gate.len().max(1);
+        for (t, &g) in self.gate.iter().enumerate() {
+            let g = sigmoid(g);
+            for (o, s) in out[t * h..(t + 1) * h].iter_mut().zip(&self.shared[t * h..(t + 1) * h]) {
+                *o += g * s;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -178,26 +232,66 @@ pub struct ExpertStats {
 }
 
 /// One expert's share of a batch: its id, its weights, and its (token, router weight) pairs.
-type ExpertWork<'a> = (usize, &'a SwiGlu, &'a [(usize, f32)]);
+type ExpertWork<'a> = (usize, Arc<SwiGlu>, &'a [(usize, f32)]);
 
-/// Routed experts held in this process, for the layers and experts selected at load time.
+/// `table[layer][expert]`: `None` for dense layers and experts not held here.
+type ExpertTable = Vec<Vec<Option<Arc<SwiGlu>>>>;
+
+/// What a call to [`LocalExperts::load_more`] or [`LocalExperts::unload`] changed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ShardChange {
+    /// (layer, expert) pairs added or removed.
+    pub experts: usize,
+    /// Bytes of weights of those experts.
+    pub bytes: usize,
+}
+
+/// Routed experts held in this process: the experts selected at load time, changeable while serving with
+/// [`LocalExperts::load_more`] and [`LocalExperts::unload`].
 pub struct LocalExperts {
-    /// `layers[l][e]` is `None` for dense layers and unselected experts.
-    layers: Vec<Vec<Option<SwiGlu>>>,
+    table: RwLock<ExpertTable>,
     hidden: usize,
+    num_experts: usize,
     pub stats: ExpertStats,
 }
 
 impl LocalExperts {
+    /// Holds no expert yet (a router, or an expert node that is told what to load later).
+    pub fn empty(cfg: &ModelConfig) -> Self {
+        let table = (0..cfg.num_hidden_layers)
+            .map(|l| if cfg.is_moe_layer(l) { vec![None; cfg.num_experts] } else { Vec::new() })
+            .collect();
+        LocalExperts {
+            table: RwLock::new(table),
+            hidden: cfg.hidden_size,
+            num_experts: cfg.num_experts,
+            stats: ExpertStats::default(),
+        }
+    }
+
     /// Loads the experts `(layer, expert)` for which `select` returns true, from either checkpoint layout: fused
     /// (`experts.gate_up_proj` `[E, 2I, H]` with gate rows first, `experts.down_proj` `[E, H, I]`) or per expert
     /// (`experts.{e}.{gate,up,down}_proj.weight`). Fused tensors are mapped once and viewed per expert.
     pub fn load(ckpt: &Checkpoint, cfg: &ModelConfig, select: impl Fn(usize, usize) -> bool + Sync) -> Result<Self> {
+        let experts = Self::empty(cfg);
+        experts.load_more(ckpt, cfg, select)?;
+        Ok(experts)
+    }
+
+    /// Adds the selected experts that are not held yet, while serving: they are read without holding the table, then
+    /// published at once. Selections outside the model's MoE layers and experts are ignored.
+    pub fn load_more(
+        &self,
+        ckpt: &Checkpoint,
+        cfg: &ModelConfig,
+        select: impl Fn(usize, usize) -> bool + Sync,
+    ) -> Result<ShardChange> {
         let (h, i, ne) = (cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts);
-        let layers = (0..cfg.num_hidden_layers)
+        let wanted = |l: usize, e: usize| select(l, e) && !self.is_loaded(l, e);
+        let loaded = (0..cfg.num_hidden_layers)
             .into_par_iter()
-            .map(|l| -> Result<Vec<Option<SwiGlu>>> {
-                if !cfg.is_moe_layer(l) {
+            .map(|l| -> Result<Vec<(usize, usize, SwiGlu)>> {
+                if !cfg.is_moe_layer(l) || !(0..ne).any(|e| wanted(l, e)) {
                     return Ok(Vec::new());
                 }
                 let p = format!("layers.{l}.mlp.experts.");
@@ -212,48 +306,119 @@ impl LocalExperts {
                 // Experts are copied (when resident) in parallel: loading is bound by page faults and copies.
                 (0..ne)
                     .into_par_iter()
-                    .map(|e| -> Result<Option<SwiGlu>> {
-                        if !select(l, e) {
-                            return Ok(None);
-                        }
-                        Ok(Some(match &fused {
+                    .filter(|&e| wanted(l, e))
+                    .map(|e| -> Result<(usize, usize, SwiGlu)> {
+                        let mlp = match &fused {
                             Some((gate_up, down)) => SwiGlu {
                                 gate: ckpt.settle(&gate_up.rows(e * 2 * i, e * 2 * i + i))?,
                                 up: ckpt.settle(&gate_up.rows(e * 2 * i + i, (e + 1) * 2 * i))?,
                                 down: ckpt.settle(&down.rows(e * h, (e + 1) * h))?,
                             },
                             None => SwiGlu::load(ckpt, &format!("{p}{e}."), h, i)?,
-                        }))
+                        };
+                        Ok((l, e, mlp))
                     })
                     .collect()
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(LocalExperts { layers, hidden: h, stats: ExpertStats::default() })
+        // Later loads start a fresh arena region, so that unloading them can give their memory back.
+        ckpt.seal_arena();
+        let mut table = self.write_table();
+        let mut change = ShardChange::default();
+        for (l, e, mlp) in loaded.into_iter().flatten() {
+            let slot = &mut table[l][e];
+            if slot.is_none() {
+                change.experts += 1;
+                change.bytes += mlp.bytes();
+                *slot = Some(Arc::new(mlp));
+            }
+        }
+        Ok(change)
+    }
+
+    /// Drops the selected experts. Work already dispatched to them finishes; their memory goes back once it has.
+    pub fn unload(&self, select: impl Fn(usize, usize) -> bool) -> ShardChange {
+        let mut table = self.write_table();
+        let mut change = ShardChange::default();
+        for (l, row) in table.iter_mut().enumerate() {
+            for (e, slot) in row.iter_mut().enumerate() {
+                if slot.is_some() && select(l, e) {
+                    if let Some(mlp) = slot.take() {
+                        change.experts += 1;
+                        change.bytes += mlp.bytes();
+                    }
+                }
+            }
+        }
+        change
+    }
+
+    /// Returns whether expert `expert` of layer `layer` is held here.
+    pub fn is_loaded(&self, layer: usize, expert: usize) -> bool {
+        self.read_table().get(layer).and_then(|row| row.get(expert)).is_some_and(Option::is_some)
+    }
+
+    /// The experts held here, per layer (layers without any are left out), ascending.
+    pub fn hosted(&self) -> Vec<(usize, Vec<u32>)> {
+        self.read_table()
+            .iter()
+            .enumerate()
+            .map(|(l, row)| (l, row.iter().enumerate().filter(|(_, m)| m.is_some()).map(|(e, _)| e as u32).collect()))
+            .filter(|(_, experts): &(usize, Vec<u32>)| !experts.is_empty())
+            .collect()
+    }
+
+    /// Bytes of the weights of every expert held here.
+    pub fn resident_bytes(&self) -> usize {
+        self.read_table().iter().flatten().flatten().map(|m| m.bytes()).sum()
+    }
+
+    /// Routed experts per MoE layer, as in config.json.
+    pub fn num_experts(&self) -> usize {
+        self.num_experts
     }
 
     /// Bytes of one expert of `layer` (0 if none is loaded there).
     pub fn expert_bytes(&self, layer: usize) -> usize {
-        self.layers.get(layer).and_then(|l| l.iter().flatten().next()).map_or(0, SwiGlu::bytes)
+        self.read_table().get(layer).and_then(|l| l.iter().flatten().next().map(|m| m.bytes())).unwrap_or(0)
+    }
+
+    fn read_table(&self) -> std::sync::RwLockReadGuard<'_, ExpertTable> {
+        // The table is only ever replaced slot by slot, so a panic elsewhere cannot leave it half-written.
+        self.table.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn write_table(&self) -> std::sync::RwLockWriteGuard<'_, ExpertTable> {
+        self.table.write().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
 impl std::fmt::Debug for LocalExperts {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let loaded: usize = self.layers.iter().map(|l| l.iter().flatten().count()).sum();
-        f.debug_struct("LocalExperts")
-            .field("layers", &self.layers.len())
-            .field("loaded", &loaded)
-            .finish_non_exhaustive()
+        let table = self.read_table();
+        let loaded: usize = table.iter().map(|l| l.iter().flatten().count()).sum();
+        f.debug_struct("LocalExperts").field("layers", &table.len()).field("loaded", &loaded).finish_non_exhaustive()
     }
 }
 
 impl Experts for LocalExperts {
+    fn dispatch(&self, layer: usize, hidden: &[f32], routing: &Routing) -> Result<Box<dyn PendingExperts + '_>> {
+        let mut out = vec![0f32; hidden.len()];
+        self.compute(layer, hidden, routing, &mut out)?;
+        Ok(Box::new(Ready(out)))
+    }
+
     fn forward(&self, layer: usize, hidden: &[f32], routing: &Routing, out: &mut [f32]) -> Result<()> {
+        self.compute(layer, hidden, routing, out)
+    }
+}
+
+impl LocalExperts {
+    /// Computes the weighted sums into `out`; the whole of [`Experts::forward`].
+    fn compute(&self, layer: usize, hidden: &[f32], routing: &Routing, out: &mut [f32]) -> Result<()> {
         let started = Instant::now();
         let h = self.hidden;
         let ntok = routing.num_tokens();
-        let table =
-            self.layers.get(layer).ok_or_else(|| ModelError::Experts { layer, message: "no such layer".into() })?;
         if hidden.len() != ntok * h || out.len() != ntok * h {
             return Err(ModelError::Experts {
                 layer,
@@ -261,27 +426,34 @@ impl Experts for LocalExperts {
             });
         }
         // Group the tokens by expert, keeping token order inside each group.
-        let mut groups: Vec<Vec<(usize, f32)>> = vec![Vec::new(); table.len()];
+        let mut groups: Vec<Vec<(usize, f32)>> = vec![Vec::new(); self.num_experts];
         for t in 0..ntok {
             for (e, w) in routing.token(t) {
                 let group = groups.get_mut(e as usize).ok_or_else(|| ModelError::Experts {
                     layer,
-                    message: format!("expert {e} out of range (layer has {})", table.len()),
+                    message: format!("expert {e} out of range (the model has {})", self.num_experts),
                 })?;
                 group.push((t, w));
             }
         }
-        let work: Vec<ExpertWork<'_>> = groups
-            .iter()
-            .enumerate()
-            .filter(|(_, g)| !g.is_empty())
-            .map(|(e, g)| {
-                table[e]
-                    .as_ref()
-                    .map(|w| (e, w, g.as_slice()))
-                    .ok_or_else(|| ModelError::Experts { layer, message: format!("expert {e} is not loaded here") })
-            })
-            .collect::<Result<_>>()?;
+        let work: Vec<ExpertWork<'_>> = {
+            let table = self.read_table();
+            let row = table
+                .get(layer)
+                .filter(|row| !row.is_empty())
+                .ok_or_else(|| ModelError::Experts { layer, message: "not a MoE layer".into() })?;
+            groups
+                .iter()
+                .enumerate()
+                .filter(|(_, g)| !g.is_empty())
+                .map(|(e, g)| {
+                    row[e]
+                        .clone()
+                        .map(|w| (e, w, g.as_slice()))
+                        .ok_or_else(|| ModelError::Experts { layer, message: format!("expert {e} is not loaded here") })
+                })
+                .collect::<Result<_>>()?
+        };
         let results: Vec<Vec<f32>> = work
             .par_iter()
             .map(|(_, mlp, tokens)| {
