@@ -1,3 +1,38 @@
-//! The expert node: the ExpertService gRPC server, the expert shard store and device selection.
+//! The expert node: hosts a shard of the routed experts and computes them for batches of token activations that
+//! routers stream to it over gRPC (`ExpertService` in moe-proto).
 //!
-//! Not built yet: the model engine (moe-model) comes first; this crate is filled in by its own issue.
+//! [`ExpertNode`] holds the model's expert shard (changeable while serving), checks every request and computes on a
+//! single compute thread whose matmuls spread over all cores; [`serve`] runs the gRPC server with the standard health
+//! service next to it.
+
+pub mod node;
+pub mod service;
+pub mod spec;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+pub use node::{ExpertNode, Refusal};
+pub use service::{bind, serve, ServeOptions, DEFAULT_MAX_MESSAGE_BYTES};
+pub use spec::{ExpertSpec, SpecError};
+
+/// Errors of an expert node.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Model(#[from] moe_model::ModelError),
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {0}: {1}")]
+    Bind(SocketAddr, #[source] std::io::Error),
+    #[error("cannot start the compute thread: {0}")]
+    Thread(#[source] std::io::Error),
+    #[error("gRPC server: {0}")]
+    Transport(String),
+}

@@ -64,7 +64,7 @@ pub fn run(args: Args) -> Result<()> {
     let peak = probe::fma_peak();
 
     let t0 = Instant::now();
-    let lm = crate::load_model(&args.model, args.mapped)?;
+    let lm = crate::load_model(&args.model, args.mapped, true)?;
     let load_s = t0.elapsed().as_secs_f64();
     let model = &lm.model;
     let experts = &lm.experts;

@@ -52,10 +52,17 @@ pub struct Args {
     /// Print one JSON object: {"prompt_ids","output_ids","text","logprobs","finish_reason"}.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    remote: crate::remote::RemoteArgs,
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let lm = crate::load_model(&args.model, args.mapped)?;
+    let lm = crate::load_model(&args.model, args.mapped, !args.remote.is_remote())?;
+    let experts = if args.remote.is_remote() {
+        crate::remote::ExpertsIn::Remote(Box::new(args.remote.connect(&lm)?))
+    } else {
+        crate::remote::ExpertsIn::Local(&lm)
+    };
     let cfg = lm.model.config();
 
     let prompt = match (&args.prompt, &args.prompt_ids) {
@@ -115,7 +122,7 @@ pub fn run(args: Args) -> Result<()> {
     let mut produced: Vec<u32> = Vec::new();
     let mut printed = 0usize;
     let mut stdout = std::io::stdout().lock();
-    let out = generate(&lm.model, &lm.experts, &req, |tok| {
+    let out = generate(&lm.model, experts.as_dyn(), &req, |tok| {
         first_token.get_or_insert_with(|| gen_started.elapsed());
         if args.json {
             return;

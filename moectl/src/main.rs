@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 mod bench_model;
 mod generate;
 mod init_model;
+mod remote;
 
 /// moe-mesh: expert-parallel serving of Qwen3.5-MoE / Qwen3-Next models.
 #[derive(Debug, Parser)]
@@ -18,7 +19,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Generate text from a prompt with a model directory (everything in this process).
+    /// Generate text from a prompt with a model directory (in this process, or with the experts on expert nodes).
     Generate(generate::Args),
     /// Write a random-weight model in the official Qwen3.5 checkpoint layout.
     InitModel(init_model::Args),
@@ -26,8 +27,9 @@ enum Command {
     BenchModel(bench_model::Args),
 }
 
-/// Loads a model directory with a progress bar on stderr (shown only when loading takes more than a moment).
-fn load_model(dir: &std::path::Path, mapped: bool) -> anyhow::Result<moe_model::LoadedModel> {
+/// Loads a model directory with a progress bar on stderr (shown only when loading takes more than a moment); the
+/// routed experts only when `with_experts` (not when they live on expert nodes).
+fn load_model(dir: &std::path::Path, mapped: bool, with_experts: bool) -> anyhow::Result<moe_model::LoadedModel> {
     use anyhow::Context;
     let bar = indicatif::ProgressBar::hidden();
     bar.set_style(
@@ -38,14 +40,19 @@ fn load_model(dir: &std::path::Path, mapped: bool) -> anyhow::Result<moe_model::
     let started = std::time::Instant::now();
     let shown = std::sync::atomic::AtomicBool::new(false);
     let residency = if mapped { moe_model::Residency::Mapped } else { moe_model::Residency::Resident };
-    let lm = moe_model::LoadedModel::load_with(dir, residency, &|done, total| {
-        if !shown.load(std::sync::atomic::Ordering::Relaxed) && started.elapsed().as_millis() > 500 {
-            shown.store(true, std::sync::atomic::Ordering::Relaxed);
-            bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
-        }
-        bar.set_length(total);
-        bar.set_position(done);
-    })
+    let lm = moe_model::LoadedModel::load_selected(
+        dir,
+        residency,
+        &|done, total| {
+            if !shown.load(std::sync::atomic::Ordering::Relaxed) && started.elapsed().as_millis() > 500 {
+                shown.store(true, std::sync::atomic::Ordering::Relaxed);
+                bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+            }
+            bar.set_length(total);
+            bar.set_position(done);
+        },
+        &|_, _| with_experts,
+    )
     .with_context(|| format!("loading the model in {}", dir.display()))?;
     bar.finish_and_clear();
     tracing::info!(elapsed = ?started.elapsed(), model = %dir.display(), "model loaded");
@@ -60,6 +67,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),

@@ -1,3 +1,19 @@
-//! The router node: HTTP API, scheduler, per-layer attention and gating, dispatch to and combine from expert nodes.
-//!
-//! Not built yet: the model engine (moe-model) comes first; this crate is filled in by its own issue.
+//! The router node: everything per sequence (embeddings, attention, gating, the shared expert, sampling) with the
+//! routed experts on expert nodes reached over gRPC ([`RemoteExperts`]).
+
+pub mod remote;
+
+pub use remote::{RemoteExperts, RemoteOptions, RemoteStats};
+
+/// Errors of the router node.
+#[derive(Debug, thiserror::Error)]
+pub enum RouterError {
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+    #[error("expert node {addr} is unreachable: {message}")]
+    Unreachable { addr: String, message: String },
+    #[error("expert node {addr} does not fit this router: {message}")]
+    Mismatch { addr: String, message: String },
+    #[error("placement: {0}")]
+    Placement(String),
+}

@@ -38,6 +38,8 @@ pub struct LoadedModel {
     pub tokenizer: Tokenizer,
     pub chat_template: Option<ChatTemplate>,
     pub generation: GenerationConfig,
+    /// [`Checkpoint::fingerprint`] of this model: processes that split a model must agree on it.
+    pub fingerprint: u64,
 }
 
 impl LoadedModel {
@@ -49,9 +51,30 @@ impl LoadedModel {
     /// Same as [`LoadedModel::load`] with the weights kept as `residency` says, calling
     /// `progress(bytes_loaded, bytes_total)` about ten times a second while they load (large checkpoints take minutes).
     pub fn load_with(dir: &Path, residency: Residency, progress: &(dyn Fn(u64, u64) + Sync)) -> Result<Self> {
-        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        Self::load_selected(dir, residency, progress, &|_, _| true)
+    }
+
+    /// Same as [`LoadedModel::load_with`] with only the routed experts `(layer, expert)` for which `select` is true
+    /// (none, for a router whose experts live on expert nodes).
+    pub fn load_selected(
+        dir: &Path,
+        residency: Residency,
+        progress: &(dyn Fn(u64, u64) + Sync),
+        select: &(dyn Fn(usize, usize) -> bool + Sync),
+    ) -> Result<Self> {
+        let config_path = dir.join("config.json");
+        let config_bytes =
+            std::fs::read(&config_path).map_err(|e| ModelError::Io { path: config_path.clone(), source: e })?;
+        let config = ModelConfig::from_json_str(&String::from_utf8_lossy(&config_bytes), &config_path)?;
         let ckpt = Checkpoint::open_with(dir, residency)?;
-        let total = ckpt.text_model_bytes();
+        let fingerprint = ckpt.fingerprint(&config_bytes);
+        let (ne, i, h) = (config.num_experts, config.moe_intermediate_size, config.hidden_size);
+        let skipped = (0..config.num_hidden_layers)
+            .filter(|&l| config.is_moe_layer(l))
+            .flat_map(|l| (0..ne).map(move |e| (l, e)))
+            .filter(|&(l, e)| !select(l, e))
+            .count() as u64;
+        let total = ckpt.text_model_bytes().saturating_sub(skipped * 3 * (i * h) as u64 * 2);
         let done = std::sync::atomic::AtomicBool::new(false);
         let (model, experts) = std::thread::scope(|scope| {
             scope.spawn(|| {
@@ -60,7 +83,7 @@ impl LoadedModel {
                     std::thread::sleep(std::time::Duration::from_millis(100));
                 }
             });
-            let loaded = LocalExperts::load(&ckpt, &config, |_, _| true)
+            let loaded = LocalExperts::load(&ckpt, &config, select)
                 .and_then(|experts| Model::load(&ckpt, config).map(|model| (model, experts)));
             done.store(true, std::sync::atomic::Ordering::Release);
             loaded
@@ -76,6 +99,7 @@ impl LoadedModel {
             generation: GenerationConfig::load(dir)?,
             model,
             experts,
+            fingerprint,
         })
     }
 

@@ -365,6 +365,24 @@ impl Checkpoint {
             .sum()
     }
 
+    /// A 64-bit FNV-1a hash of `config_bytes` (config.json as stored) and the checkpoint's tensor table (names,
+    /// dtypes, shapes, sorted). Two processes that agree on it serve the same model layout; it does not read the weights.
+    pub fn fingerprint(&self, config_bytes: &[u8]) -> u64 {
+        let mut hash = Fnv1a::default();
+        hash.write(config_bytes);
+        let mut names: Vec<_> = self.tensors.keys().collect();
+        names.sort();
+        for name in names {
+            let entry = &self.tensors[name];
+            hash.write(name.as_bytes());
+            hash.write(format!("{:?}", entry.dtype).as_bytes());
+            for &d in &entry.shape {
+                hash.write(&(d as u64).to_le_bytes());
+            }
+        }
+        hash.0
+    }
+
     /// Ends the current arena region: later copies go to a new one. Called after a batch of loads, so that matrices
     /// loaded together (and later unloaded together) share regions with nothing else and free them when dropped.
     pub fn seal_arena(&self) {
@@ -450,5 +468,24 @@ impl Checkpoint {
     /// Total bytes of the data sections of all files.
     pub fn total_bytes(&self) -> usize {
         self.files.iter().map(|f| f.map.len() - f.data_start).sum()
+    }
+}
+
+/// The 64-bit FNV-1a hash: small, stable across builds and platforms (unlike `std`'s `DefaultHasher`).
+struct Fnv1a(u64);
+
+impl Default for Fnv1a {
+    fn default() -> Self {
+        Fnv1a(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv1a {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        // A separator, so that ("ab", "c") and ("a", "bc") differ.
+        self.0 = (self.0 ^ 0xff).wrapping_mul(0x0100_0000_01b3);
     }
 }

@@ -1,0 +1,390 @@
+//! The expert shard a node hosts, the checks every request passes, and the compute queue.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use moe_model::{Checkpoint, Experts, Family, LocalExperts, ModelConfig, Residency, Routing};
+use moe_proto::codec;
+use moe_proto::v1::{
+    forward_response, Dtype, ErrorCode, ExpertSet, ForwardError, ForwardRequest, ForwardResponse, ModelInfo,
+    PartialSums, Timings,
+};
+
+use crate::spec::ExpertSpec;
+use crate::NodeError;
+
+/// An expert node's model, shard and counters. Shared by every stream and call.
+pub struct ExpertNode {
+    pub node_id: String,
+    config: ModelConfig,
+    ckpt: Checkpoint,
+    experts: LocalExperts,
+    info: ModelInfo,
+    epoch: AtomicU64,
+    pub(crate) max_message_bytes: usize,
+    pub(crate) counters: Counters,
+    /// One load or unload at a time; forwards go on meanwhile.
+    pub(crate) shard_lock: tokio::sync::Mutex<()>,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub requests: AtomicU64,
+    pub tokens: AtomicU64,
+    pub errors: AtomicU64,
+}
+
+impl std::fmt::Debug for ExpertNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExpertNode").field("node_id", &self.node_id).field("experts", &self.experts).finish()
+    }
+}
+
+/// A request refused before or instead of computing; becomes a [`ForwardError`] on the stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub code: ErrorCode,
+    pub field: String,
+    pub message: String,
+}
+
+impl Refusal {
+    fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Refusal { code: ErrorCode::InvalidArgument, field: field.into(), message: message.into() }
+    }
+
+    fn precondition(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Refusal { code: ErrorCode::FailedPrecondition, field: field.into(), message: message.into() }
+    }
+
+    pub fn into_response(self, id: u64) -> ForwardResponse {
+        ForwardResponse {
+            id,
+            result: Some(forward_response::Result::Error(ForwardError {
+                code: self.code as i32,
+                field: self.field,
+                message: self.message,
+            })),
+        }
+    }
+}
+
+impl ExpertNode {
+    /// Opens the model in `dir` and loads the experts of `spec`, calling `progress(bytes_loaded)` as they load.
+    pub fn load(
+        dir: &Path,
+        spec: &ExpertSpec,
+        residency: Residency,
+        node_id: String,
+        max_message_bytes: usize,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Result<Self, NodeError> {
+        let config_path = dir.join("config.json");
+        let config_bytes =
+            std::fs::read(&config_path).map_err(|source| NodeError::Io { path: config_path.clone(), source })?;
+        let config = ModelConfig::from_file(&config_path)?;
+        spec.validate(config.num_hidden_layers, config.num_experts)?;
+        let ckpt = Checkpoint::open_with(dir, residency)?;
+        let experts = LocalExperts::empty(&config);
+        let done = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                while !done.load(Ordering::Acquire) {
+                    progress(ckpt.bytes_loaded());
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            });
+            let loaded = experts.load_more(&ckpt, &config, |l, e| spec.contains(l, e));
+            done.store(true, Ordering::Release);
+            loaded
+        })?;
+        progress(ckpt.bytes_loaded());
+        let info = ModelInfo {
+            fingerprint: ckpt.fingerprint(&config_bytes),
+            hidden_size: config.hidden_size as u32,
+            num_layers: config.num_hidden_layers as u32,
+            num_experts: config.num_experts as u32,
+            moe_intermediate_size: config.moe_intermediate_size as u32,
+            model_type: match config.family {
+                Family::Qwen3Next => "qwen3_next".into(),
+                Family::Qwen35Moe => "qwen3_5_moe".into(),
+            },
+        };
+        Ok(ExpertNode {
+            node_id,
+            config,
+            ckpt,
+            experts,
+            info,
+            epoch: AtomicU64::new(0),
+            max_message_bytes,
+            counters: Counters::default(),
+            shard_lock: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    pub fn hosted(&self) -> ExpertSet {
+        ExpertSet::from_rows(self.experts.hosted())
+    }
+
+    pub fn resident_bytes(&self) -> u64 {
+        self.experts.resident_bytes() as u64
+    }
+
+    /// Checks an expert set from LoadExperts / UnloadExperts against the model.
+    pub fn check_set(&self, set: &ExpertSet, field: &str) -> Result<(), Refusal> {
+        for (i, row) in set.layers.iter().enumerate() {
+            let layer = row.layer as usize;
+            if layer >= self.config.num_hidden_layers || !self.config.is_moe_layer(layer) {
+                return Err(Refusal::invalid(
+                    format!("{field}.layers[{i}].layer"),
+                    format!("layer {layer} is not a MoE layer of this model"),
+                ));
+            }
+            if let Some((j, e)) = row.experts.iter().enumerate().find(|(_, &e)| e as usize >= self.config.num_experts) {
+                return Err(Refusal::invalid(
+                    format!("{field}.layers[{i}].experts[{j}]"),
+                    format!("expert {e} does not exist (the model has {})", self.config.num_experts),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Loads the experts of `set` that are not held yet (blocking: reads the checkpoint).
+    pub fn load_set(&self, set: &ExpertSet) -> Result<moe_model::ShardChange, NodeError> {
+        let wanted = set_contains(set);
+        Ok(self.experts.load_more(&self.ckpt, &self.config, wanted)?)
+    }
+
+    pub fn unload_set(&self, set: &ExpertSet) -> moe_model::ShardChange {
+        let wanted = set_contains(set);
+        self.experts.unload(wanted)
+    }
+
+    /// Checks everything about a request that can be checked without computing. Returns its dtype.
+    pub fn check(&self, req: &ForwardRequest) -> Result<Dtype, Refusal> {
+        let h = self.config.hidden_size;
+        let dtype = match Dtype::try_from(req.dtype) {
+            Ok(Dtype::Unspecified) | Err(_) => {
+                return Err(Refusal::invalid("dtype", format!("dtype {} is not BF16 or F32", req.dtype)));
+            }
+            Ok(d) => d,
+        };
+        let layer = req.layer as usize;
+        if layer >= self.config.num_hidden_layers {
+            return Err(Refusal::invalid(
+                "layer",
+                format!("layer {layer} does not exist (the model has {})", self.config.num_hidden_layers),
+            ));
+        }
+        if !self.config.is_moe_layer(layer) {
+            return Err(Refusal::invalid("layer", format!("layer {layer} has a dense MLP, no routed experts")));
+        }
+        if req.hidden_size as usize != h {
+            return Err(Refusal::invalid(
+                "hidden_size",
+                format!("hidden size {} does not match the model's {h}", req.hidden_size),
+            ));
+        }
+        let epoch = self.epoch();
+        if req.epoch != epoch {
+            return Err(Refusal::precondition(
+                "epoch",
+                format!("placement epoch {} is not served here (this node serves epoch {epoch})", req.epoch),
+            ));
+        }
+        let n = req.num_tokens as usize;
+        if n == 0 {
+            return Err(Refusal::invalid("num_tokens", "a request must carry at least one token"));
+        }
+        let size = dtype.size().unwrap_or(0);
+        let expected = n.checked_mul(h).and_then(|v| v.checked_mul(size));
+        if expected != Some(req.activations.len()) {
+            return Err(Refusal::invalid(
+                "activations",
+                format!(
+                    "{} bytes for {n} tokens × hidden {h} × {size} bytes ({} expected)",
+                    req.activations.len(),
+                    expected.map_or("overflow".into(), |v| v.to_string())
+                ),
+            ));
+        }
+        let Some(routing) = &req.routing else {
+            return Err(Refusal::invalid("routing", "missing"));
+        };
+        if routing.offsets.len() != n + 1 {
+            return Err(Refusal::invalid(
+                "routing.offsets",
+                format!("{} offsets for {n} tokens ({} expected)", routing.offsets.len(), n + 1),
+            ));
+        }
+        if routing.weights.len() != routing.experts.len() {
+            return Err(Refusal::invalid(
+                "routing.weights",
+                format!("{} weights for {} experts", routing.weights.len(), routing.experts.len()),
+            ));
+        }
+        if routing.offsets[0] != 0 {
+            return Err(Refusal::invalid("routing.offsets[0]", "must be 0"));
+        }
+        for t in 0..n {
+            let (a, b) = (routing.offsets[t], routing.offsets[t + 1]);
+            if b < a || b as usize > routing.experts.len() {
+                return Err(Refusal::invalid(
+                    format!("routing.offsets[{}]", t + 1),
+                    format!("offset {b} after {a} with {} experts", routing.experts.len()),
+                ));
+            }
+            let experts = &routing.experts[a as usize..b as usize];
+            for (j, &e) in experts.iter().enumerate() {
+                let k = a as usize + j;
+                if e as usize >= self.config.num_experts {
+                    return Err(Refusal::invalid(
+                        format!("routing.experts[{k}]"),
+                        format!("expert {e} does not exist (the model has {})", self.config.num_experts),
+                    ));
+                }
+                if experts[..j].contains(&e) {
+                    return Err(Refusal::invalid(
+                        format!("routing.experts[{k}]"),
+                        format!("expert {e} appears twice for token {t}"),
+                    ));
+                }
+                if !self.experts.is_loaded(layer, e as usize) {
+                    return Err(Refusal::precondition(
+                        format!("routing.experts[{k}]"),
+                        format!("expert {e} of layer {layer} is not loaded on node {}", self.node_id),
+                    ));
+                }
+                let w = routing.weights[k];
+                if !w.is_finite() {
+                    return Err(Refusal::invalid(format!("routing.weights[{k}]"), format!("weight {w} is not finite")));
+                }
+            }
+        }
+        if *routing.offsets.last().unwrap_or(&0) as usize != routing.experts.len() {
+            return Err(Refusal::invalid(
+                format!("routing.offsets[{n}]"),
+                format!("last offset must equal the number of experts ({})", routing.experts.len()),
+            ));
+        }
+        Ok(dtype)
+    }
+
+    /// Decodes, computes and encodes a checked request.
+    fn compute(&self, req: &ForwardRequest, dtype: Dtype, queued: Duration) -> Result<ForwardResponse, Refusal> {
+        let h = self.config.hidden_size;
+        let n = req.num_tokens as usize;
+        let t0 = Instant::now();
+        let mut hidden = vec![0f32; n * h];
+        codec::decode_into(&req.activations, dtype, &mut hidden)
+            .map_err(|e| Refusal::invalid("activations", e.to_string()))?;
+        let routing = req.routing.as_ref().ok_or_else(|| Refusal::invalid("routing", "missing"))?;
+        let routing = Routing {
+            offsets: routing.offsets.clone(),
+            experts: routing.experts.clone(),
+            weights: routing.weights.clone(),
+        };
+        let t1 = Instant::now();
+        let mut out = vec![0f32; n * h];
+        self.experts.forward(req.layer as usize, &hidden, &routing, &mut out).map_err(|e| Refusal {
+            // The shard changed between the check and the compute (an unload raced this request).
+            code: ErrorCode::FailedPrecondition,
+            field: "routing.experts".into(),
+            message: e.to_string(),
+        })?;
+        let t2 = Instant::now();
+        let sums = codec::encode(&out, dtype);
+        let t3 = Instant::now();
+        let us = |d: Duration| d.as_micros() as u64;
+        Ok(ForwardResponse {
+            id: req.id,
+            result: Some(forward_response::Result::Sums(PartialSums {
+                dtype: dtype as i32,
+                num_tokens: n as u32,
+                sums,
+                timings: Some(Timings {
+                    queue_us: us(queued),
+                    decode_us: us(t1 - t0),
+                    compute_us: us(t2 - t1),
+                    encode_us: us(t3 - t2),
+                }),
+            })),
+        })
+    }
+}
+
+fn set_contains(set: &ExpertSet) -> impl Fn(usize, usize) -> bool + Sync + '_ {
+    move |l, e| set.layers.iter().any(|row| row.layer as usize == l && row.experts.contains(&(e as u32)))
+}
+
+/// The compute thread has stopped.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct QueueClosed;
+
+/// A checked request waiting for the compute thread.
+pub(crate) struct Job {
+    pub req: ForwardRequest,
+    pub dtype: Dtype,
+    pub enqueued: Instant,
+    pub deadline: Option<Instant>,
+    pub reply: tokio::sync::mpsc::Sender<Result<ForwardResponse, tonic::Status>>,
+}
+
+/// The thread that computes requests one at a time, in arrival order, each spread over all cores by the matmul
+/// pool: requests of one layer from several routers queue rather than fight over the cores.
+#[derive(Clone)]
+pub(crate) struct ComputeQueue {
+    tx: mpsc::Sender<Job>,
+}
+
+impl ComputeQueue {
+    pub fn start(node: Arc<ExpertNode>) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::channel::<Job>();
+        std::thread::Builder::new().name("expert-compute".into()).spawn(move || {
+            for job in rx {
+                let id = job.req.id;
+                let response = if job.deadline.is_some_and(|d| Instant::now() > d) {
+                    Err(Refusal {
+                        code: ErrorCode::DeadlineExceeded,
+                        field: "deadline_us".into(),
+                        message: format!("the deadline passed after {:?} in the queue", job.enqueued.elapsed()),
+                    })
+                } else {
+                    node.compute(&job.req, job.dtype, job.enqueued.elapsed())
+                };
+                let response = match response {
+                    Ok(r) => {
+                        node.counters.requests.fetch_add(1, Ordering::Relaxed);
+                        node.counters.tokens.fetch_add(u64::from(job.req.num_tokens), Ordering::Relaxed);
+                        r
+                    }
+                    Err(refusal) => {
+                        node.counters.errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(id, field = %refusal.field, "{}", refusal.message);
+                        refusal.into_response(id)
+                    }
+                };
+                // A router that went away no longer reads its stream; nothing to do then.
+                let _ = job.reply.blocking_send(Ok(response));
+            }
+        })?;
+        Ok(ComputeQueue { tx })
+    }
+
+    /// Queues `job`; fails only when the compute thread is gone.
+    pub fn submit(&self, job: Job) -> Result<(), QueueClosed> {
+        self.tx.send(job).map_err(|_| QueueClosed)
+    }
+}

@@ -1,0 +1,205 @@
+//! The `ExpertService` gRPC server: the `Forward` stream, shard changes, status, and the standard health service.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::Stream;
+use moe_proto::v1::{
+    ExpertSet, ForwardRequest, ForwardResponse, LoadExpertsRequest, ShardChange, StatusRequest, StatusResponse,
+    UnloadExpertsRequest,
+};
+use moe_proto::{ExpertService, ExpertServiceServer};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::node::{ComputeQueue, ExpertNode, Job, Refusal};
+use crate::NodeError;
+
+/// Transport settings of the server. The defaults suit activations of a few MiB per message on a datacenter link.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Largest message accepted or sent. Routers chunk their requests under the limit the node reports in `Status`.
+    pub max_message_bytes: usize,
+    /// HTTP/2 PING interval on idle connections, and how long to wait for the answer before dropping the peer.
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+    /// HTTP/2 flow-control windows: large enough that a whole message is in flight without waiting for WINDOW_UPDATE.
+    pub stream_window_bytes: u32,
+    pub connection_window_bytes: u32,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            keepalive_interval: Duration::from_secs(2),
+            keepalive_timeout: Duration::from_secs(5),
+            stream_window_bytes: 16 << 20,
+            connection_window_bytes: 64 << 20,
+        }
+    }
+}
+
+/// 16 MiB: a 2048-wide bf16 activation block of 4096 tokens, with room for its routing.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 16 << 20;
+
+/// Requests a stream may have between the network and the compute queue before the node stops reading it
+/// (backpressure reaches the router through HTTP/2 flow control).
+const STREAM_DEPTH: usize = 64;
+
+#[derive(Clone)]
+struct Service {
+    node: Arc<ExpertNode>,
+    queue: ComputeQueue,
+}
+
+type ForwardStream = Pin<Box<dyn Stream<Item = Result<ForwardResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ExpertService for Service {
+    type ForwardStream = ForwardStream;
+
+    async fn forward(&self, request: Request<Streaming<ForwardRequest>>) -> Result<Response<ForwardStream>, Status> {
+        let peer = request.remote_addr();
+        let mut inbound = request.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(STREAM_DEPTH);
+        let (node, queue) = (Arc::clone(&self.node), self.queue.clone());
+        tokio::spawn(async move {
+            tracing::debug!(?peer, "forward stream opened");
+            loop {
+                let req = match inbound.message().await {
+                    Ok(Some(req)) => req,
+                    Ok(None) => break,
+                    Err(status) => {
+                        // The router went away (or sent garbage the codec could not frame): the stream ends, the
+                        // node goes on.
+                        tracing::info!(?peer, "forward stream ended: {}", status.message());
+                        break;
+                    }
+                };
+                let received = Instant::now();
+                let id = req.id;
+                match node.check(&req) {
+                    Ok(dtype) => {
+                        let deadline = (req.deadline_us > 0).then(|| received + Duration::from_micros(req.deadline_us));
+                        let job = Job { req, dtype, enqueued: received, deadline, reply: tx.clone() };
+                        if queue.submit(job).is_err() {
+                            let _ = tx.send(Err(Status::unavailable("the compute thread has stopped"))).await;
+                            break;
+                        }
+                    }
+                    Err(refusal) => {
+                        node.counters.errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(?peer, id, field = %refusal.field, "refused: {}", refusal.message);
+                        if tx.send(Ok(refusal.into_response(id))).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+            tracing::debug!(?peer, "forward stream closed");
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn load_experts(&self, request: Request<LoadExpertsRequest>) -> Result<Response<ShardChange>, Status> {
+        let set = request.into_inner().experts.unwrap_or_default();
+        self.node.check_set(&set, "experts").map_err(refusal_status)?;
+        let _guard = self.node.shard_lock.lock().await;
+        let node = Arc::clone(&self.node);
+        let started = Instant::now();
+        let change = tokio::task::spawn_blocking(move || node.load_set(&set))
+            .await
+            .map_err(|e| Status::internal(format!("loading experts: {e}")))?
+            .map_err(|e| Status::internal(e.to_string()))?;
+        tracing::info!(experts = change.experts, bytes = change.bytes, elapsed = ?started.elapsed(), "experts loaded");
+        Ok(Response::new(self.shard_change(change)))
+    }
+
+    async fn unload_experts(&self, request: Request<UnloadExpertsRequest>) -> Result<Response<ShardChange>, Status> {
+        let set = request.into_inner().experts.unwrap_or_default();
+        self.node.check_set(&set, "experts").map_err(refusal_status)?;
+        let _guard = self.node.shard_lock.lock().await;
+        let change = self.node.unload_set(&set);
+        tracing::info!(experts = change.experts, bytes = change.bytes, "experts unloaded");
+        Ok(Response::new(self.shard_change(change)))
+    }
+
+    async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        let node = &self.node;
+        Ok(Response::new(StatusResponse {
+            node_id: node.node_id.clone(),
+            model: Some(node.info().clone()),
+            device: moe_proto::v1::DeviceKind::Cpu as i32,
+            hosted: Some(node.hosted()),
+            resident_bytes: node.resident_bytes(),
+            epoch: node.epoch(),
+            max_message_bytes: node.max_message_bytes as u64,
+            requests: node.counters.requests.load(Ordering::Relaxed),
+            tokens: node.counters.tokens.load(Ordering::Relaxed),
+            errors: node.counters.errors.load(Ordering::Relaxed),
+        }))
+    }
+}
+
+impl Service {
+    fn shard_change(&self, change: moe_model::ShardChange) -> ShardChange {
+        ShardChange {
+            experts_changed: change.experts as u32,
+            bytes_changed: change.bytes as u64,
+            hosted: Some(self.node.hosted()),
+            resident_bytes: self.node.resident_bytes(),
+        }
+    }
+}
+
+fn refusal_status(r: Refusal) -> Status {
+    let message = format!("{}: {}", r.field, r.message);
+    match r.code {
+        moe_proto::v1::ErrorCode::FailedPrecondition => Status::failed_precondition(message),
+        _ => Status::invalid_argument(message),
+    }
+}
+
+/// Serves `node` on `listener` until `shutdown` resolves, then drains: open streams end once their requests are
+/// answered.
+pub async fn serve(
+    node: Arc<ExpertNode>,
+    listener: TcpListener,
+    options: ServeOptions,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), NodeError> {
+    let queue = ComputeQueue::start(Arc::clone(&node)).map_err(NodeError::Thread)?;
+    let service = ExpertServiceServer::new(Service { node, queue })
+        .max_decoding_message_size(options.max_message_bytes)
+        .max_encoding_message_size(options.max_message_bytes);
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter.set_serving::<ExpertServiceServer<Service>>().await;
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(options.keepalive_interval))
+        .http2_keepalive_timeout(Some(options.keepalive_timeout))
+        .initial_stream_window_size(options.stream_window_bytes)
+        .initial_connection_window_size(options.connection_window_bytes)
+        .add_service(health)
+        .add_service(service)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+        .map_err(|e| NodeError::Transport(e.to_string()))
+}
+
+/// Binds `addr` (port 0 picks a free port) and returns the listener with the address it got.
+pub async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), NodeError> {
+    let listener = TcpListener::bind(addr).await.map_err(|e| NodeError::Bind(addr, e))?;
+    let local = listener.local_addr().map_err(|e| NodeError::Bind(addr, e))?;
+    Ok((listener, local))
+}
+
+/// The set of everything, for tests and tools.
+pub fn expert_set(rows: impl IntoIterator<Item = (usize, Vec<u32>)>) -> ExpertSet {
+    ExpertSet::from_rows(rows)
+}

@@ -1,0 +1,68 @@
+//! The flags that put a command's routed experts on expert nodes, shared by `generate` and `bench-model`.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use moe_model::{Experts, LoadedModel};
+use moe_proto::v1::Dtype;
+use router_node::{RemoteExperts, RemoteOptions};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum WireDtype {
+    Bf16,
+    F32,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct RemoteArgs {
+    /// Compute the routed experts on these expert nodes (host:port, comma-separated) instead of in this process.
+    /// Each hosts what it was started with; together they must cover every expert.
+    #[arg(long, value_delimiter = ',', value_name = "ADDR[,ADDR...]")]
+    pub experts_at: Vec<String>,
+    /// Element type of activations and partial sums on the wire: bf16 halves the bytes, f32 matches the in-process
+    /// engine to rounding.
+    #[arg(long, value_enum, default_value_t = WireDtype::Bf16, requires = "experts_at")]
+    pub wire_dtype: WireDtype,
+    /// Seconds an expert node may take to answer one message before the step fails.
+    #[arg(long, default_value_t = 60.0, requires = "experts_at")]
+    pub expert_deadline_secs: f64,
+}
+
+impl RemoteArgs {
+    pub fn is_remote(&self) -> bool {
+        !self.experts_at.is_empty()
+    }
+
+    /// Connects to the expert nodes for `lm`'s model.
+    pub fn connect(&self, lm: &LoadedModel) -> Result<RemoteExperts> {
+        let secs = self.expert_deadline_secs;
+        if !(secs.is_finite() && secs > 0.0) {
+            anyhow::bail!("--expert-deadline-secs {secs}: must be a positive number of seconds");
+        }
+        let options = RemoteOptions {
+            wire_dtype: match self.wire_dtype {
+                WireDtype::Bf16 => Dtype::Bf16,
+                WireDtype::F32 => Dtype::F32,
+            },
+            deadline: Duration::from_secs_f64(secs),
+            ..RemoteOptions::default()
+        };
+        RemoteExperts::connect(&self.experts_at, lm.model.config(), lm.fingerprint, options)
+            .context("connecting to the expert nodes")
+    }
+}
+
+/// The experts a command computes with: the model's own, or expert nodes.
+pub enum ExpertsIn<'a> {
+    Local(&'a LoadedModel),
+    Remote(Box<RemoteExperts>),
+}
+
+impl ExpertsIn<'_> {
+    pub fn as_dyn(&self) -> &dyn Experts {
+        match self {
+            ExpertsIn::Local(lm) => &lm.experts,
+            ExpertsIn::Remote(r) => r.as_ref(),
+        }
+    }
+}

@@ -1,0 +1,102 @@
+//! Tensors on the wire: f32 activations to and from `bytes` in the message's [`Dtype`] (little-endian, row-major).
+
+use bytes::{BufMut, Bytes, BytesMut};
+use half::bf16;
+
+use crate::v1::Dtype;
+
+/// Encodes `values` as `dtype` (bf16 rounds to nearest even, as torch does).
+///
+/// # Panics
+/// On `Dtype::Unspecified`: the caller chooses the dtype, so this is a bug, not bad input.
+pub fn encode(values: &[f32], dtype: Dtype) -> Bytes {
+    let size = dtype.size().expect("a concrete dtype");
+    let mut buf = BytesMut::with_capacity(values.len() * size);
+    match dtype {
+        Dtype::Bf16 => values.iter().for_each(|&v| buf.put_u16_le(bf16::from_f32(v).to_bits())),
+        Dtype::F32 => values.iter().for_each(|&v| buf.put_f32_le(v)),
+        Dtype::Unspecified => unreachable!("checked above"),
+    }
+    buf.freeze()
+}
+
+/// Decodes `bytes` of `dtype` into `out`, which must hold exactly `bytes.len() / size` values.
+pub fn decode_into(bytes: &[u8], dtype: Dtype, out: &mut [f32]) -> Result<(), LengthMismatch> {
+    let size = dtype.size().ok_or(LengthMismatch { bytes: bytes.len(), values: out.len(), size: 0 })?;
+    if bytes.len() != out.len() * size {
+        return Err(LengthMismatch { bytes: bytes.len(), values: out.len(), size });
+    }
+    match dtype {
+        Dtype::Bf16 => {
+            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16);
+            }
+        }
+        Dtype::F32 => {
+            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+        }
+        Dtype::Unspecified => unreachable!("size() is None"),
+    }
+    Ok(())
+}
+
+/// Adds the decoded `bytes` of `dtype` to `out` element by element.
+pub fn add_into(bytes: &[u8], dtype: Dtype, out: &mut [f32]) -> Result<(), LengthMismatch> {
+    let size = dtype.size().ok_or(LengthMismatch { bytes: bytes.len(), values: out.len(), size: 0 })?;
+    if bytes.len() != out.len() * size {
+        return Err(LengthMismatch { bytes: bytes.len(), values: out.len(), size });
+    }
+    match dtype {
+        Dtype::Bf16 => {
+            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o += f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16);
+            }
+        }
+        Dtype::F32 => {
+            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                *o += f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+        }
+        Dtype::Unspecified => unreachable!("size() is None"),
+    }
+    Ok(())
+}
+
+/// A payload whose length does not match its element count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{bytes} bytes where {values} values of {size} bytes were expected")]
+pub struct LengthMismatch {
+    pub bytes: usize,
+    pub values: usize,
+    pub size: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips() {
+        let v = [0.0f32, -1.5, 3.25, 1e-3, f32::MAX, -0.0];
+        let mut back = [0f32; 6];
+        decode_into(&encode(&v, Dtype::F32), Dtype::F32, &mut back).expect("f32");
+        assert_eq!(v.map(f32::to_bits), back.map(f32::to_bits));
+        decode_into(&encode(&v, Dtype::Bf16), Dtype::Bf16, &mut back).expect("bf16");
+        for (a, b) in v.iter().zip(&back) {
+            assert_eq!(bf16::from_f32(*a).to_f32().to_bits(), b.to_bits());
+        }
+        let mut sum = [1f32; 6];
+        add_into(&encode(&v, Dtype::F32), Dtype::F32, &mut sum).expect("add");
+        assert_eq!(sum[2], 4.25);
+    }
+
+    #[test]
+    fn length_mismatch_is_an_error() {
+        let mut out = [0f32; 3];
+        assert!(decode_into(&[0u8; 5], Dtype::Bf16, &mut out).is_err());
+        assert!(decode_into(&[0u8; 12], Dtype::Unspecified, &mut out).is_err());
+        assert!(decode_into(&[0u8; 12], Dtype::F32, &mut out).is_ok());
+    }
+}
