@@ -263,16 +263,18 @@ async fn open_link(
         .initial_stream_window_size(options.stream_window_bytes)
         .initial_connection_window_size(options.connection_window_bytes);
     let channel = endpoint.connect().await.map_err(|e| unreachable(error_chain(&e)))?;
-    let mut client = ExpertServiceClient::new(channel)
-        .max_decoding_message_size(options.max_message_bytes)
-        .max_encoding_message_size(options.max_message_bytes);
+    let mut probe = ExpertServiceClient::new(channel.clone());
     let mut req = tonic::Request::new(StatusRequest {});
     req.set_timeout(options.connect_timeout);
-    let status = client.status(req).await.map_err(|s| unreachable(format!("Status: {}", s.message())))?.into_inner();
-    let max_bytes = options.max_message_bytes.min(status.max_message_bytes as usize).max(1 << 16);
-    // Activations plus the routing (a few bytes per pair), with room for the envelope.
-    let per_token = hidden * options.wire_dtype.size().unwrap_or(4) + 12 * top_k + 8;
-    let max_tokens_per_message = ((max_bytes - 4096) / per_token).max(1);
+    let status = probe.status(req).await.map_err(|s| unreachable(format!("Status: {}", s.message())))?.into_inner();
+    let max_bytes = options.max_message_bytes.min(status.max_message_bytes as usize).max(MIN_MESSAGE_BYTES);
+    // Activations plus the routing (at most 15 bytes per pair, packed varints and floats) and the envelope.
+    let per_token = hidden * options.wire_dtype.size().unwrap_or(4) + 15 * top_k + 5;
+    let max_tokens_per_message = ((max_bytes - ENVELOPE_BYTES) / per_token).max(1);
+    // A message of one token may still exceed a tiny limit; the limits set here are the ones the node enforces.
+    let limit = max_bytes.max(per_token + ENVELOPE_BYTES);
+    let mut client =
+        ExpertServiceClient::new(channel).max_decoding_message_size(limit).max_encoding_message_size(limit);
 
     let (requests, outbound) = mpsc::channel::<ForwardRequest>(256);
     let mut inbound = client
@@ -330,6 +332,11 @@ async fn open_link(
     };
     Ok((link, status))
 }
+
+/// Smallest message limit the router plans with.
+const MIN_MESSAGE_BYTES: usize = 4 << 10;
+/// Room left in each message for the fields other than activations and routing.
+const ENVELOPE_BYTES: usize = 256;
 
 /// Prefix of answers that failed because the node went down (rather than refusing the request).
 const DOWN: &str = "node down: ";

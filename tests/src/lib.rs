@@ -1,1 +1,120 @@
-//! End-to-end tests of moe-mesh live in `tests/`; this library is empty.
+//! The harness of the end-to-end tests: paths to the workspace's binaries and fixtures, and real `expert-node`
+//! processes on free loopback ports, stopped when dropped.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+/// A binary of this workspace, built by `cargo build` / `cargo nextest run --workspace` next to the test executable
+/// (`target/<profile>/`), or in `$MOE_BIN_DIR` when set.
+pub fn bin(name: &str) -> PathBuf {
+    if let Some(dir) = std::env::var_os("MOE_BIN_DIR") {
+        return PathBuf::from(dir).join(name);
+    }
+    let exe = std::env::current_exe().expect("the test executable has a path");
+    // target/<profile>/deps/<test>-<hash> → target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("the test executable lives in target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is not built; run `cargo build --workspace --bins` (or the tests through `cargo nextest run --workspace`)",
+        path.display()
+    );
+    path
+}
+
+/// A fixture model under `tests/fixtures/`.
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
+}
+
+/// A running `expert-node` process, listening on a free loopback port it picked itself (no port races).
+pub struct ExpertNodeProcess {
+    child: Child,
+    addr: String,
+    log: tempfile::NamedTempFile,
+}
+
+impl ExpertNodeProcess {
+    /// Starts `expert-node --model MODEL --listen 127.0.0.1:0 --experts EXPERTS EXTRA...` and waits until it serves.
+    pub fn start(model: &Path, experts: &str, extra: &[&str]) -> Result<Self> {
+        let log = tempfile::NamedTempFile::new().context("creating the node's log file")?;
+        let mut child = Command::new(bin("expert-node"))
+            .arg("--model")
+            .arg(model)
+            .args(["--listen", "127.0.0.1:0", "--experts", experts, "--threads", "2"])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log.reopen().context("opening the node's log file")?)
+            .spawn()
+            .context("spawning expert-node")?;
+        let stdout = child.stdout.take().context("the node's stdout")?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(addr) = line.strip_prefix("listening on ") {
+                    let _ = tx.send(addr.trim().to_owned());
+                }
+            }
+        });
+        let mut node = ExpertNodeProcess { child, addr: String::new(), log };
+        match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(addr) => node.addr = addr,
+            Err(_) => bail!("expert-node --experts {experts} did not start serving:\n{}", node.log_text()),
+        }
+        Ok(node)
+    }
+
+    /// `127.0.0.1:PORT`.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything the node wrote on stderr so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(self.log.path()).unwrap_or_default()
+    }
+
+    /// Returns whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Kills the process at once (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Asks the process to stop (SIGTERM) and waits for it; returns its exit status.
+    pub fn terminate(&mut self) -> Result<std::process::ExitStatus> {
+        let status = Command::new("kill").arg(self.child.id().to_string()).status().context("running kill")?;
+        if !status.success() {
+            bail!("kill {} failed", self.child.id());
+        }
+        for _ in 0..100 {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("expert-node did not stop within 5 s of SIGTERM:\n{}", self.log_text())
+    }
+}
+
+impl Drop for ExpertNodeProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
