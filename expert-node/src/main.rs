@@ -44,6 +44,9 @@ struct Args {
     /// Seconds between HTTP/2 keepalive pings; a peer that does not answer within twice this is dropped.
     #[arg(long, default_value_t = 2)]
     keepalive_secs: u64,
+    /// Seconds to go on answering requests already received after SIGTERM / Ctrl-C before exiting.
+    #[arg(long, default_value_t = 1.0)]
+    shutdown_grace_secs: f64,
     /// Compute threads [default: all cores].
     #[arg(long)]
     threads: Option<usize>,
@@ -120,9 +123,27 @@ fn run(args: Args) -> Result<()> {
     let node = Arc::new(node);
     println!("listening on {addr}");
     tracing::info!(%addr, "serving moe.v1.ExpertService");
-    runtime.block_on(expert_node::serve(node, listener, options, shutdown_signal()))?;
-    tracing::info!("stopped");
-    Ok(())
+    let grace = Duration::from_secs_f64(args.shutdown_grace_secs.max(0.0));
+    runtime.block_on(async move {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let mut server = tokio::spawn(expert_node::serve(node, listener, options, async {
+            let _ = stopped.await;
+        }));
+        tokio::select! {
+            _ = shutdown_signal() => {}
+            // The server only ends by itself on an error.
+            done = &mut server => return done.context("the server task failed")?.map_err(Into::into),
+        }
+        let _ = stop.send(());
+        // Open streams are drained: requests already received are answered. Those still open after the grace
+        // period are cut when the process exits.
+        match tokio::time::timeout(grace, server).await {
+            Ok(done) => done.context("the server task failed")??,
+            Err(_) => tracing::info!("streams still open after {grace:?}; closing them"),
+        }
+        tracing::info!("stopped");
+        Ok(())
+    })
 }
 
 fn rayon_threads(threads: usize) -> Result<()> {

@@ -75,9 +75,10 @@ impl ExpertService for Service {
                     Ok(Some(req)) => req,
                     Ok(None) => break,
                     Err(status) => {
-                        // The router went away (or sent garbage the codec could not frame): the stream ends, the
-                        // node goes on.
+                        // The router went away, or sent a message over the size limit or one that does not decode:
+                        // this stream ends with that status (if anyone still reads it), the node goes on.
                         tracing::info!(?peer, "forward stream ended: {}", status.message());
+                        let _ = tx.send(Err(status)).await;
                         break;
                     }
                 };

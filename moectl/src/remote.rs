@@ -19,9 +19,9 @@ pub struct RemoteArgs {
     /// Each hosts what it was started with; together they must cover every expert.
     #[arg(long, value_delimiter = ',', value_name = "ADDR[,ADDR...]")]
     pub experts_at: Vec<String>,
-    /// Element type of activations and partial sums on the wire: bf16 halves the bytes, f32 matches the in-process
-    /// engine to rounding.
-    #[arg(long, value_enum, default_value_t = WireDtype::Bf16, requires = "experts_at")]
+    /// Element type of activations and partial sums on the wire: f32 gives the in-process engine's tokens; bf16
+    /// halves the bytes but rounds activations, which can flip greedy tokens at near-ties.
+    #[arg(long, value_enum, default_value_t = WireDtype::F32, requires = "experts_at")]
     pub wire_dtype: WireDtype,
     /// Seconds an expert node may take to answer one message before the step fails.
     #[arg(long, default_value_t = 60.0, requires = "experts_at")]

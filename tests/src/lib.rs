@@ -97,19 +97,28 @@ impl ExpertNodeProcess {
         let _ = self.child.wait();
     }
 
+    /// Sends `signal` (a name `kill` knows: STOP, CONT, TERM, ...) to the process.
+    pub fn signal(&self, signal: &str) -> Result<()> {
+        let status = Command::new("kill")
+            .args([format!("-{signal}"), self.child.id().to_string()])
+            .status()
+            .context("running kill")?;
+        if !status.success() {
+            bail!("kill -{signal} {} failed", self.child.id());
+        }
+        Ok(())
+    }
+
     /// Asks the process to stop (SIGTERM) and waits for it; returns its exit status.
     pub fn terminate(&mut self) -> Result<std::process::ExitStatus> {
-        let status = Command::new("kill").arg(self.child.id().to_string()).status().context("running kill")?;
-        if !status.success() {
-            bail!("kill {} failed", self.child.id());
-        }
-        for _ in 0..100 {
+        self.signal("TERM")?;
+        for _ in 0..300 {
             if let Some(status) = self.child.try_wait()? {
                 return Ok(status);
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        bail!("expert-node did not stop within 5 s of SIGTERM:\n{}", self.log_text())
+        bail!("expert-node did not stop within 15 s of SIGTERM:\n{}", self.log_text())
     }
 }
 

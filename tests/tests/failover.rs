@@ -1,0 +1,125 @@
+//! An expert node that dies mid-generation costs nothing when its experts have replicas: the pieces it had in flight
+//! go to a replica, later steps avoid it, and the greedy tokens are those of the single-process engine.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use moe_e2e::{fixture, ExpertNodeProcess};
+use moe_model::{generate, GenerateRequest, LoadedModel, Residency, SamplingParams};
+use moe_proto::v1::Dtype;
+use router_node::{RemoteExperts, RemoteOptions};
+
+fn request(max_tokens: usize) -> GenerateRequest {
+    GenerateRequest {
+        prompt: (0..40).map(|i| (i * 13 + 5) % 250).collect(),
+        max_tokens,
+        sampling: SamplingParams { temperature: 0.0, ..Default::default() },
+        logprobs: 3,
+        echo: false,
+        stop_ids: Vec::new(),
+    }
+}
+
+#[test]
+fn a_killed_replica_changes_no_token() {
+    let dir = fixture("qwen35");
+    let local = LoadedModel::load(&dir).expect("loads");
+    let want = generate(&local.model, &local.experts, &request(24), |_| {}).expect("generates");
+
+    let router = LoadedModel::load_selected(&dir, Residency::Resident, &|_, _| {}, &|_, _| false).expect("loads");
+    let mut doomed = ExpertNodeProcess::start(&dir, "all", &[]).expect("starts");
+    let survivor = ExpertNodeProcess::start(&dir, "all", &[]).expect("starts");
+    let options = RemoteOptions { wire_dtype: Dtype::F32, ..RemoteOptions::default() };
+    let remote = RemoteExperts::connect(
+        &[doomed.addr().to_owned(), survivor.addr().to_owned()],
+        router.model.config(),
+        router.fingerprint,
+        options,
+    )
+    .expect("connects");
+    let mut produced = 0;
+    let got = generate(&router.model, &remote, &request(24), |_| {
+        produced += 1;
+        if produced == 8 {
+            doomed.kill();
+        }
+    })
+    .expect("generation survives the node");
+    assert_eq!(got.output_ids, want.output_ids);
+    for (a, b) in got.logprobs.iter().flatten().zip(want.logprobs.iter().flatten()) {
+        assert_eq!(a.0, b.0);
+        assert!((a.1 - b.1).abs() <= 1e-5, "{a:?} vs {b:?}");
+    }
+    let status = remote.status();
+    assert!(status[0].is_err(), "the killed node still answers");
+    assert!(status[1].is_ok());
+    eprintln!("pieces sent again after the kill: {}", remote.stats.resent.load(Ordering::Relaxed));
+}
+
+#[test]
+fn a_frozen_node_is_noticed_by_keepalive_and_its_work_goes_to_a_replica() {
+    let dir = fixture("qwen35");
+    let local = LoadedModel::load(&dir).expect("loads");
+    let want = generate(&local.model, &local.experts, &request(16), |_| {}).expect("generates");
+
+    let router = LoadedModel::load_selected(&dir, Residency::Resident, &|_, _| {}, &|_, _| false).expect("loads");
+    let frozen = ExpertNodeProcess::start(&dir, "all", &[]).expect("starts");
+    let survivor = ExpertNodeProcess::start(&dir, "all", &[]).expect("starts");
+    let options = RemoteOptions {
+        wire_dtype: Dtype::F32,
+        keepalive_interval: Duration::from_millis(300),
+        keepalive_timeout: Duration::from_millis(700),
+        ..RemoteOptions::default()
+    };
+    let remote = RemoteExperts::connect(
+        &[frozen.addr().to_owned(), survivor.addr().to_owned()],
+        router.model.config(),
+        router.fingerprint,
+        options,
+    )
+    .expect("connects");
+    let mut produced = 0;
+    let started = Instant::now();
+    // SIGSTOP: the process stays, its sockets stay open, nothing answers. Only the HTTP/2 keepalive can tell.
+    let got = generate(&router.model, &remote, &request(16), |_| {
+        produced += 1;
+        if produced == 5 {
+            frozen.signal("STOP").expect("stopped");
+        }
+    })
+    .expect("generation survives the frozen node");
+    let elapsed = started.elapsed();
+    frozen.signal("CONT").expect("continued");
+    assert_eq!(got.output_ids, want.output_ids);
+    let resent = remote.stats.resent.load(Ordering::Relaxed);
+    eprintln!("frozen node: {resent} pieces sent again, generation took {elapsed:?}");
+    assert!(resent >= 1, "the frozen node's work was never sent elsewhere");
+    assert!(elapsed < Duration::from_secs(20), "noticing the frozen node took {elapsed:?}");
+}
+
+#[test]
+fn a_killed_node_without_replica_fails_the_step_with_a_clear_error() {
+    let dir = fixture("qwen35");
+    let router = LoadedModel::load_selected(&dir, Residency::Resident, &|_, _| {}, &|_, _| false).expect("loads");
+    let mut low = ExpertNodeProcess::start(&dir, "0-3", &[]).expect("starts");
+    let high = ExpertNodeProcess::start(&dir, "4-7", &[]).expect("starts");
+    let remote = RemoteExperts::connect(
+        &[low.addr().to_owned(), high.addr().to_owned()],
+        router.model.config(),
+        router.fingerprint,
+        RemoteOptions::default(),
+    )
+    .expect("connects");
+    let addr = low.addr().to_owned();
+    let mut produced = 0;
+    let err = generate(&router.model, &remote, &request(24), |_| {
+        produced += 1;
+        if produced == 4 {
+            low.kill();
+        }
+    })
+    .expect_err("experts 0-3 are gone");
+    let message = err.to_string();
+    assert!(message.contains(&addr), "{message}");
+    assert!(err.is_retryable());
+}
