@@ -199,7 +199,7 @@ async fn a_router_that_vanishes_mid_stream_leaves_the_node_serving() {
     // And one that drops its stream without closing it, mid-request, from this process.
     {
         let mut other = connect(node.addr()).await;
-        let mut s = Stream::open(&mut other).await;
+        let s = Stream::open(&mut other).await;
         s.tx.send(request(1, 0, 64, &[0, 1, 2])).await.expect("sent");
         drop(s);
         drop(other);
@@ -272,7 +272,7 @@ async fn experts_load_and_unload_while_serving_and_memory_follows_the_shard() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_message_ends_only_its_own_stream() {
     let node = ExpertNodeProcess::start(&fixture("qwen35"), "all", &["--max-message-mib", "1"]).expect("starts");
-    let mut client = connect(node.addr()).await;
+    let client = connect(node.addr()).await;
     let client = client.clone().max_encoding_message_size(64 << 20);
     let mut big = client.clone();
     let mut s = Stream::open(&mut big).await;
