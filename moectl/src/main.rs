@@ -4,7 +4,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod bench_dataplane;
 mod bench_model;
+mod cluster;
 mod generate;
 mod init_model;
 mod remote;
@@ -25,6 +27,9 @@ enum Command {
     InitModel(init_model::Args),
     /// Measure decode and prefill speed of a model next to this machine's memory bandwidth and FMA peak.
     BenchModel(bench_model::Args),
+    /// Measure the expert data plane: per-layer round trip on loopback, and decode throughput with the experts on
+    /// expert-node processes next to the single-process engine.
+    BenchDataplane(bench_dataplane::Args),
 }
 
 /// Loads a model directory with a progress bar on stderr (shown only when loading takes more than a moment); the
@@ -73,6 +78,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate::run(args),
         Command::InitModel(args) => init_model::run(args),
         Command::BenchModel(args) => bench_model::run(args),
+        Command::BenchDataplane(args) => bench_dataplane::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
