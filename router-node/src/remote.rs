@@ -82,6 +82,11 @@ struct Link {
 }
 
 impl Link {
+    /// Takes `tokens` answered (or abandoned) tokens off the outstanding count.
+    fn settle(&self, tokens: usize) {
+        let _ = self.outstanding.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some(v.saturating_sub(tokens)));
+    }
+
     fn down_reason(&self) -> Option<String> {
         if !self.is_down.load(Ordering::Acquire) {
             return None;
@@ -110,6 +115,9 @@ pub struct RemoteStats {
 }
 
 /// Routed experts on expert nodes; see the module documentation.
+///
+/// It owns a small async runtime for its connections; `dispatch` and `wait` block the calling thread, which must
+/// therefore not be one of an async runtime's (run the model on its own thread, as a serving engine does anyway).
 pub struct RemoteExperts {
     runtime: tokio::runtime::Runtime,
     links: Vec<Link>,
@@ -374,7 +382,19 @@ struct RemotePending<'a> {
     layer: usize,
     ntok: usize,
     pieces: Vec<Piece>,
+    /// Pieces before this one are answered and no longer count as outstanding work of their node.
+    settled: usize,
     deadline: Instant,
+}
+
+impl Drop for RemotePending<'_> {
+    /// Work given up on (an error in another piece, or a forward that failed elsewhere) stops counting as
+    /// outstanding, so that replica choice is not skewed by answers nobody waits for.
+    fn drop(&mut self) {
+        for piece in &self.pieces[self.settled.min(self.pieces.len())..] {
+            self.remote.links[piece.node].settle(piece.tokens.len());
+        }
+    }
 }
 
 impl Experts for RemoteExperts {
@@ -483,13 +503,14 @@ impl Experts for RemoteExperts {
             }
         }
         self.stats.encode_ns.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        Ok(Box::new(RemotePending { remote: self, layer, ntok, pieces, deadline }))
+        Ok(Box::new(RemotePending { remote: self, layer, ntok, pieces, settled: 0, deadline }))
     }
 }
 
 impl PendingExperts for RemotePending<'_> {
     fn wait(self: Box<Self>, out: &mut [f32]) -> moe_model::Result<()> {
-        let RemotePending { remote, layer, ntok, mut pieces, deadline } = *self;
+        let mut this = *self;
+        let (remote, layer, ntok, deadline) = (this.remote, this.layer, this.ntok, this.deadline);
         let h = remote.hidden;
         let fail = |message: String| ModelError::Experts { layer, message };
         if out.len() != ntok * h {
@@ -498,15 +519,15 @@ impl PendingExperts for RemotePending<'_> {
         out.fill(0.0);
         // Pieces are in node order; adding them in that order fixes each token's summation order.
         let mut i = 0;
-        while i < pieces.len() {
+        while i < this.pieces.len() {
             let waited = Instant::now();
-            let piece = &mut pieces[i];
+            let piece = &mut this.pieces[i];
             let answer =
                 remote.runtime.block_on(async { tokio::time::timeout_at(deadline.into(), &mut piece.answer).await });
             remote.stats.wait_ns.fetch_add(waited.elapsed().as_nanos() as u64, Ordering::Relaxed);
             let link = &remote.links[piece.node];
-            link.outstanding
-                .fetch_sub(piece.tokens.len().min(link.outstanding.load(Ordering::Relaxed)), Ordering::Relaxed);
+            link.settle(piece.tokens.len());
+            this.settled = i + 1;
             let sums = match answer {
                 Err(_) => {
                     return Err(fail(format!(
@@ -527,7 +548,8 @@ impl PendingExperts for RemotePending<'_> {
                     tracing::warn!(layer, from = %link.addr, to = %remote.links[other].addr, "piece sent again");
                     remote.stats.resent.fetch_add(1, Ordering::Relaxed);
                     let tokens = std::mem::take(&mut piece.tokens);
-                    pieces[i] = Piece { node: other, tokens, request, answer };
+                    this.pieces[i] = Piece { node: other, tokens, request, answer };
+                    this.settled = i;
                     continue;
                 }
                 Ok(Ok(Err(why))) => return Err(fail(format!("expert node {}: {why}", link.addr))),
