@@ -1,7 +1,11 @@
 //! The router node: everything per sequence (embeddings, attention, gating, the shared expert, sampling) with the
-//! routed experts on expert nodes reached over gRPC ([`RemoteExperts`]).
+//! routed experts on expert nodes reached over gRPC ([`RemoteExperts`]), a continuous-batching engine ([`engine`]) and
+//! the OpenAI-compatible HTTP API ([`http`]).
 
+pub mod engine;
+pub mod http;
 pub mod remote;
+pub mod server;
 
 pub use remote::{RemoteExperts, RemoteOptions, RemoteStats};
 
@@ -16,4 +20,6 @@ pub enum RouterError {
     Mismatch { addr: String, message: String },
     #[error("placement: {0}")]
     Placement(String),
+    #[error(transparent)]
+    Model(#[from] moe_model::ModelError),
 }

@@ -214,6 +214,19 @@ impl RemoteExperts {
         self.links.iter().map(|l| (l.node_id.clone(), l.addr.clone())).collect()
     }
 
+    /// `Err` naming the first (layer, expert) whose every replica is down: what `/readyz` reports.
+    pub fn check_coverage(&self) -> Result<(), String> {
+        for (l, row) in self.placement.iter().enumerate() {
+            for (e, replicas) in row.iter().enumerate() {
+                if replicas.iter().all(|&r| self.links[r].down_reason().is_some()) {
+                    let why: Vec<_> = replicas.iter().filter_map(|&r| self.links[r].down_reason()).collect();
+                    return Err(format!("expert {e} of layer {l} has no live replica: {}", why.join("; ")));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Fetches every node's status (unary call with a deadline).
     pub fn status(&self) -> Vec<Result<v1::StatusResponse, String>> {
         self.runtime.block_on(async {

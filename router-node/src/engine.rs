@@ -1,0 +1,493 @@
+//! The serving engine: continuous batching with chunked prefill on one thread that owns the model.
+//!
+//! Requests arrive through an [`EngineHandle`] into a bounded queue. Every step the engine
+//! 1. drops sequences whose client went away (their state is freed at once),
+//! 2. admits queued requests while the state memory budget allows (each reserves its whole footprint up front: the
+//!    fixed Gated DeltaNet slots plus the KV pages of prompt + max_tokens, so a running sequence never has to be
+//!    preempted),
+//! 3. forms a batch under the token budget: one decode token for every running sequence that has finished its prompt,
+//!    then prompt chunks in arrival order with what is left,
+//! 4. runs it ([`Model::forward_pipelined`] with the configured micro-batches) and samples each sequence's next token.
+//!
+//! The kernels are batch-invariant, so a sequence's tokens do not depend on what else is in the batch: greedy output
+//! does not change with load.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Instant;
+
+use moe_model::cpu::ops::log_softmax;
+use moe_model::{Experts, LayerKind, LogitsFor, Model, Sampler, SamplingParams, Segment, SequenceState};
+use tokio::sync::mpsc::UnboundedSender;
+
+/// Tunables of the engine.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Most tokens in one forward step (decode tokens plus prompt chunks).
+    pub max_batch_tokens: usize,
+    /// Most sequences running at once.
+    pub max_running: usize,
+    /// Most requests waiting for admission; beyond it, submissions are refused (HTTP 429).
+    pub max_queue: usize,
+    /// Memory for per-sequence state (KV pages and Gated DeltaNet slots), in bytes.
+    pub state_budget_bytes: u64,
+    /// Tokens per KV page (the unit of accounting).
+    pub page_tokens: usize,
+    /// Micro-batches per step (ping-pong with remote experts).
+    pub micro_batches: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            max_batch_tokens: 512,
+            max_running: 256,
+            max_queue: 1024,
+            state_budget_bytes: 4 << 30,
+            page_tokens: 16,
+            micro_batches: 1,
+        }
+    }
+}
+
+/// What a sequence asks of the engine.
+#[derive(Debug, Clone)]
+pub struct SequenceParams {
+    pub max_tokens: usize,
+    pub min_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Top log-probs to report per generated token (`None`: none; `Some(0)`: only the chosen token's).
+    pub logprobs: Option<usize>,
+    /// Report log-probs of the prompt tokens too.
+    pub prompt_logprobs: bool,
+    /// Ids that end the sequence (EOS unless `ignore_eos`, plus `stop_token_ids`), kept in the output.
+    pub stop_ids: Vec<u32>,
+    /// Ids that end the sequence even with `ignore_eos`.
+    pub eos_ids: Vec<u32>,
+    pub ignore_eos: bool,
+    /// vLLM's: logits of tokens already in the prompt or output are divided (if positive) or multiplied by it.
+    pub repetition_penalty: f32,
+}
+
+/// The log-probability of one token and the most likely alternatives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub id: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
+/// Why a sequence ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    /// A stop id (or, decided by the caller, a stop string).
+    Stop,
+    /// `max_tokens`.
+    Length,
+}
+
+/// What the engine tells the submitter of a sequence, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SequenceEvent {
+    /// Log-probs of prompt tokens 1.. (the first token has none), when asked.
+    PromptLogprobs(Vec<TokenLogprob>),
+    /// A generated token.
+    Token {
+        id: u32,
+        logprob: Option<TokenLogprob>,
+    },
+    Finished {
+        reason: Finish,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
+    /// The step failed (for instance an expert node without replica went down); the sequence is gone.
+    Failed(String),
+}
+
+/// A request to the engine.
+#[derive(Debug)]
+pub struct SequenceRequest {
+    pub prompt: Vec<u32>,
+    pub params: SequenceParams,
+    pub events: UnboundedSender<SequenceEvent>,
+    /// Set by the caller (a stop string matched, the client left) to end the sequence at the next step.
+    pub cancel: Arc<AtomicBool>,
+}
+
+/// A submission that did not get into the queue.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    #[error("the server is at capacity ({0} requests waiting); retry later")]
+    QueueFull(usize),
+    #[error("the request needs {needed} bytes of sequence state, more than the budget of {budget}")]
+    TooLarge { needed: u64, budget: u64 },
+    #[error("the engine has stopped")]
+    Stopped,
+}
+
+/// Live figures of the engine, for /metrics and tests.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    pub running: AtomicUsize,
+    pub waiting: AtomicUsize,
+    pub state_bytes_reserved: AtomicU64,
+    pub steps: AtomicU64,
+    pub prompt_tokens: AtomicU64,
+    pub generated_tokens: AtomicU64,
+    pub finished: AtomicU64,
+    pub cancelled: AtomicU64,
+    pub failed: AtomicU64,
+}
+
+/// The submit side of the engine; cheap to clone.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: mpsc::Sender<SequenceRequest>,
+    pub stats: Arc<EngineStats>,
+    max_queue: usize,
+    budget: u64,
+    footprint: Footprint,
+}
+
+impl std::fmt::Debug for EngineHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineHandle").field("max_queue", &self.max_queue).finish_non_exhaustive()
+    }
+}
+
+impl EngineHandle {
+    /// Queues a sequence; refused when the queue is full or it could never fit.
+    pub fn submit(&self, req: SequenceRequest) -> Result<(), SubmitError> {
+        let needed = self.footprint.bytes(req.prompt.len() + req.params.max_tokens);
+        if needed > self.budget {
+            return Err(SubmitError::TooLarge { needed, budget: self.budget });
+        }
+        let waiting = self.stats.waiting.fetch_add(1, Ordering::AcqRel);
+        if waiting >= self.max_queue {
+            self.stats.waiting.fetch_sub(1, Ordering::AcqRel);
+            return Err(SubmitError::QueueFull(waiting));
+        }
+        self.tx.send(req).map_err(|_| {
+            self.stats.waiting.fetch_sub(1, Ordering::AcqRel);
+            SubmitError::Stopped
+        })
+    }
+
+    /// Bytes of state one sequence of `tokens` tokens reserves.
+    pub fn footprint(&self, tokens: usize) -> u64 {
+        self.footprint.bytes(tokens)
+    }
+}
+
+/// Per-sequence state memory as a function of its length.
+#[derive(Debug, Clone, Copy)]
+struct Footprint {
+    fixed: u64,
+    per_page: u64,
+    page_tokens: usize,
+}
+
+impl Footprint {
+    fn new(model: &Model, page_tokens: usize) -> Self {
+        let cfg = model.config();
+        let full = cfg.layer_types.iter().filter(|k| **k == LayerKind::Full).count() as u64;
+        let per_token = full * 2 * (cfg.num_key_value_heads * cfg.head_dim) as u64 * 4;
+        Footprint { fixed: model.new_state().bytes() as u64, per_page: per_token * page_tokens as u64, page_tokens }
+    }
+
+    fn bytes(&self, tokens: usize) -> u64 {
+        self.fixed + tokens.div_ceil(self.page_tokens) as u64 * self.per_page
+    }
+}
+
+struct Running {
+    req: SequenceRequest,
+    state: SequenceState,
+    sampler: Sampler,
+    /// Prompt tokens fed so far.
+    fed: usize,
+    generated: Vec<u32>,
+    /// The token to feed next once the prompt is in.
+    next: Option<u32>,
+    reserved: u64,
+    prompt_logprobs: Vec<TokenLogprob>,
+}
+
+/// Starts the engine thread; it owns `model` and `experts` and stops when every handle is dropped.
+pub fn start(
+    model: Arc<Model>,
+    experts: Arc<dyn Experts>,
+    config: EngineConfig,
+) -> std::io::Result<(EngineHandle, std::thread::JoinHandle<()>)> {
+    let (tx, rx) = mpsc::channel();
+    let stats = Arc::new(EngineStats::default());
+    let footprint = Footprint::new(&model, config.page_tokens.max(1));
+    let handle = EngineHandle {
+        tx,
+        stats: Arc::clone(&stats),
+        max_queue: config.max_queue,
+        budget: config.state_budget_bytes,
+        footprint,
+    };
+    let thread = std::thread::Builder::new()
+        .name("engine".into())
+        .spawn(move || Engine { model, experts, config, stats, footprint, rx, waiting: VecDeque::new() }.run())?;
+    Ok((handle, thread))
+}
+
+struct Engine {
+    model: Arc<Model>,
+    experts: Arc<dyn Experts>,
+    config: EngineConfig,
+    stats: Arc<EngineStats>,
+    footprint: Footprint,
+    rx: mpsc::Receiver<SequenceRequest>,
+    waiting: VecDeque<SequenceRequest>,
+}
+
+impl Engine {
+    fn run(mut self) {
+        let mut running: Vec<Running> = Vec::new();
+        let mut reserved = 0u64;
+        loop {
+            // Block only when there is nothing to do.
+            if running.is_empty() && self.waiting.is_empty() {
+                match self.rx.recv() {
+                    Ok(req) => self.waiting.push_back(req),
+                    Err(_) => return,
+                }
+            }
+            while let Ok(req) = self.rx.try_recv() {
+                self.waiting.push_back(req);
+            }
+            // Clients that left: cancelled before or during their run.
+            self.waiting.retain(|r| {
+                let gone = r.cancel.load(Ordering::Acquire) || r.events.is_closed();
+                if gone {
+                    self.stats.waiting.fetch_sub(1, Ordering::AcqRel);
+                    self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+                }
+                !gone
+            });
+            running.retain(|s| {
+                let gone = s.req.cancel.load(Ordering::Acquire) || s.req.events.is_closed();
+                if gone {
+                    reserved -= s.reserved;
+                    self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+                }
+                !gone
+            });
+            // Admission, first come first served, under the state budget.
+            while running.len() < self.config.max_running {
+                let Some(front) = self.waiting.front() else { break };
+                let need = self.footprint.bytes(front.prompt.len() + front.params.max_tokens);
+                if reserved + need > self.config.state_budget_bytes {
+                    break;
+                }
+                let Some(req) = self.waiting.pop_front() else { break };
+                self.stats.waiting.fetch_sub(1, Ordering::AcqRel);
+                match Sampler::new(req.params.sampling) {
+                    Ok(sampler) => {
+                        reserved += need;
+                        running.push(Running {
+                            state: self.model.new_state(),
+                            sampler,
+                            fed: 0,
+                            generated: Vec::new(),
+                            next: None,
+                            reserved: need,
+                            prompt_logprobs: Vec::new(),
+                            req,
+                        });
+                    }
+                    Err(e) => {
+                        let _ = req.events.send(SequenceEvent::Failed(e.to_string()));
+                    }
+                }
+            }
+            self.stats.running.store(running.len(), Ordering::Relaxed);
+            self.stats.state_bytes_reserved.store(reserved, Ordering::Relaxed);
+            if running.is_empty() {
+                continue;
+            }
+            match self.step(&mut running) {
+                Ok(()) => {}
+                Err(e) => {
+                    // A failed step leaves the states of its sequences half-advanced: they all end.
+                    tracing::error!("engine step failed: {e}");
+                    for s in running.drain(..) {
+                        self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                        let _ = s.req.events.send(SequenceEvent::Failed(e.to_string()));
+                    }
+                    reserved = 0;
+                }
+            }
+            running.retain(|s| {
+                let done = s.next.is_none() && s.fed == s.req.prompt.len();
+                if done {
+                    reserved -= s.reserved;
+                }
+                !done
+            });
+            self.stats.running.store(running.len(), Ordering::Relaxed);
+            self.stats.state_bytes_reserved.store(reserved, Ordering::Relaxed);
+        }
+    }
+
+    /// One forward step over the running sequences.
+    fn step(&mut self, running: &mut [Running]) -> moe_model::Result<()> {
+        let vocab = self.model.config().vocab_size;
+        let mut budget = self.config.max_batch_tokens.max(1);
+        // Which sequences take part, with how many tokens: decodes first, then prompt chunks.
+        let mut plan: Vec<(usize, usize)> = Vec::new();
+        for (i, s) in running.iter().enumerate() {
+            if s.next.is_some() && budget > 0 {
+                plan.push((i, 1));
+                budget -= 1;
+            }
+        }
+        for (i, s) in running.iter().enumerate() {
+            let left = s.req.prompt.len() - s.fed;
+            if s.next.is_none() && left > 0 && budget > 0 {
+                let n = left.min(budget);
+                plan.push((i, n));
+                budget -= n;
+            }
+        }
+        plan.sort_unstable();
+        let started = Instant::now();
+        let mut segs: Vec<Segment<'_>> = Vec::with_capacity(plan.len());
+        let mut tokens_in_step = 0;
+        {
+            let mut p = plan.iter().peekable();
+            for (i, s) in running.iter_mut().enumerate() {
+                let Some(&&(_, n)) = p.peek().filter(|(j, _)| *j == i) else { continue };
+                p.next();
+                tokens_in_step += n;
+                let (tokens, logits): (&[u32], LogitsFor) = match &s.next {
+                    Some(tok) => (std::slice::from_ref(tok), LogitsFor::Last),
+                    None => {
+                        let chunk = &s.req.prompt[s.fed..s.fed + n];
+                        let last = s.fed + n == s.req.prompt.len();
+                        let want = if s.req.params.prompt_logprobs {
+                            LogitsFor::All
+                        } else if last {
+                            LogitsFor::Last
+                        } else {
+                            LogitsFor::None
+                        };
+                        (chunk, want)
+                    }
+                };
+                segs.push(Segment { state: &mut s.state, tokens, logits });
+            }
+        }
+        let outs = self.model.forward_pipelined(&mut segs, self.experts.as_ref(), self.config.micro_batches)?;
+        drop(segs);
+        self.stats.steps.fetch_add(1, Ordering::Relaxed);
+        tracing::trace!(tokens = tokens_in_step, sequences = plan.len(), elapsed = ?started.elapsed(), "step");
+
+        for ((i, n), rows) in plan.into_iter().zip(outs) {
+            let s = &mut running[i];
+            let last_row = if s.next.is_some() {
+                s.next = None;
+                rows
+            } else {
+                let start = s.fed;
+                s.fed += n;
+                self.stats.prompt_tokens.fetch_add(n as u64, Ordering::Relaxed);
+                if s.req.params.prompt_logprobs {
+                    // Row r predicts prompt token start + r + 1.
+                    for (r, row) in rows.chunks_exact(vocab).enumerate() {
+                        if let Some(&id) = s.req.prompt.get(start + r + 1) {
+                            let top = s.req.params.logprobs.unwrap_or(0);
+                            s.prompt_logprobs.push(token_logprob(row, id, top));
+                        }
+                    }
+                }
+                if s.fed < s.req.prompt.len() {
+                    continue;
+                }
+                if s.req.params.prompt_logprobs {
+                    let _ = s.req.events.send(SequenceEvent::PromptLogprobs(std::mem::take(&mut s.prompt_logprobs)));
+                }
+                rows[rows.len() - vocab..].to_vec()
+            };
+            // Log-probs are the model's own (before penalties), as vLLM reports them by default.
+            let id = if s.req.params.repetition_penalty != 1.0 || s.generated.len() < s.req.params.min_tokens {
+                let mut logits = last_row.clone();
+                self.process_logits(s, &mut logits);
+                s.sampler.sample(&logits)
+            } else {
+                s.sampler.sample(&last_row)
+            };
+            let logprob = s.req.params.logprobs.map(|top| token_logprob(&last_row, id, top));
+            s.generated.push(id);
+            self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
+            let _ = s.req.events.send(SequenceEvent::Token { id, logprob });
+            let p = &s.req.params;
+            let stop = p.stop_ids.contains(&id) || p.eos_ids.contains(&id) && !p.ignore_eos;
+            let finish = if stop && s.generated.len() >= p.min_tokens {
+                Some(Finish::Stop)
+            } else if s.generated.len() >= p.max_tokens {
+                Some(Finish::Length)
+            } else {
+                None
+            };
+            match finish {
+                Some(reason) => {
+                    self.stats.finished.fetch_add(1, Ordering::Relaxed);
+                    let _ = s.req.events.send(SequenceEvent::Finished {
+                        reason,
+                        prompt_tokens: s.req.prompt.len(),
+                        completion_tokens: s.generated.len(),
+                    });
+                }
+                None => s.next = Some(id),
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies repetition penalty and min_tokens to one row of logits before sampling.
+    fn process_logits(&self, s: &Running, logits: &mut [f32]) {
+        let p = &s.req.params;
+        if p.repetition_penalty != 1.0 {
+            let mut seen = vec![false; logits.len()];
+            for &t in s.req.prompt.iter().chain(&s.generated) {
+                if let Some(flag) = seen.get_mut(t as usize) {
+                    *flag = true;
+                }
+            }
+            for (l, _) in logits.iter_mut().zip(&seen).filter(|(_, &s)| s) {
+                *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
+            }
+        }
+        if s.generated.len() < p.min_tokens {
+            for &t in p.stop_ids.iter().chain(&p.eos_ids) {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+        }
+    }
+}
+
+/// `id`'s log-probability in `row` and the `top` most likely tokens.
+fn token_logprob(row: &[f32], id: u32, top: usize) -> TokenLogprob {
+    let lp = log_softmax(row);
+    let logprob = lp.get(id as usize).copied().unwrap_or(f32::NEG_INFINITY);
+    let top = if top == 0 {
+        Vec::new()
+    } else {
+        let mut idx: Vec<u32> = (0..lp.len() as u32).collect();
+        let n = top.min(idx.len());
+        idx.select_nth_unstable_by(n - 1, |&a, &b| lp[b as usize].total_cmp(&lp[a as usize]).then(a.cmp(&b)));
+        let mut t: Vec<(u32, f32)> = idx[..n].iter().map(|&i| (i, lp[i as usize])).collect();
+        t.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        t
+    };
+    TokenLogprob { id, logprob, top }
+}

@@ -1,0 +1,159 @@
+//! `router-node`: the OpenAI-compatible server, with the routed experts on expert nodes (or in this process).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use moe_model::Residency;
+use moe_proto::v1::Dtype;
+use router_node::engine::EngineConfig;
+use router_node::http::ApiConfig;
+use router_node::remote::RemoteOptions;
+use router_node::server::{ExpertsAt, RouterOptions};
+
+/// Serves a Qwen3.5-MoE / Qwen3-Next model over an OpenAI-compatible HTTP API (/v1/completions,
+/// /v1/chat/completions, /v1/models, /livez, /readyz, /health, /metrics) with continuous batching. The routed
+/// experts are computed on the expert nodes named by --experts-at, or in this process without it.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Model directory: config.json, the safetensors checkpoint, tokenizer.json.
+    #[arg(long, env = "MOE_MODEL")]
+    model: PathBuf,
+    /// Address to serve HTTP on; port 0 picks a free one.
+    #[arg(long, env = "MOE_LISTEN", default_value = "127.0.0.1:8000")]
+    listen: SocketAddr,
+    /// Expert nodes (host:port, comma-separated) that together host every routed expert; without it the experts are
+    /// loaded in this process.
+    #[arg(long, env = "MOE_EXPERTS_AT", value_delimiter = ',')]
+    experts_at: Vec<String>,
+    /// Element type on the wire to expert nodes: f32 keeps single-process results; bf16 halves the bytes.
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
+    wire_dtype: String,
+    /// Accepted API key (repeatable; also MOE_API_KEYS, comma-separated). Without any, no authentication.
+    #[arg(long = "api-key", env = "MOE_API_KEYS", value_delimiter = ',')]
+    api_keys: Vec<String>,
+    /// Model id clients use [default: the model directory's name].
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// Most tokens per forward step (decode tokens plus prompt chunks).
+    #[arg(long, default_value_t = 512)]
+    max_batch_tokens: usize,
+    /// Most sequences running at once.
+    #[arg(long, default_value_t = 256)]
+    max_running: usize,
+    /// Most requests waiting for admission; more get HTTP 429.
+    #[arg(long, default_value_t = 1024)]
+    max_queue: usize,
+    /// Memory for sequence state (KV pages, DeltaNet slots), GiB.
+    #[arg(long, default_value_t = 4.0)]
+    state_budget_gib: f64,
+    /// Micro-batches per step: with expert nodes on other machines, 2 overlaps attention with expert work.
+    #[arg(long, default_value_t = 1)]
+    micro_batches: usize,
+    /// Context length limit [default: the model's max_position_embeddings].
+    #[arg(long)]
+    max_model_len: Option<usize>,
+    /// Serve weights from the file mapping instead of copying them into memory.
+    #[arg(long)]
+    mapped: bool,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match run(Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> Result<()> {
+    let options = options(&args)?;
+    // Bind before loading, so that a taken port fails at once.
+    let listener =
+        std::net::TcpListener::bind(args.listen).with_context(|| format!("cannot listen on {}", args.listen))?;
+    listener.set_nonblocking(true)?;
+    let addr = listener.local_addr()?;
+    let prepared = router_node::server::prepare(options, &|_, _| {})
+        .with_context(|| format!("starting the router for {}", args.model.display()))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
+    let state = prepared.state;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        println!("listening on http://{addr}");
+        tracing::info!(%addr, model = %state.config.model_name, "serving");
+        let app = router_node::http::router(std::sync::Arc::clone(&state));
+        let drain = std::sync::Arc::clone(&state);
+        router_node::http::serve(listener, app, async move {
+            shutdown_signal().await;
+            drain.draining.store(true, std::sync::atomic::Ordering::Release);
+            tracing::info!("draining: requests in flight finish, new connections are refused");
+        })
+        .await?;
+        anyhow::Ok(())
+    })?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn options(args: &Args) -> Result<RouterOptions> {
+    if args.max_batch_tokens == 0 || args.max_running == 0 || args.micro_batches == 0 {
+        bail!("--max-batch-tokens, --max-running and --micro-batches must be positive");
+    }
+    if !(args.state_budget_gib.is_finite() && args.state_budget_gib > 0.0) {
+        bail!("--state-budget-gib {}: must be a positive number", args.state_budget_gib);
+    }
+    let experts = if args.experts_at.is_empty() {
+        ExpertsAt::Local
+    } else {
+        let wire = if args.wire_dtype == "bf16" { Dtype::Bf16 } else { Dtype::F32 };
+        ExpertsAt::Nodes(args.experts_at.clone(), RemoteOptions { wire_dtype: wire, ..RemoteOptions::default() })
+    };
+    Ok(RouterOptions {
+        model: args.model.clone(),
+        residency: if args.mapped { Residency::Mapped } else { Residency::Resident },
+        experts,
+        engine: EngineConfig {
+            max_batch_tokens: args.max_batch_tokens,
+            max_running: args.max_running,
+            max_queue: args.max_queue,
+            state_budget_bytes: (args.state_budget_gib * (1u64 << 30) as f64) as u64,
+            micro_batches: args.micro_batches,
+            ..EngineConfig::default()
+        },
+        api: ApiConfig {
+            model_name: args.served_model_name.clone().unwrap_or_default(),
+            api_keys: args.api_keys.iter().filter(|k| !k.is_empty()).cloned().collect(),
+            max_model_len: args.max_model_len.unwrap_or(0),
+            ..ApiConfig::default()
+        },
+    })
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = ctrl_c.await;
+}

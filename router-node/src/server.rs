@@ -1,0 +1,75 @@
+//! Assembling a router: the model without its routed experts (or with them, for a single process), the experts on
+//! expert nodes, the engine thread and the HTTP state. Used by the `router-node` binary and by `moectl up`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use moe_model::{Experts, LoadedModel, Residency};
+
+use crate::engine::{self, EngineConfig};
+use crate::http::{ApiConfig, AppState, ReadinessCheck};
+use crate::remote::{RemoteExperts, RemoteOptions};
+use crate::RouterError;
+
+/// Where the routed experts are computed.
+#[derive(Debug, Clone)]
+pub enum ExpertsAt {
+    /// In this process (all of them loaded here).
+    Local,
+    /// On these expert nodes.
+    Nodes(Vec<String>, RemoteOptions),
+}
+
+#[derive(Debug, Clone)]
+pub struct RouterOptions {
+    pub model: PathBuf,
+    pub residency: Residency,
+    pub experts: ExpertsAt,
+    pub engine: EngineConfig,
+    /// `model_name` empty: the model directory's name.
+    pub api: ApiConfig,
+}
+
+/// A router ready to serve: its HTTP state, with the engine running.
+#[derive(Debug)]
+pub struct PreparedRouter {
+    pub state: Arc<AppState>,
+    pub engine: std::thread::JoinHandle<()>,
+}
+
+/// Loads the model, connects to the expert nodes and starts the engine. Blocking: call it outside any async runtime.
+pub fn prepare(options: RouterOptions, progress: &(dyn Fn(u64, u64) + Sync)) -> Result<PreparedRouter, RouterError> {
+    let local = matches!(options.experts, ExpertsAt::Local);
+    let lm = LoadedModel::load_selected(&options.model, options.residency, progress, &|_, _| local)?;
+    let eos_ids = lm.eos_token_ids();
+    let LoadedModel { model, experts: local_experts, tokenizer, chat_template, generation, fingerprint, .. } = lm;
+    let config = model.config().clone();
+    let (experts, ready): (Arc<dyn Experts>, ReadinessCheck) = match options.experts {
+        ExpertsAt::Local => (Arc::new(local_experts), Arc::new(|| Ok(()))),
+        ExpertsAt::Nodes(addrs, remote) => {
+            let remote = Arc::new(RemoteExperts::connect(&addrs, &config, fingerprint, remote)?);
+            let check = Arc::clone(&remote);
+            (remote, Arc::new(move || check.check_coverage()))
+        }
+    };
+    let mut api = options.api;
+    if api.model_name.is_empty() {
+        api.model_name =
+            options.model.file_name().map_or_else(|| "model".to_owned(), |n| n.to_string_lossy().into_owned());
+    }
+    if api.max_model_len == 0 || api.max_model_len > config.max_position_embeddings {
+        api.max_model_len = config.max_position_embeddings;
+    }
+    let (handle, engine) = engine::start(Arc::new(model), experts, options.engine).map_err(RouterError::Runtime)?;
+    let state = Arc::new(AppState::new(
+        handle,
+        Arc::new(tokenizer),
+        chat_template.map(Arc::new),
+        generation,
+        eos_ids,
+        config.vocab_size,
+        api,
+        ready,
+    ));
+    Ok(PreparedRouter { state, engine })
+}
