@@ -869,9 +869,12 @@ async fn completions(State(state): State<Arc<AppState>>, req: Request) -> Result
         let include_usage = common.include_usage;
         let (id2, model2) = (id.clone(), model.clone());
         let usage2 = Arc::clone(&usage_total);
+        let failed = Arc::new(AtomicBool::new(false));
+        let failed2 = Arc::clone(&failed);
         let events = futures::stream::select_all(streams).filter_map(move |(index, delta, echo_text)| {
             let st = Arc::clone(&st);
             let usage = Arc::clone(&usage_total);
+            let failed = Arc::clone(&failed);
             let (id, model) = (id.clone(), model.clone());
             async move {
                 let choice = match delta {
@@ -895,9 +898,8 @@ async fn completions(State(state): State<Arc<AppState>>, req: Request) -> Result
                         json!({"index": index, "text": echo_text, "logprobs": Value::Null, "finish_reason": reason})
                     }
                     Delta::Failed(why) => {
-                        return Some(Event::default().data(
-                            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, why, None, "engine_error").body().to_string(),
-                        ))
+                        failed.store(true, Ordering::Release);
+                        return Some(error_event(why));
                     }
                 };
                 let chunk = json!({"id": id, "object": "text_completion", "created": created, "model": model, "choices": [choice]});
@@ -906,6 +908,10 @@ async fn completions(State(state): State<Arc<AppState>>, req: Request) -> Result
         });
         let tail = futures::stream::once(async move {
             let mut out = Vec::new();
+            // An error event is the stream's last.
+            if failed2.load(Ordering::Acquire) {
+                return futures::stream::iter(out);
+            }
             if include_usage {
                 let (p, c) = usage2.lock().map(|u| *u).unwrap_or_default();
                 out.push(Event::default().data(
@@ -1034,6 +1040,11 @@ fn chat_logprobs(tok: &Tokenizer, lps: &[TokenLogprob]) -> Value {
     json!({"content": content})
 }
 
+/// The final event of a stream whose sequence failed.
+fn error_event(why: String) -> Event {
+    Event::default().data(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, why, None, "engine_error").body().to_string())
+}
+
 fn sse(
     events: impl futures::Stream<Item = Event> + Send + 'static,
     tail: impl futures::Stream<Item = Event> + Send + 'static,
@@ -1091,9 +1102,12 @@ async fn chat_completions(State(state): State<Arc<AppState>>, req: Request) -> R
             .into_iter()
             .enumerate()
             .map(|(index, rx)| tokio_stream::wrappers::ReceiverStream::new(rx).map(move |d| (index, d)));
+        let failed = Arc::new(AtomicBool::new(false));
+        let failed2 = Arc::clone(&failed);
         let events = futures::stream::select_all(streams).filter_map(move |(index, delta)| {
             let st = Arc::clone(&st);
             let completion_total = Arc::clone(&completion_total);
+            let failed = Arc::clone(&failed);
             let chunk = chunk.clone();
             async move {
                 let choice = match delta {
@@ -1109,9 +1123,8 @@ async fn chat_completions(State(state): State<Arc<AppState>>, req: Request) -> R
                         json!({"index": index, "delta": {}, "logprobs": Value::Null, "finish_reason": reason})
                     }
                     Delta::Failed(why) => {
-                        return Some(Event::default().data(
-                            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, why, None, "engine_error").body().to_string(),
-                        ))
+                        failed.store(true, Ordering::Release);
+                        return Some(error_event(why));
                     }
                 };
                 Some(Event::default().data(chunk(choice)))
@@ -1120,6 +1133,9 @@ async fn chat_completions(State(state): State<Arc<AppState>>, req: Request) -> R
         let include_usage = common.include_usage;
         let tail = futures::stream::once(async move {
             let mut out = Vec::new();
+            if failed2.load(Ordering::Acquire) {
+                return futures::stream::iter(out);
+            }
             if include_usage {
                 let c = completion2.load(Ordering::Relaxed) as usize;
                 let p = prompt_tokens;

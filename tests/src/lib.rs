@@ -127,3 +127,64 @@ impl Drop for ExpertNodeProcess {
         self.kill();
     }
 }
+
+/// A running `router-node` process serving HTTP on a free loopback port.
+pub struct RouterProcess {
+    child: Child,
+    url: String,
+    log: tempfile::NamedTempFile,
+}
+
+impl RouterProcess {
+    /// Starts `router-node --model MODEL --listen 127.0.0.1:0 EXTRA...` and waits until it serves.
+    pub fn start(model: &Path, extra: &[&str]) -> Result<Self> {
+        let log = tempfile::NamedTempFile::new().context("creating the router's log file")?;
+        let mut child = Command::new(bin("router-node"))
+            .arg("--model")
+            .arg(model)
+            .args(["--listen", "127.0.0.1:0"])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log.reopen().context("opening the router's log file")?)
+            .spawn()
+            .context("spawning router-node")?;
+        let stdout = child.stdout.take().context("the router's stdout")?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(url) = line.strip_prefix("listening on ") {
+                    let _ = tx.send(url.trim().to_owned());
+                }
+            }
+        });
+        let mut router = RouterProcess { child, url: String::new(), log };
+        match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(url) => router.url = url,
+            Err(_) => bail!("router-node did not start serving:\n{}", router.log_text()),
+        }
+        Ok(router)
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(self.log.path()).unwrap_or_default()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for RouterProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

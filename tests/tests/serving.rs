@@ -1,0 +1,378 @@
+//! The OpenAI-compatible server through a real socket: completions and chat, streaming and not, the error matrix,
+//! output that does not depend on load, cancellation that frees state, and many concurrent streams.
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use moe_e2e::{fixture, ExpertNodeProcess, RouterProcess};
+use moe_model::{generate, GenerateRequest, LoadedModel, SamplingParams};
+use serde_json::{json, Value};
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder().timeout(Duration::from_secs(120)).build().expect("client")
+}
+
+async fn post(url: &str, path: &str, body: Value) -> (u16, Value) {
+    let resp = client().post(format!("{url}{path}")).json(&body).send().await.expect("sent");
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+/// The `data:` payloads of an SSE response, in order.
+async fn sse(url: &str, path: &str, body: Value) -> Vec<String> {
+    let resp = client().post(format!("{url}{path}")).json(&body).send().await.expect("sent");
+    assert_eq!(resp.status().as_u16(), 200);
+    let text = resp.text().await.expect("body");
+    text.split("\n\n").filter_map(|e| e.strip_prefix("data: ")).map(str::to_owned).collect()
+}
+
+async fn metric(url: &str, name: &str) -> f64 {
+    let text = client().get(format!("{url}/metrics")).send().await.expect("sent").text().await.expect("text");
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("{name} not in /metrics:\n{text}"))
+}
+
+fn prompt(i: u32) -> Vec<u32> {
+    (0..5 + i % 13).map(|k| (i * 37 + k * 11 + 3) % 250).collect()
+}
+
+fn local_greedy(lm: &LoadedModel, prompt: &[u32], max_tokens: usize) -> String {
+    let req = GenerateRequest {
+        prompt: prompt.to_vec(),
+        max_tokens,
+        sampling: SamplingParams { temperature: 0.0, ..Default::default() },
+        logprobs: 0,
+        echo: false,
+        stop_ids: Vec::new(),
+    };
+    let out = generate(&lm.model, &lm.experts, &req, |_| {}).expect("generates");
+    lm.tokenizer.decode(&out.output_ids, true).expect("decodes")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completions_and_chat_streaming_and_not() {
+    let dir = fixture("qwen35");
+    let nodes = [
+        ExpertNodeProcess::start(&dir, "0-3", &[]).expect("node"),
+        ExpertNodeProcess::start(&dir, "4-7", &[]).expect("node"),
+    ];
+    let at = format!("{},{}", nodes[0].addr(), nodes[1].addr());
+    let router = RouterProcess::start(&dir, &["--experts-at", &at]).expect("router");
+    let url = router.url();
+    let lm = LoadedModel::load(&dir).expect("loads");
+
+    let (status, models) =
+        reqwest::get(format!("{url}/v1/models")).await.map(|r| (r.status().as_u16(), r)).expect("get");
+    assert_eq!(status, 200);
+    let models: Value = models.json().await.expect("json");
+    assert_eq!(models["data"][0]["id"], "qwen35");
+
+    // Greedy through HTTP and expert nodes equals the in-process engine.
+    let p = prompt(1);
+    let want = local_greedy(&lm, &p, 10);
+    let body =
+        json!({"model": "qwen35", "prompt": p, "max_tokens": 10, "temperature": 0, "ignore_eos": true, "logprobs": 2});
+    let (status, resp) = post(url, "/v1/completions", body.clone()).await;
+    assert_eq!(status, 200, "{resp}");
+    assert_eq!(resp["choices"][0]["text"], want);
+    assert_eq!(resp["choices"][0]["finish_reason"], "length");
+    assert_eq!(resp["usage"]["prompt_tokens"], p.len());
+    assert_eq!(resp["usage"]["completion_tokens"], 10);
+    assert_eq!(resp["choices"][0]["logprobs"]["token_logprobs"].as_array().map(Vec::len), Some(10));
+    assert_eq!(resp["object"], "text_completion");
+
+    // The same streamed: chunks add up to the same text, usage comes last, then [DONE].
+    let mut sbody = body.clone();
+    sbody["stream"] = json!(true);
+    sbody["stream_options"] = json!({"include_usage": true});
+    let events = sse(url, "/v1/completions", sbody).await;
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> =
+        events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).expect("json")).collect();
+    let text: String = chunks.iter().filter_map(|c| c["choices"][0]["text"].as_str()).collect();
+    assert_eq!(text, want);
+    let usage = &chunks.last().expect("usage chunk")["usage"];
+    assert_eq!(usage["completion_tokens"], 10);
+    assert!(chunks.iter().any(|c| c["choices"][0]["finish_reason"] == "length"));
+
+    // Echo, n > 1 with a seed, several prompts.
+    let (status, resp) =
+        post(url, "/v1/completions", json!({"prompt": ["ab", "cd"], "n": 2, "max_tokens": 3, "seed": 7, "echo": true}))
+            .await;
+    assert_eq!(status, 200, "{resp}");
+    let choices = resp["choices"].as_array().expect("choices");
+    assert_eq!(choices.len(), 4);
+    assert!(choices[0]["text"].as_str().is_some_and(|t| t.starts_with("ab")));
+    assert!(choices[3]["text"].as_str().is_some_and(|t| t.starts_with("cd")));
+
+    // Chat, both ways.
+    let chat = json!({"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 6, "temperature": 0, "logprobs": true, "top_logprobs": 2});
+    let (status, resp) = post(url, "/v1/chat/completions", chat.clone()).await;
+    assert_eq!(status, 200, "{resp}");
+    assert_eq!(resp["object"], "chat.completion");
+    assert_eq!(resp["choices"][0]["message"]["role"], "assistant");
+    let content = resp["choices"][0]["message"]["content"].as_str().expect("content").to_owned();
+    assert_eq!(resp["choices"][0]["logprobs"]["content"][0]["top_logprobs"].as_array().map(Vec::len), Some(2));
+    let mut schat = chat;
+    schat["stream"] = json!(true);
+    let events = sse(url, "/v1/chat/completions", schat).await;
+    let chunks: Vec<Value> =
+        events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).expect("json")).collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let streamed: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    assert_eq!(streamed, content);
+    assert_eq!(chunks[0]["object"], "chat.completion.chunk");
+
+    // Stop strings end the text before them, with finish_reason "stop".
+    let full = local_greedy(&lm, &p, 10);
+    if let Some(cut) = full.char_indices().nth(3).map(|(i, _)| i) {
+        let stop: String = full[cut..].chars().take(2).collect();
+        let (_, resp) = post(
+            url,
+            "/v1/completions",
+            json!({"prompt": p, "max_tokens": 10, "temperature": 0, "ignore_eos": true, "stop": [stop.clone()]}),
+        )
+        .await;
+        let text = resp["choices"][0]["text"].as_str().expect("text");
+        assert!(!text.contains(&stop), "{text:?} contains the stop string {stop:?}");
+        assert!(full.starts_with(text));
+        assert_eq!(resp["choices"][0]["finish_reason"], "stop");
+    }
+
+    for probe in ["/livez", "/readyz", "/health"] {
+        assert_eq!(reqwest::get(format!("{url}{probe}")).await.expect("probe").status().as_u16(), 200, "{probe}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_bad_request_gets_an_openai_error_naming_the_field() {
+    let dir = fixture("qwen35");
+    let router =
+        RouterProcess::start(&dir, &["--api-key", "k1", "--api-key", "k2", "--max-model-len", "256"]).expect("router");
+    let url = router.url();
+    let c = client();
+    let auth = |r: reqwest::RequestBuilder| r.bearer_auth("k2");
+
+    // 401 without or with a wrong key; both keys work.
+    for key in [None, Some("nope")] {
+        let mut r = c.post(format!("{url}/v1/completions")).json(&json!({"prompt": "x"}));
+        if let Some(k) = key {
+            r = r.bearer_auth(k);
+        }
+        let resp = r.send().await.expect("sent");
+        assert_eq!(resp.status().as_u16(), 401);
+        let body: Value = resp.json().await.expect("json");
+        assert_eq!(body["error"]["type"], "authentication_error");
+    }
+    let resp = c.get(format!("{url}/v1/models")).bearer_auth("k1").send().await.expect("sent");
+    assert_eq!(resp.status().as_u16(), 200);
+
+    let cases: Vec<(&str, Vec<u8>, u16, Option<&str>)> = vec![
+        ("/v1/completions", b"{\"prompt\": \"x\"".to_vec(), 400, None),
+        ("/v1/completions", b"[1, 2]".to_vec(), 400, None),
+        ("/v1/completions", b"{\"prompt\": \"\xff\xfe\"}".to_vec(), 400, None),
+        ("/v1/completions", br#"{"prompt": "x", "max_tokens": "ten"}"#.to_vec(), 422, Some("max_tokens")),
+        ("/v1/completions", br#"{"prompt": "x", "temperature": "hot"}"#.to_vec(), 422, Some("temperature")),
+        ("/v1/completions", br#"{"prompt": 5}"#.to_vec(), 422, Some("prompt")),
+        ("/v1/completions", br#"{"max_tokens": 5}"#.to_vec(), 422, Some("prompt")),
+        ("/v1/completions", br#"{"prompt": "x", "model": "gpt-4"}"#.to_vec(), 404, Some("model")),
+        ("/v1/completions", br#"{"prompt": "x", "max_tokens": 300}"#.to_vec(), 400, Some("max_tokens")),
+        ("/v1/completions", br#"{"prompt": "x", "max_tokens": 0}"#.to_vec(), 400, Some("max_tokens")),
+        ("/v1/completions", br#"{"prompt": "x", "max_tokens": -3}"#.to_vec(), 400, Some("max_tokens")),
+        ("/v1/completions", br#"{"prompt": "x", "temperature": -0.5}"#.to_vec(), 400, Some("temperature")),
+        ("/v1/completions", br#"{"prompt": "x", "top_p": 0}"#.to_vec(), 400, Some("top_p")),
+        ("/v1/completions", br#"{"prompt": "x", "top_p": 1.5}"#.to_vec(), 400, Some("top_p")),
+        ("/v1/completions", br#"{"prompt": "x", "n": 0}"#.to_vec(), 400, Some("n")),
+        ("/v1/completions", br#"{"prompt": [1, 99999]}"#.to_vec(), 400, Some("prompt")),
+        ("/v1/completions", br#"{"prompt": "x", "stop": 3}"#.to_vec(), 422, Some("stop")),
+        ("/v1/completions", br#"{"prompt": "x", "logprobs": 50}"#.to_vec(), 400, Some("logprobs")),
+        ("/v1/chat/completions", br#"{"messages": "hi"}"#.to_vec(), 422, Some("messages")),
+        ("/v1/chat/completions", br#"{"messages": [{"content": "hi"}]}"#.to_vec(), 422, Some("messages[0].role")),
+        (
+            "/v1/chat/completions",
+            br#"{"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0}"#.to_vec(),
+            400,
+            Some("max_completion_tokens"),
+        ),
+        (
+            "/v1/chat/completions",
+            br#"{"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 3}"#.to_vec(),
+            400,
+            Some("top_logprobs"),
+        ),
+    ];
+    for (path, body, status, param) in cases {
+        let resp = auth(c.post(format!("{url}{path}")))
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send()
+            .await
+            .expect("sent");
+        let got = resp.status().as_u16();
+        let json: Value = resp.json().await.expect("an OpenAI error body");
+        let shown = String::from_utf8_lossy(&body);
+        assert_eq!(got, status, "{shown}: {json}");
+        let e = &json["error"];
+        assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{shown}: {json}");
+        assert!(e["type"].is_string() && e.get("code").is_some(), "{shown}: {json}");
+        assert_eq!(e["param"].as_str(), param, "{shown}: {json}");
+    }
+
+    // 413 for a body over the limit.
+    let big = format!("{{\"prompt\": \"{}\"}}", "a".repeat(9 << 20));
+    let resp = auth(c.post(format!("{url}/v1/completions"))).body(big).send().await.expect("sent");
+    assert_eq!(resp.status().as_u16(), 413);
+
+    // Unknown fields are ignored; vLLM's extensions are honoured.
+    let (status, resp) = {
+        let r = auth(c.post(format!("{url}/v1/completions")))
+            .json(&json!({"prompt": "x", "max_tokens": 4, "min_tokens": 4, "ignore_eos": true, "repetition_penalty": 1.1,
+                          "skip_special_tokens": true, "stop_token_ids": [3], "frequency_penalty": 0, "user": "u", "best_of": 1}))
+            .send()
+            .await
+            .expect("sent");
+        (r.status().as_u16(), r.json::<Value>().await.expect("json"))
+    };
+    assert_eq!(status, 200, "{resp}");
+    assert_eq!(resp["usage"]["completion_tokens"], 4);
+
+    // The server goes on.
+    let mut router = router;
+    assert!(router.is_running());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_gets_429_with_retry_after() {
+    let dir = fixture("qwen35");
+    let router = RouterProcess::start(&dir, &["--max-running", "1", "--max-queue", "1"]).expect("router");
+    let url = router.url().to_owned();
+    let body = json!({"prompt": [1, 2, 3], "max_tokens": 2000, "ignore_eos": true, "temperature": 0});
+    // One runs, one waits; the rest are refused.
+    let c = client();
+    let mut running = Vec::new();
+    for _ in 0..2 {
+        let resp = c
+            .post(format!("{url}/v1/completions"))
+            .json(&json!({"stream": true, "prompt": [1, 2, 3], "max_tokens": 2000, "ignore_eos": true}))
+            .send()
+            .await
+            .expect("sent");
+        assert_eq!(resp.status().as_u16(), 200);
+        running.push(resp);
+    }
+    let resp = c.post(format!("{url}/v1/completions")).json(&body).send().await.expect("sent");
+    assert_eq!(resp.status().as_u16(), 429);
+    assert_eq!(resp.headers().get("retry-after").and_then(|v| v.to_str().ok()), Some("1"));
+    let e: Value = resp.json().await.expect("json");
+    assert_eq!(e["error"]["type"], "rate_limit_error");
+    drop(running);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_does_not_depend_on_load_and_disconnects_free_state() {
+    let dir = fixture("qwen35");
+    let router = RouterProcess::start(&dir, &[]).expect("router");
+    let url = router.url().to_owned();
+    let body = |i: u32| json!({"prompt": prompt(i), "max_tokens": 12, "temperature": 0, "ignore_eos": true});
+
+    let mut alone = Vec::new();
+    for i in 0..32 {
+        let (status, resp) = post(&url, "/v1/completions", body(i)).await;
+        assert_eq!(status, 200, "{resp}");
+        alone.push(resp["choices"][0]["text"].clone());
+    }
+    let together = futures::future::join_all((0..32).map(|i| {
+        let url = url.clone();
+        async move { post(&url, "/v1/completions", body(i)).await.1["choices"][0]["text"].clone() }
+    }))
+    .await;
+    assert_eq!(together, alone, "32 concurrent greedy requests differ from the same requests alone");
+
+    // A streaming client that leaves mid-generation: its sequence is cancelled and its state freed.
+    let resp = client()
+        .post(format!("{url}/v1/completions"))
+        .json(&json!({"prompt": [5, 6, 7], "max_tokens": 3000, "ignore_eos": true, "stream": true}))
+        .send()
+        .await
+        .expect("sent");
+    let mut stream = resp.bytes_stream();
+    for _ in 0..3 {
+        stream.next().await.expect("a chunk").expect("bytes");
+    }
+    assert_eq!(metric(&url, "moe_num_requests_running").await, 1.0);
+    assert!(metric(&url, "moe_state_bytes_reserved").await > 0.0);
+    drop(stream);
+    let started = Instant::now();
+    loop {
+        if metric(&url, "moe_num_requests_running").await == 0.0
+            && metric(&url, "moe_state_bytes_reserved").await == 0.0
+        {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "the disconnected sequence still runs");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(metric(&url, "moe_requests_cancelled_total").await >= 1.0);
+    eprintln!("a disconnected client's state was freed within {:?}", started.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_concurrent_streams_all_complete() {
+    let dir = fixture("qwen35");
+    let router = RouterProcess::start(&dir, &[]).expect("router");
+    let url = router.url().to_owned();
+    let c = client();
+    let started = Instant::now();
+    let results = futures::future::join_all((0..256u32).map(|i| {
+        let (c, url) = (c.clone(), url.clone());
+        async move {
+            let resp = c
+                .post(format!("{url}/v1/chat/completions"))
+                .json(&json!({"messages": [{"role": "user", "content": format!("client {i}")}], "max_tokens": 8, "stream": true, "ignore_eos": true}))
+                .send()
+                .await
+                .map_err(|e| e.to_string())?;
+            if resp.status().as_u16() != 200 {
+                return Err(format!("status {}", resp.status()));
+            }
+            let text = resp.text().await.map_err(|e| e.to_string())?;
+            if !text.trim_end().ends_with("data: [DONE]") || text.contains("\"error\"") {
+                return Err(format!("bad stream: {text}"));
+            }
+            Ok::<_, String>(text.matches("\"finish_reason\":\"length\"").count())
+        }
+    }))
+    .await;
+    let failures: Vec<_> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(failures.is_empty(), "{} of 256 streams failed, first: {:?}", failures.len(), failures.first());
+    assert!(results.iter().all(|r| r.as_ref().is_ok_and(|&n| n == 1)));
+    eprintln!("256 concurrent streams of 8 tokens finished in {:?}", started.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expert_node_lost_mid_stream_ends_it_with_an_error_event() {
+    let dir = fixture("qwen35");
+    let mut node = ExpertNodeProcess::start(&dir, "all", &[]).expect("node");
+    let router = RouterProcess::start(&dir, &["--experts-at", node.addr()]).expect("router");
+    let url = router.url().to_owned();
+    let resp = client()
+        .post(format!("{url}/v1/completions"))
+        .json(&json!({"prompt": [5, 6, 7], "max_tokens": 3000, "ignore_eos": true, "stream": true}))
+        .send()
+        .await
+        .expect("sent");
+    let mut stream = resp.bytes_stream();
+    stream.next().await.expect("a chunk").expect("bytes");
+    node.kill();
+    let mut rest = String::new();
+    while let Some(chunk) = stream.next().await {
+        rest.push_str(&String::from_utf8_lossy(&chunk.expect("bytes")));
+    }
+    let last = rest.trim_end().rsplit("\n\n").next().unwrap_or_default().to_owned();
+    let event: Value = serde_json::from_str(last.trim_start_matches("data: ")).expect("the last event is JSON");
+    assert!(event["error"]["message"].as_str().is_some_and(|m| m.contains(node.addr())), "{event}");
+    // The router stays up and says it is not ready.
+    assert_eq!(reqwest::get(format!("{url}/livez")).await.expect("livez").status().as_u16(), 200);
+    assert_eq!(reqwest::get(format!("{url}/readyz")).await.expect("readyz").status().as_u16(), 503);
+}
