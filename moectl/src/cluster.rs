@@ -29,7 +29,11 @@ impl LocalNode {
     /// large shard takes a while; its log goes to this process's stderr only with `verbose`).
     pub fn start(model: &Path, experts: &str, extra: &[String], verbose: bool) -> Result<Self> {
         let binary = expert_node_binary();
-        let mut child = Command::new(&binary)
+        let mut command = Command::new(&binary);
+        // Its own process group: Ctrl-C in the terminal reaches moectl only, which drains and then stops the nodes.
+        #[cfg(unix)]
+        std::os::unix::process::CommandExt::process_group(&mut command, 0);
+        let mut child = command
             .arg("--model")
             .arg(model)
             .args(["--listen", "127.0.0.1:0", "--experts", experts])
@@ -71,7 +75,15 @@ impl LocalNode {
 }
 
 impl Drop for LocalNode {
+    /// SIGTERM (the node answers what it has received), then SIGKILL after 3 s.
     fn drop(&mut self) {
+        let _ = Command::new("kill").arg(self.child.id().to_string()).stderr(Stdio::null()).status();
+        for _ in 0..60 {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

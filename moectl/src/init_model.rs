@@ -75,3 +75,8 @@ pub fn run(args: Args) -> Result<()> {
     );
     Ok(())
 }
+
+/// Writes `preset` with its defaults into `out` (which must not exist or be empty), with the same progress bar.
+pub fn write_preset(preset: Preset, out: &std::path::Path) -> Result<()> {
+    run(Args { preset, out: out.to_owned(), seed: 0, layers: None, shard_gib: 4.0, force: false })
+}

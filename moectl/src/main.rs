@@ -10,6 +10,7 @@ mod cluster;
 mod generate;
 mod init_model;
 mod remote;
+mod up;
 
 /// moe-mesh: expert-parallel serving of Qwen3.5-MoE / Qwen3-Next models.
 #[derive(Debug, Parser)]
@@ -21,6 +22,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Bring up a local cluster: expert-node processes and an OpenAI-compatible router (the demo model by default).
+    Up(up::Args),
     /// Generate text from a prompt with a model directory (in this process, or with the experts on expert nodes).
     Generate(generate::Args),
     /// Write a random-weight model in the official Qwen3.5 checkpoint layout.
@@ -75,6 +78,7 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let result = match cli.command {
+        Command::Up(args) => up::run(args),
         Command::Generate(args) => generate::run(args),
         Command::InitModel(args) => init_model::run(args),
         Command::BenchModel(args) => bench_model::run(args),

@@ -27,7 +27,7 @@ use crate::engine::{EngineHandle, Finish, SequenceEvent, SequenceParams, Sequenc
 /// Settings of the HTTP front end.
 #[derive(Debug, Clone)]
 pub struct ApiConfig {
-    /// The model id clients send and `/v1/models` lists.
+    /// The model id clients send and `/v1/models` lists (empty: the model directory's name).
     pub model_name: String,
     /// Accepted bearer tokens; empty means no authentication.
     pub api_keys: Vec<String>,
@@ -42,7 +42,7 @@ pub struct ApiConfig {
 impl Default for ApiConfig {
     fn default() -> Self {
         ApiConfig {
-            model_name: "model".into(),
+            model_name: String::new(),
             api_keys: Vec::new(),
             max_body_bytes: 8 << 20,
             max_model_len: 4096,

@@ -1,0 +1,180 @@
+//! `moectl up`: a whole local cluster from one command. Expert-node processes on loopback host the routed experts,
+//! split evenly; a router in this process serves the OpenAI-compatible API. Ctrl-C stops everything.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use moe_model::synth::Preset;
+use moe_model::{ModelConfig, Residency};
+use router_node::engine::EngineConfig;
+use router_node::http::ApiConfig;
+use router_node::remote::RemoteOptions;
+use router_node::server::{ExpertsAt, RouterOptions};
+
+use crate::cluster::{even_split, LocalNode};
+use crate::remote::WireDtype;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Model directory [default: the `demo` preset, written once into the cache directory].
+    #[arg(long, env = "MOE_MODEL")]
+    model: Option<PathBuf>,
+    /// Expert-node processes to start (the experts are split evenly); 0 keeps them in the router.
+    #[arg(long, default_value_t = 2)]
+    expert_nodes: usize,
+    /// HTTP port of the router (0 picks a free one).
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// Address to serve HTTP on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: std::net::IpAddr,
+    /// Accepted API key (repeatable); without any, no authentication.
+    #[arg(long = "api-key", env = "MOE_API_KEYS", value_delimiter = ',')]
+    api_keys: Vec<String>,
+    /// Element type on the wire between router and expert nodes.
+    #[arg(long, value_enum, default_value_t = WireDtype::F32)]
+    wire_dtype: WireDtype,
+    /// Most tokens per forward step.
+    #[arg(long, default_value_t = 512)]
+    max_batch_tokens: usize,
+    /// Micro-batches per step (ping-pong between attention and the experts).
+    #[arg(long, default_value_t = 1)]
+    micro_batches: usize,
+    /// Show the expert nodes' logs.
+    #[arg(long)]
+    verbose: bool,
+}
+
+/// Where the default model lives: `$MOE_MESH_CACHE`, else `$XDG_CACHE_HOME/moe-mesh`, else `~/.cache/moe-mesh`.
+fn cache_dir() -> Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("MOE_MESH_CACHE") {
+        return Ok(PathBuf::from(dir));
+    }
+    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
+        return Ok(PathBuf::from(dir).join("moe-mesh"));
+    }
+    let home =
+        std::env::var_os("HOME").context("neither MOE_MESH_CACHE, XDG_CACHE_HOME nor HOME is set; pass --model")?;
+    Ok(PathBuf::from(home).join(".cache").join("moe-mesh"))
+}
+
+fn spinner(message: String) -> ProgressBar {
+    let bar = ProgressBar::new_spinner();
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {msg} [{elapsed}]")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
+    bar.set_message(message);
+    bar.enable_steady_tick(Duration::from_millis(100));
+    bar
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let started = Instant::now();
+    let model = match &args.model {
+        Some(dir) => dir.clone(),
+        None => {
+            let dir = cache_dir()?.join("models").join("demo");
+            if dir.join("config.json").exists() {
+                eprintln!("using the demo model cached in {}", dir.display());
+            } else {
+                eprintln!("no --model: writing the demo model (random weights) once into {}", dir.display());
+                crate::init_model::write_preset(Preset::Demo, &dir)?;
+            }
+            dir
+        }
+    };
+    let config =
+        ModelConfig::from_file(&model.join("config.json")).with_context(|| format!("reading {}", model.display()))?;
+    if args.expert_nodes > config.num_experts {
+        bail!("--expert-nodes {}: the model has only {} experts per layer", args.expert_nodes, config.num_experts);
+    }
+    if args.max_batch_tokens == 0 || args.micro_batches == 0 {
+        bail!("--max-batch-tokens and --micro-batches must be positive");
+    }
+    // Bind first: a taken port fails before anything loads.
+    let addr = SocketAddr::new(args.host, args.port);
+    let listener = std::net::TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
+    listener.set_nonblocking(true)?;
+    let addr = listener.local_addr()?;
+
+    let mut nodes = Vec::new();
+    if args.expert_nodes > 0 {
+        let specs = even_split(config.num_experts, args.expert_nodes);
+        let bar = spinner(format!("starting {} expert nodes (experts {})", args.expert_nodes, specs.join(" | ")));
+        let started =
+            specs.iter().map(|spec| LocalNode::start(&model, spec, &[], args.verbose)).collect::<Result<Vec<_>>>();
+        bar.finish_and_clear();
+        nodes = started.context("starting the expert nodes")?;
+        for (node, spec) in nodes.iter().zip(&specs) {
+            eprintln!("expert node on {} hosts experts {spec} of every layer", node.addr);
+        }
+    }
+    let experts = if nodes.is_empty() {
+        ExpertsAt::Local
+    } else {
+        let wire = match args.wire_dtype {
+            WireDtype::F32 => moe_proto::v1::Dtype::F32,
+            WireDtype::Bf16 => moe_proto::v1::Dtype::Bf16,
+        };
+        ExpertsAt::Nodes(
+            nodes.iter().map(|n| n.addr.clone()).collect(),
+            RemoteOptions { wire_dtype: wire, ..RemoteOptions::default() },
+        )
+    };
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("loading the router's weights [{bar:40}] {bytes}/{total_bytes}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let options = RouterOptions {
+        model: model.clone(),
+        residency: Residency::Resident,
+        experts,
+        engine: EngineConfig {
+            max_batch_tokens: args.max_batch_tokens,
+            micro_batches: args.micro_batches,
+            ..EngineConfig::default()
+        },
+        api: ApiConfig { api_keys: args.api_keys.clone(), ..ApiConfig::default() },
+    };
+    let prepared = router_node::server::prepare(options, &|done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+    });
+    bar.finish_and_clear();
+    let router_node::server::PreparedRouter { state, engine } = prepared.context("starting the router")?;
+    let name = state.config.model_name.clone();
+
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        let url = format!("http://{addr}");
+        let key = args.api_keys.first().map(|k| format!(" -H 'Authorization: Bearer {k}'")).unwrap_or_default();
+        println!("moe-mesh is up in {:.1} s: model `{name}` at {url}/v1 ({} expert nodes)", started.elapsed().as_secs_f64(), nodes.len());
+        println!(
+            "try:\n  curl -s {url}/v1/chat/completions -H 'Content-Type: application/json'{key} \\\n    -d '{{\"model\": \"{name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}], \"max_tokens\": 32}}'"
+        );
+        println!("Ctrl-C stops the cluster.");
+        let drain = Arc::clone(&state);
+        router_node::http::serve(listener, router_node::http::router(Arc::clone(&state)), async move {
+            let _ = tokio::signal::ctrl_c().await;
+            drain.draining.store(true, Ordering::Release);
+            eprintln!("\nstopping: requests in flight finish, then the expert nodes stop");
+        })
+        .await?;
+        anyhow::Ok(())
+    })?;
+    // The router's streams close before the nodes stop, so nothing reports them as failed.
+    drop(state);
+    let _ = engine.join();
+    drop(nodes);
+    eprintln!("stopped");
+    Ok(())
+}
