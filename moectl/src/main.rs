@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod bench_dataplane;
 mod bench_model;
 mod cluster;
@@ -24,6 +25,8 @@ struct Cli {
 enum Command {
     /// Bring up a local cluster: expert-node processes and an OpenAI-compatible router (the demo model by default).
     Up(up::Args),
+    /// Load-test an OpenAI-compatible endpoint (this one or another) and report throughput, TTFT, TPOT and ITL.
+    Bench(bench::Args),
     /// Generate text from a prompt with a model directory (in this process, or with the experts on expert nodes).
     Generate(generate::Args),
     /// Write a random-weight model in the official Qwen3.5 checkpoint layout.
@@ -79,6 +82,7 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Up(args) => up::run(args),
+        Command::Bench(args) => bench::run(args),
         Command::Generate(args) => generate::run(args),
         Command::InitModel(args) => init_model::run(args),
         Command::BenchModel(args) => bench_model::run(args),
