@@ -4,7 +4,7 @@
 //! 1. drops sequences whose client went away (their state is freed at once),
 //! 2. admits queued requests while the state memory budget allows (each reserves its whole footprint up front: the
 //!    fixed Gated DeltaNet slots plus the KV pages of prompt + max_tokens, so a running sequence never has to be
-//!    preempted),
+//!    preempted; its KV caches are allocated at that size once, so the budget is what the process holds),
 //! 3. forms a batch under the token budget: one decode token for every running sequence that has finished its prompt,
 //!    then prompt chunks in arrival order with what is left,
 //! 4. runs it ([`Model::forward_pipelined`] with the configured micro-batches) and samples each sequence's next token.
@@ -292,7 +292,7 @@ impl Engine {
                     Ok(sampler) => {
                         reserved += need;
                         running.push(Running {
-                            state: self.model.new_state(),
+                            state: self.model.new_state_with_capacity(req.prompt.len() + req.params.max_tokens),
                             sampler,
                             fed: 0,
                             generated: Vec::new(),

@@ -1,5 +1,6 @@
 //! The OpenAI-compatible HTTP API (axum): `/v1/completions`, `/v1/chat/completions` (SSE with `stream: true`),
-//! `/v1/models`, probes (`/livez`, `/readyz`, `/health`, `/ready`) and `/metrics`.
+//! `/v1/models`, vLLM's `/tokenize` and `/detokenize`, probes (`/livez`, `/readyz`, `/health`, `/ready`) and
+//! `/metrics`.
 //!
 //! Bodies are read under a size limit and parsed by hand from JSON values, so that every bad field gets an OpenAI
 //! error naming it (`{"error": {"message", "type", "param", "code"}}`) and unknown fields are ignored. Each choice is
@@ -109,6 +110,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
         .route("/livez", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/ready", get(readyz))
@@ -243,6 +246,57 @@ async fn models(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Resul
     .into_response())
 }
 
+/// vLLM's `/tokenize`: `prompt` (a string) or `messages` (through the chat template) to token ids.
+async fn tokenize(State(state): State<Arc<AppState>>, req: Request) -> Result<Response, ApiError> {
+    authorize(&state, req.headers())?;
+    let body = read_json(&state, req).await?;
+    let f = Fields(&body);
+    check_model(&state, &f)?;
+    let tokens = if f.get("messages").is_some() {
+        parse_messages(&state, &f)?
+    } else {
+        let text =
+            f.string("prompt")?.ok_or_else(|| ApiError::schema("prompt", "`prompt` or `messages` is required"))?;
+        let special = f.bool("add_special_tokens")?.unwrap_or(true);
+        state.tokenizer.encode(text, special).map_err(|e| ApiError::invalid("prompt", e.to_string()))?
+    };
+    Ok(axum::Json(json!({"count": tokens.len(), "max_model_len": state.config.max_model_len, "tokens": tokens}))
+        .into_response())
+}
+
+/// vLLM's `/detokenize`: token ids to text.
+async fn detokenize(State(state): State<Arc<AppState>>, req: Request) -> Result<Response, ApiError> {
+    authorize(&state, req.headers())?;
+    let body = read_json(&state, req).await?;
+    let f = Fields(&body);
+    check_model(&state, &f)?;
+    let ids: Vec<u32> = match f.get("tokens") {
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|v| {
+                v.as_u64().filter(|&t| (t as usize) < state.vocab_size).map(|t| t as u32).ok_or_else(|| {
+                    ApiError::invalid("tokens", format!("token ids must be integers below {}", state.vocab_size))
+                })
+            })
+            .collect::<Result<_, _>>()?,
+        _ => return Err(ApiError::schema("tokens", "`tokens` must be a list of token ids")),
+    };
+    let text = state.tokenizer.decode(&ids, false).map_err(|e| ApiError::invalid("tokens", e.to_string()))?;
+    Ok(axum::Json(json!({"prompt": text})).into_response())
+}
+
+fn check_model(state: &AppState, f: &Fields<'_>) -> Result<(), ApiError> {
+    match f.string("model")? {
+        Some(model) if model != state.config.model_name => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("the model `{model}` does not exist (this server serves `{}`)", state.config.model_name),
+            Some("model"),
+            "model_not_found",
+        )),
+        _ => Ok(()),
+    }
+}
+
 fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     if state.config.api_keys.is_empty() {
         return Ok(());
@@ -359,16 +413,7 @@ struct Common {
 }
 
 fn parse_common(state: &AppState, f: &Fields<'_>, chat: bool) -> Result<Common, ApiError> {
-    if let Some(model) = f.string("model")? {
-        if model != state.config.model_name {
-            return Err(ApiError::new(
-                StatusCode::NOT_FOUND,
-                format!("the model `{model}` does not exist (this server serves `{}`)", state.config.model_name),
-                Some("model"),
-                "model_not_found",
-            ));
-        }
-    }
+    check_model(state, f)?;
     let stream = f.bool("stream")?.unwrap_or(false);
     let include_usage = match f.get("stream_options") {
         None => false,
