@@ -4,7 +4,7 @@
 //! 1. drops sequences whose client went away (their state is freed at once),
 //! 2. admits queued requests while the state memory budget allows (each reserves its whole footprint up front: the
 //!    fixed Gated DeltaNet slots plus the KV pages of prompt + max_tokens, so a running sequence never has to be
-//!    preempted; its KV caches are allocated at that size once, so the budget is what the process holds),
+//!    preempted; the caches grow a page at a time, so a sequence holds at most what it reserved),
 //! 3. forms a batch under the token budget: one decode token for every running sequence that has finished its prompt,
 //!    then prompt chunks in arrival order with what is left,
 //! 4. runs it ([`Model::forward_pipelined`] with the configured micro-batches) and samples each sequence's next token.
@@ -32,8 +32,6 @@ pub struct EngineConfig {
     pub max_queue: usize,
     /// Memory for per-sequence state (KV pages and Gated DeltaNet slots), in bytes.
     pub state_budget_bytes: u64,
-    /// Tokens per KV page (the unit of accounting).
-    pub page_tokens: usize,
     /// Micro-batches per step (ping-pong with remote experts).
     pub micro_batches: usize,
 }
@@ -45,7 +43,6 @@ impl Default for EngineConfig {
             max_running: 256,
             max_queue: 1024,
             state_budget_bytes: 4 << 30,
-            page_tokens: 16,
             micro_batches: 1,
         }
     }
@@ -223,7 +220,7 @@ pub fn start(
 ) -> std::io::Result<(EngineHandle, std::thread::JoinHandle<()>)> {
     let (tx, rx) = mpsc::channel();
     let stats = Arc::new(EngineStats::default());
-    let footprint = Footprint::new(&model, config.page_tokens.max(1));
+    let footprint = Footprint::new(&model, moe_model::state::KV_PAGE_TOKENS);
     let handle = EngineHandle {
         tx,
         stats: Arc::clone(&stats),
@@ -292,7 +289,7 @@ impl Engine {
                     Ok(sampler) => {
                         reserved += need;
                         running.push(Running {
-                            state: self.model.new_state_with_capacity(req.prompt.len() + req.params.max_tokens),
+                            state: self.model.new_state(),
                             sampler,
                             fed: 0,
                             generated: Vec::new(),

@@ -131,7 +131,6 @@ fn options(args: &Args) -> Result<RouterOptions> {
             max_queue: args.max_queue,
             state_budget_bytes: (args.state_budget_gib * (1u64 << 30) as f64) as u64,
             micro_batches: args.micro_batches,
-            ..EngineConfig::default()
         },
         api: ApiConfig {
             model_name: args.served_model_name.clone().unwrap_or_default(),

@@ -128,20 +128,6 @@ impl Model {
         SequenceState::new(&self.config, self.id)
     }
 
-    /// A fresh state whose KV caches hold `tokens` positions without growing, so that a server that budgets memory
-    /// per sequence gets exactly what it reserved (a growing `Vec` may otherwise hold up to twice its length).
-    pub fn new_state_with_capacity(&self, tokens: usize) -> SequenceState {
-        let mut state = self.new_state();
-        let width = self.config.num_key_value_heads * self.config.head_dim;
-        for layer in &mut state.layers {
-            if let crate::state::LayerState::Attention { k, v } = layer {
-                k.reserve_exact(tokens * width);
-                v.reserve_exact(tokens * width);
-            }
-        }
-        state
-    }
-
     /// Bytes of non-expert weights one decode step reads (mixers, router, shared expert, dense MLPs, LM head; the
     /// embedding row is negligible). Add `top_k × expert bytes` per MoE layer for the routed experts.
     pub fn dense_weight_bytes(&self) -> usize {

@@ -1,19 +1,66 @@
-//! Per-sequence decode state: a KV cache for each full-attention layer and a fixed-size slot (conv window and fp32
-//! recurrent state) for each Gated DeltaNet layer.
+//! Per-sequence decode state: a paged KV cache for each full-attention layer and a fixed-size slot (conv window and
+//! fp32 recurrent state) for each Gated DeltaNet layer.
+//!
+//! The KV cache grows a page of [`KV_PAGE_TOKENS`] positions at a time: a sequence never holds more than one partly
+//! used page per cache, growth never copies what is cached, and a server can account for memory in pages.
 //!
 //! Invariant: every layer's state describes exactly the first `position` tokens of the sequence. The forward pass
 //! advances all layers and then `position` together; a failed forward leaves the state unusable (callers drop it).
 
 use crate::config::{LayerKind, ModelConfig};
 
+/// Positions per KV page.
+pub const KV_PAGE_TOKENS: usize = 16;
+
+/// Rows of `width` values stored in pages of [`KV_PAGE_TOKENS`] rows.
+#[derive(Debug, Clone)]
+pub(crate) struct PagedRows {
+    width: usize,
+    pages: Vec<Box<[f32]>>,
+    len: usize,
+}
+
+impl PagedRows {
+    fn new(width: usize) -> Self {
+        PagedRows { width, pages: Vec::new(), len: 0 }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Appends `row` and returns the stored copy (for in-place norms and RoPE).
+    pub(crate) fn push(&mut self, row: &[f32]) -> &mut [f32] {
+        debug_assert_eq!(row.len(), self.width);
+        let (page, slot) = (self.len / KV_PAGE_TOKENS, self.len % KV_PAGE_TOKENS);
+        if page == self.pages.len() {
+            self.pages.push(vec![0f32; KV_PAGE_TOKENS * self.width].into_boxed_slice());
+        }
+        self.len += 1;
+        let stored = &mut self.pages[page][slot * self.width..(slot + 1) * self.width];
+        stored.copy_from_slice(row);
+        stored
+    }
+
+    /// Row `j` (< `len`).
+    pub(crate) fn row(&self, j: usize) -> &[f32] {
+        let (page, slot) = (j / KV_PAGE_TOKENS, j % KV_PAGE_TOKENS);
+        &self.pages[page][slot * self.width..(slot + 1) * self.width]
+    }
+
+    fn bytes(&self) -> usize {
+        self.pages.len() * KV_PAGE_TOKENS * self.width * 4
+    }
+}
+
 /// The state of one layer for one sequence.
 #[derive(Debug, Clone)]
 pub(crate) enum LayerState {
     Attention {
-        /// Keys after k_norm and RoPE, `[position][nkv·hd]`.
-        k: Vec<f32>,
-        /// Values, `[position][nkv·hd]`.
-        v: Vec<f32>,
+        /// Keys after k_norm and RoPE, a row of `nkv·hd` per position.
+        k: PagedRows,
+        /// Values, a row of `nkv·hd` per position.
+        v: PagedRows,
     },
     Linear {
         /// The last K−1 pre-conv inputs, `[K−1][C]`, oldest first; zeros before the sequence starts.
@@ -38,7 +85,10 @@ impl SequenceState {
             .layer_types
             .iter()
             .map(|kind| match kind {
-                LayerKind::Full => LayerState::Attention { k: Vec::new(), v: Vec::new() },
+                LayerKind::Full => {
+                    let width = cfg.num_key_value_heads * cfg.head_dim;
+                    LayerState::Attention { k: PagedRows::new(width), v: PagedRows::new(width) }
+                }
                 LayerKind::Linear => LayerState::Linear {
                     conv: vec![0.0; (cfg.linear_conv_kernel_dim - 1) * cfg.linear_conv_channels()],
                     s: vec![0.0; cfg.linear_num_value_heads * cfg.linear_key_head_dim * cfg.linear_value_head_dim],
@@ -53,12 +103,12 @@ impl SequenceState {
         self.position
     }
 
-    /// Bytes of memory the state holds now.
+    /// Bytes of memory the state holds now (whole KV pages).
     pub fn bytes(&self) -> usize {
         self.layers
             .iter()
             .map(|l| match l {
-                LayerState::Attention { k, v } => (k.len() + v.len()) * 4,
+                LayerState::Attention { k, v } => k.bytes() + v.bytes(),
                 LayerState::Linear { conv, s } => (conv.len() + s.len()) * 4,
             })
             .sum()

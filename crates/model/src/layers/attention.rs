@@ -8,7 +8,7 @@ use crate::cpu::matmul::matmul;
 use crate::cpu::ops::{dot, rms_norm_offset, sigmoid, Rope};
 use crate::error::Result;
 use crate::layers::{split_rows, Span};
-use crate::state::LayerState;
+use crate::state::{LayerState, PagedRows};
 use crate::weights::{Checkpoint, Mat};
 
 #[derive(Debug)]
@@ -86,14 +86,14 @@ impl Attention {
         qg: &mut [f32],
         (k_new, v_new): (&[f32], &[f32]),
         span: &Span,
-        k_cache: &mut Vec<f32>,
-        v_cache: &mut Vec<f32>,
+        k_cache: &mut PagedRows,
+        v_cache: &mut PagedRows,
         rope: &Rope,
         o: &mut [f32],
     ) {
         let (nh, nkv, hd) = (self.heads, self.kv_heads, self.head_dim);
         let kvw = nkv * hd;
-        debug_assert_eq!(k_cache.len(), span.pos * kvw, "cache length matches the sequence position");
+        debug_assert_eq!(k_cache.len(), span.pos, "cache length matches the sequence position");
         for t in 0..span.len {
             let pos = span.pos + t;
             for h in 0..nh {
@@ -101,11 +101,9 @@ impl Attention {
                 rms_norm_offset(q, &self.q_norm, self.eps);
                 rope.apply(q, pos);
             }
-            let start = k_cache.len();
-            k_cache.extend_from_slice(&k_new[t * kvw..(t + 1) * kvw]);
-            v_cache.extend_from_slice(&v_new[t * kvw..(t + 1) * kvw]);
-            for g in 0..nkv {
-                let kh = &mut k_cache[start + g * hd..start + (g + 1) * hd];
+            v_cache.push(&v_new[t * kvw..(t + 1) * kvw]);
+            let k_row = k_cache.push(&k_new[t * kvw..(t + 1) * kvw]);
+            for kh in k_row.chunks_exact_mut(hd) {
                 rms_norm_offset(kh, &self.k_norm, self.eps);
                 rope.apply(kh, pos);
             }
@@ -125,7 +123,7 @@ impl Attention {
                 let g = h / group;
                 let mut max = f32::NEG_INFINITY;
                 for (j, s) in scores.iter_mut().enumerate() {
-                    let kr = &k_cache[j * kvw + g * hd..j * kvw + (g + 1) * hd];
+                    let kr = &k_cache.row(j)[g * hd..(g + 1) * hd];
                     *s = dot(q, kr) * scale;
                     max = max.max(*s);
                 }
@@ -139,7 +137,7 @@ impl Attention {
                 out.fill(0.0);
                 for (j, s) in scores.iter().enumerate() {
                     let p = s * inv;
-                    let vr = &v_cache[j * kvw + g * hd..j * kvw + (g + 1) * hd];
+                    let vr = &v_cache.row(j)[g * hd..(g + 1) * hd];
                     for (a, b) in out.iter_mut().zip(vr) {
                         *a += p * b;
                     }
