@@ -736,6 +736,7 @@ struct ChoiceSpec {
 fn start_choice(state: &Arc<AppState>, spec: ChoiceSpec) -> Result<mpsc::Receiver<Delta>, ApiError> {
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let cancel = Arc::new(AtomicBool::new(false));
+    let prompt_tokens = spec.prompt.len();
     state
         .engine
         .submit(SequenceRequest {
@@ -773,11 +774,7 @@ fn start_choice(state: &Arc<AppState>, spec: ChoiceSpec) -> Result<mpsc::Receive
                         let _ =
                             tx.send(Delta::Text { text: piece, logprobs: std::mem::take(&mut pending_logprobs) }).await;
                         let _ = tx
-                            .send(Delta::Finished {
-                                reason: "stop",
-                                prompt_tokens: 0,
-                                completion_tokens: text.ids.len(),
-                            })
+                            .send(Delta::Finished { reason: "stop", prompt_tokens, completion_tokens: text.ids.len() })
                             .await;
                         return;
                     }
