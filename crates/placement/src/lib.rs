@@ -1,3 +1,8 @@
-//! Expert placement: the PlacementStore trait with etcd and in-memory implementations, node registry and leases, placement epochs and the balancer.
+//! Expert placement: the balancer that decides which node hosts which replicas of which expert.
 //!
-//! Not built yet: the model engine (moe-model) comes first; this crate is filled in by its own issue.
+//! The `PlacementStore` trait with its etcd and in-memory implementations, the node registry with leases and the
+//! placement epochs come with the placement issue; [`balance`] is the pure part, usable (and tested) on its own.
+
+pub mod balance;
+
+pub use balance::{balance, contiguous, Assignment, BalanceError, NodeCapacity};
