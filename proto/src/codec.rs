@@ -31,28 +31,17 @@ pub fn encode(values: &[f32], dtype: Dtype) -> Bytes {
 
 /// Decodes `bytes` of `dtype` into `out`, which must hold exactly `bytes.len() / size` values.
 pub fn decode_into(bytes: &[u8], dtype: Dtype, out: &mut [f32]) -> Result<(), LengthMismatch> {
-    let size = dtype.size().ok_or(LengthMismatch { bytes: bytes.len(), values: out.len(), size: 0 })?;
-    if bytes.len() != out.len() * size {
-        return Err(LengthMismatch { bytes: bytes.len(), values: out.len(), size });
-    }
-    match dtype {
-        Dtype::Bf16 => {
-            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                *o = f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16);
-            }
-        }
-        Dtype::F32 => {
-            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
-                *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-            }
-        }
-        Dtype::Unspecified => unreachable!("size() is None"),
-    }
-    Ok(())
+    combine(bytes, dtype, out, |o, v| *o = v)
 }
 
 /// Adds the decoded `bytes` of `dtype` to `out` element by element.
 pub fn add_into(bytes: &[u8], dtype: Dtype, out: &mut [f32]) -> Result<(), LengthMismatch> {
+    combine(bytes, dtype, out, |o, v| *o += v)
+}
+
+/// Decodes each value of `bytes` and hands it to `f` with its slot of `out` (inlined, so each use vectorises).
+#[inline(always)]
+fn combine(bytes: &[u8], dtype: Dtype, out: &mut [f32], f: impl Fn(&mut f32, f32)) -> Result<(), LengthMismatch> {
     let size = dtype.size().ok_or(LengthMismatch { bytes: bytes.len(), values: out.len(), size: 0 })?;
     if bytes.len() != out.len() * size {
         return Err(LengthMismatch { bytes: bytes.len(), values: out.len(), size });
@@ -60,12 +49,12 @@ pub fn add_into(bytes: &[u8], dtype: Dtype, out: &mut [f32]) -> Result<(), Lengt
     match dtype {
         Dtype::Bf16 => {
             for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                *o += f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16);
+                f(o, f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16));
             }
         }
         Dtype::F32 => {
             for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
-                *o += f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                f(o, f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
             }
         }
         Dtype::Unspecified => unreachable!("size() is None"),
