@@ -12,6 +12,8 @@ use anyhow::{bail, Context, Result};
 use futures::StreamExt;
 use serde_json::{json, Value};
 
+use crate::bench_model::tokens;
+
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Base URL of the server, e.g. http://127.0.0.1:8000 (with or without /v1).
@@ -58,22 +60,10 @@ struct Outcome {
     output_tokens: usize,
 }
 
-fn prompt(i: usize, len: usize, vocab: u32, seed: u64) -> Vec<u32> {
-    let mut s = (seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)).wrapping_add(1);
-    (0..len)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s % u64::from(vocab.max(1))) as u32
-        })
-        .collect()
-}
-
 async fn one(client: &reqwest::Client, url: &str, args: &Args, i: usize) -> Outcome {
     let body = json!({
         "model": args.model,
-        "prompt": prompt(i, args.input_len, args.vocab, args.seed),
+        "prompt": tokens(args.input_len, args.seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15), args.vocab.max(1) as usize),
         "max_tokens": args.output_len,
         "min_tokens": args.output_len,
         "ignore_eos": true,

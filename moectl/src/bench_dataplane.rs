@@ -17,6 +17,7 @@ use moe_proto::v1::Dtype;
 use router_node::{RemoteExperts, RemoteOptions};
 use serde_json::json;
 
+use crate::bench_model::tokens;
 use crate::cluster::{even_split, LocalNode};
 
 #[derive(Debug, clap::Args)]
@@ -59,18 +60,6 @@ pub struct Args {
     /// Print the results as one JSON object too.
     #[arg(long)]
     json: bool,
-}
-
-fn tokens(n: usize, seed: u64, vocab: usize) -> Vec<u32> {
-    let mut s = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s % vocab as u64) as u32
-        })
-        .collect()
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

@@ -39,7 +39,8 @@ pub struct Args {
     json: bool,
 }
 
-fn tokens(n: usize, seed: u64, vocab: usize) -> Vec<u32> {
+/// `n` pseudo-random token ids below `vocab`, the same for the same seed (the benchmarks' inputs).
+pub(crate) fn tokens(n: usize, seed: u64, vocab: usize) -> Vec<u32> {
     let mut s = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
     (0..n)
         .map(|_| {
