@@ -53,14 +53,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    moe_telemetry::init_logging("info");
     match run(Args::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -130,7 +123,7 @@ fn run(args: Args) -> Result<()> {
             let _ = stopped.await;
         }));
         tokio::select! {
-            _ = shutdown_signal() => {}
+            _ = moe_telemetry::shutdown_signal() => {}
             // The server only ends by itself on an error.
             done = &mut server => return done.context("the server task failed")?.map_err(Into::into),
         }
@@ -151,27 +144,4 @@ fn rayon_threads(threads: usize) -> Result<()> {
         bail!("--threads 0: need at least one");
     }
     moe_model::cpu::set_threads(threads).context("setting the compute threads")
-}
-
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!("cannot watch SIGTERM: {e}");
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-    tracing::info!("shutting down");
 }

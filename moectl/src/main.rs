@@ -72,14 +72,7 @@ fn load_model(dir: &std::path::Path, mapped: bool, with_experts: bool) -> anyhow
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    moe_telemetry::init_logging("warn");
     let result = match cli.command {
         Command::Up(args) => up::run(args),
         Command::Bench(args) => bench::run(args),

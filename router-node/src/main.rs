@@ -62,14 +62,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    moe_telemetry::init_logging("info");
     match run(Args::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -97,7 +90,7 @@ fn run(args: Args) -> Result<()> {
         let app = router_node::http::router(std::sync::Arc::clone(&state));
         let drain = std::sync::Arc::clone(&state);
         router_node::http::serve(listener, app, async move {
-            shutdown_signal().await;
+            moe_telemetry::shutdown_signal().await;
             drain.draining.store(true, std::sync::atomic::Ordering::Release);
             tracing::info!("draining: requests in flight finish, new connections are refused");
         })
@@ -139,20 +132,4 @@ fn options(args: &Args) -> Result<RouterOptions> {
             ..ApiConfig::default()
         },
     })
-}
-
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            tokio::select! {
-                _ = ctrl_c => {}
-                _ = term.recv() => {}
-            }
-            return;
-        }
-    }
-    let _ = ctrl_c.await;
 }

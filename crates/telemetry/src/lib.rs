@@ -1,3 +1,33 @@
-//! Telemetry: tracing and OpenTelemetry set-up, trace propagation over gRPC, Prometheus metrics.
-//!
-//! Not built yet: the model engine (moe-model) comes first; this crate is filled in by its own issue.
+//! Telemetry: logging set-up and process signals shared by the binaries. OpenTelemetry export, trace propagation
+//! over gRPC and Prometheus metrics come with the telemetry issue.
+
+/// Logs to stderr through `tracing`, filtered by `RUST_LOG` (else `default_level`), coloured only on a terminal.
+pub fn init_logging(default_level: &str) {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+/// Resolves on SIGINT (Ctrl-C) or, on Unix, SIGTERM: when a server should drain and stop.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+                return;
+            }
+            Err(e) => tracing::warn!("cannot watch SIGTERM: {e}"),
+        }
+    }
+    let _ = ctrl_c.await;
+}
