@@ -906,17 +906,20 @@ async fn completions(State(state): State<Arc<AppState>>, req: Request) -> Result
                 (index, delta, echo_text)
             })
         });
-        let usage_total = Arc::new(std::sync::Mutex::new((0usize, 0usize)));
+        let tally = Arc::new(StreamTally::default());
+        let tail = stream_tail(
+            Arc::clone(&tally),
+            common.include_usage,
+            id.clone(),
+            "text_completion",
+            created,
+            model.clone(),
+        );
         let st = Arc::clone(&state);
-        let include_usage = common.include_usage;
-        let (id2, model2) = (id.clone(), model.clone());
-        let usage2 = Arc::clone(&usage_total);
-        let failed = Arc::new(AtomicBool::new(false));
-        let failed2 = Arc::clone(&failed);
+        let n = common.n;
         let events = futures::stream::select_all(streams).filter_map(move |(index, delta, echo_text)| {
             let st = Arc::clone(&st);
-            let usage = Arc::clone(&usage_total);
-            let failed = Arc::clone(&failed);
+            let tally = Arc::clone(&tally);
             let (id, model) = (id.clone(), model.clone());
             async move {
                 let choice = match delta {
@@ -933,39 +936,16 @@ async fn completions(State(state): State<Arc<AppState>>, req: Request) -> Result
                         "finish_reason": Value::Null,
                     }),
                     Delta::Finished { reason, prompt_tokens, completion_tokens } => {
-                        if let Ok(mut u) = usage.lock() {
-                            u.0 += prompt_tokens;
-                            u.1 += completion_tokens;
-                        }
+                        // A prompt counts once however many choices it has, as in the non-streamed usage.
+                        tally.finished(if index % n == 0 { prompt_tokens } else { 0 }, completion_tokens);
                         json!({"index": index, "text": echo_text, "logprobs": Value::Null, "finish_reason": reason})
                     }
-                    Delta::Failed(why) => {
-                        failed.store(true, Ordering::Release);
-                        return Some(error_event(why));
-                    }
+                    Delta::Failed(why) => return Some(tally.error_event(why)),
                 };
                 let chunk = json!({"id": id, "object": "text_completion", "created": created, "model": model, "choices": [choice]});
                 Some(Event::default().data(chunk.to_string()))
             }
         });
-        let tail = futures::stream::once(async move {
-            let mut out = Vec::new();
-            // An error event is the stream's last.
-            if failed2.load(Ordering::Acquire) {
-                return futures::stream::iter(out);
-            }
-            if include_usage {
-                let (p, c) = usage2.lock().map(|u| *u).unwrap_or_default();
-                out.push(Event::default().data(
-                    json!({"id": id2, "object": "text_completion", "created": created, "model": model2, "choices": [],
-                           "usage": {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}})
-                    .to_string(),
-                ));
-            }
-            out.push(Event::default().data("[DONE]"));
-            futures::stream::iter(out)
-        })
-        .flatten();
         return Ok(sse(events, tail));
     }
 
@@ -1082,9 +1062,54 @@ fn chat_logprobs(tok: &Tokenizer, lps: &[TokenLogprob]) -> Value {
     json!({"content": content})
 }
 
-/// The final event of a stream whose sequence failed.
-fn error_event(why: String) -> Event {
-    Event::default().data(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, why, None, "engine_error").body().to_string())
+/// What a streaming response has seen, for its last events.
+#[derive(Default)]
+struct StreamTally {
+    failed: AtomicBool,
+    prompt_tokens: AtomicU64,
+    completion_tokens: AtomicU64,
+}
+
+impl StreamTally {
+    fn finished(&self, prompt_tokens: usize, completion_tokens: usize) {
+        self.prompt_tokens.fetch_add(prompt_tokens as u64, Ordering::Relaxed);
+        self.completion_tokens.fetch_add(completion_tokens as u64, Ordering::Relaxed);
+    }
+
+    /// The event that ends a stream whose sequence failed; nothing follows it.
+    fn error_event(&self, why: String) -> Event {
+        self.failed.store(true, Ordering::Release);
+        Event::default()
+            .data(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, why, None, "engine_error").body().to_string())
+    }
+}
+
+/// The events after the choices: a chunk with the usage when asked, then `[DONE]`; none after an error event.
+fn stream_tail(
+    tally: Arc<StreamTally>,
+    include_usage: bool,
+    id: String,
+    object: &'static str,
+    created: u64,
+    model: String,
+) -> impl futures::Stream<Item = Event> + Send + 'static {
+    futures::stream::once(async move {
+        let mut out = Vec::new();
+        if tally.failed.load(Ordering::Acquire) {
+            return futures::stream::iter(out);
+        }
+        if include_usage {
+            let p = tally.prompt_tokens.load(Ordering::Relaxed);
+            let c = tally.completion_tokens.load(Ordering::Relaxed);
+            let usage = json!({"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c});
+            let chunk =
+                json!({"id": id, "object": object, "created": created, "model": model, "choices": [], "usage": usage});
+            out.push(Event::default().data(chunk.to_string()));
+        }
+        out.push(Event::default().data("[DONE]"));
+        futures::stream::iter(out)
+    })
+    .flatten()
 }
 
 fn sse(
@@ -1129,9 +1154,16 @@ async fn chat_completions(State(state): State<Arc<AppState>>, req: Request) -> R
     let prompt_tokens = prompt.len();
     if common.stream {
         let st = Arc::clone(&state);
-        let (id2, model2) = (id.clone(), model.clone());
-        let completion_total = Arc::new(AtomicU64::new(0));
-        let completion2 = Arc::clone(&completion_total);
+        let tally = Arc::new(StreamTally::default());
+        tally.prompt_tokens.store(prompt_tokens as u64, Ordering::Relaxed);
+        let tail = stream_tail(
+            Arc::clone(&tally),
+            common.include_usage,
+            id.clone(),
+            "chat.completion.chunk",
+            created,
+            model.clone(),
+        );
         let n = common.n;
         let chunk = move |choice: Value| {
             json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]}).to_string()
@@ -1144,12 +1176,9 @@ async fn chat_completions(State(state): State<Arc<AppState>>, req: Request) -> R
             .into_iter()
             .enumerate()
             .map(|(index, rx)| tokio_stream::wrappers::ReceiverStream::new(rx).map(move |d| (index, d)));
-        let failed = Arc::new(AtomicBool::new(false));
-        let failed2 = Arc::clone(&failed);
         let events = futures::stream::select_all(streams).filter_map(move |(index, delta)| {
             let st = Arc::clone(&st);
-            let completion_total = Arc::clone(&completion_total);
-            let failed = Arc::clone(&failed);
+            let tally = Arc::clone(&tally);
             let chunk = chunk.clone();
             async move {
                 let choice = match delta {
@@ -1161,36 +1190,14 @@ async fn chat_completions(State(state): State<Arc<AppState>>, req: Request) -> R
                     }),
                     Delta::PromptLogprobs(_) => return None,
                     Delta::Finished { reason, completion_tokens, .. } => {
-                        completion_total.fetch_add(completion_tokens as u64, Ordering::Relaxed);
+                        tally.finished(0, completion_tokens);
                         json!({"index": index, "delta": {}, "logprobs": Value::Null, "finish_reason": reason})
                     }
-                    Delta::Failed(why) => {
-                        failed.store(true, Ordering::Release);
-                        return Some(error_event(why));
-                    }
+                    Delta::Failed(why) => return Some(tally.error_event(why)),
                 };
                 Some(Event::default().data(chunk(choice)))
             }
         });
-        let include_usage = common.include_usage;
-        let tail = futures::stream::once(async move {
-            let mut out = Vec::new();
-            if failed2.load(Ordering::Acquire) {
-                return futures::stream::iter(out);
-            }
-            if include_usage {
-                let c = completion2.load(Ordering::Relaxed) as usize;
-                let p = prompt_tokens;
-                out.push(Event::default().data(
-                    json!({"id": id2, "object": "chat.completion.chunk", "created": created, "model": model2, "choices": [],
-                           "usage": {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}})
-                    .to_string(),
-                ));
-            }
-            out.push(Event::default().data("[DONE]"));
-            futures::stream::iter(out)
-        })
-        .flatten();
         return Ok(sse(head.chain(events), tail));
     }
 
