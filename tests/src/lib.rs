@@ -1,5 +1,5 @@
-//! The harness of the end-to-end tests: paths to the workspace's binaries and fixtures, and real `expert-node`
-//! processes on free loopback ports, stopped when dropped.
+//! The harness of the end-to-end tests: paths to the workspace's binaries and fixtures, and real `expert-node` and
+//! `router-node` processes on free loopback ports, stopped when dropped.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -32,29 +32,27 @@ pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
 }
 
-/// A running `expert-node` process, listening on a free loopback port it picked itself (no port races).
-pub struct ExpertNodeProcess {
+/// A process of this workspace that serves on a free loopback port it picked itself (no port races) and announced
+/// with a `listening on ADDR` line; killed when dropped. Its stderr goes to a log file the tests can show.
+pub struct ServingProcess {
     child: Child,
     addr: String,
     log: tempfile::NamedTempFile,
 }
 
-impl ExpertNodeProcess {
-    /// Starts `expert-node --model MODEL --listen 127.0.0.1:0 --experts EXPERTS EXTRA...` and waits until it serves.
-    pub fn start(model: &Path, experts: &str, extra: &[&str]) -> Result<Self> {
-        let log = tempfile::NamedTempFile::new().context("creating the node's log file")?;
-        let mut child = Command::new(bin("expert-node"))
-            .arg("--model")
-            .arg(model)
-            .args(["--listen", "127.0.0.1:0", "--experts", experts, "--threads", "2"])
-            .args(extra)
+impl ServingProcess {
+    /// Starts `binary ARGS...` and waits until it prints where it listens.
+    fn start(binary: &str, args: &[&std::ffi::OsStr]) -> Result<Self> {
+        let log = tempfile::NamedTempFile::new().context("creating the log file")?;
+        let mut child = Command::new(bin(binary))
+            .args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(log.reopen().context("opening the node's log file")?)
+            .stderr(log.reopen().context("opening the log file")?)
             .spawn()
-            .context("spawning expert-node")?;
-        let stdout = child.stdout.take().context("the node's stdout")?;
+            .with_context(|| format!("spawning {binary}"))?;
+        let stdout = child.stdout.take().context("the process's stdout")?;
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
@@ -64,15 +62,15 @@ impl ExpertNodeProcess {
                 }
             }
         });
-        let mut node = ExpertNodeProcess { child, addr: String::new(), log };
+        let mut process = ServingProcess { child, addr: String::new(), log };
         match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(addr) => node.addr = addr,
-            Err(_) => bail!("expert-node --experts {experts} did not start serving:\n{}", node.log_text()),
+            Ok(addr) => process.addr = addr,
+            Err(_) => bail!("{binary} {args:?} did not start serving:\n{}", process.log_text()),
         }
-        Ok(node)
+        Ok(process)
     }
 
-    /// `127.0.0.1:PORT`.
+    /// What it announced: `127.0.0.1:PORT` for an expert node, `http://127.0.0.1:PORT` for a router.
     pub fn addr(&self) -> &str {
         &self.addr
     }
@@ -81,7 +79,7 @@ impl ExpertNodeProcess {
         self.child.id()
     }
 
-    /// Everything the node wrote on stderr so far.
+    /// Everything the process wrote on stderr so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(self.log.path()).unwrap_or_default()
     }
@@ -118,73 +116,73 @@ impl ExpertNodeProcess {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        bail!("expert-node did not stop within 15 s of SIGTERM:\n{}", self.log_text())
+        bail!("the process did not stop within 15 s of SIGTERM:\n{}", self.log_text())
     }
 }
 
-impl Drop for ExpertNodeProcess {
+impl Drop for ServingProcess {
     fn drop(&mut self) {
         self.kill();
     }
 }
 
-/// A running `router-node` process serving HTTP on a free loopback port.
-pub struct RouterProcess {
-    child: Child,
-    url: String,
-    log: tempfile::NamedTempFile,
+/// A running `expert-node`.
+pub struct ExpertNodeProcess(ServingProcess);
+
+impl ExpertNodeProcess {
+    /// Starts `expert-node --model MODEL --listen 127.0.0.1:0 --experts EXPERTS EXTRA...` and waits until it serves.
+    pub fn start(model: &Path, experts: &str, extra: &[&str]) -> Result<Self> {
+        let mut args: Vec<&std::ffi::OsStr> = vec!["--model".as_ref(), model.as_os_str()];
+        for a in
+            ["--listen", "127.0.0.1:0", "--experts", experts, "--threads", "2"].into_iter().chain(extra.iter().copied())
+        {
+            args.push(a.as_ref());
+        }
+        ServingProcess::start("expert-node", &args).map(ExpertNodeProcess)
+    }
 }
+
+/// A running `router-node` serving HTTP.
+pub struct RouterProcess(ServingProcess);
 
 impl RouterProcess {
     /// Starts `router-node --model MODEL --listen 127.0.0.1:0 EXTRA...` and waits until it serves.
     pub fn start(model: &Path, extra: &[&str]) -> Result<Self> {
-        let log = tempfile::NamedTempFile::new().context("creating the router's log file")?;
-        let mut child = Command::new(bin("router-node"))
-            .arg("--model")
-            .arg(model)
-            .args(["--listen", "127.0.0.1:0"])
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log.reopen().context("opening the router's log file")?)
-            .spawn()
-            .context("spawning router-node")?;
-        let stdout = child.stdout.take().context("the router's stdout")?;
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if let Some(url) = line.strip_prefix("listening on ") {
-                    let _ = tx.send(url.trim().to_owned());
-                }
-            }
-        });
-        let mut router = RouterProcess { child, url: String::new(), log };
-        match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(url) => router.url = url,
-            Err(_) => bail!("router-node did not start serving:\n{}", router.log_text()),
+        let mut args: Vec<&std::ffi::OsStr> = vec!["--model".as_ref(), model.as_os_str()];
+        for a in ["--listen", "127.0.0.1:0"].into_iter().chain(extra.iter().copied()) {
+            args.push(a.as_ref());
         }
-        Ok(router)
+        ServingProcess::start("router-node", &args).map(RouterProcess)
     }
 
     /// `http://127.0.0.1:PORT`.
     pub fn url(&self) -> &str {
-        &self.url
-    }
-
-    pub fn log_text(&self) -> String {
-        std::fs::read_to_string(self.log.path()).unwrap_or_default()
-    }
-
-    pub fn is_running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
+        self.0.addr()
     }
 }
 
-impl Drop for RouterProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+impl std::ops::Deref for ExpertNodeProcess {
+    type Target = ServingProcess;
+    fn deref(&self) -> &ServingProcess {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for ExpertNodeProcess {
+    fn deref_mut(&mut self) -> &mut ServingProcess {
+        &mut self.0
+    }
+}
+
+impl std::ops::Deref for RouterProcess {
+    type Target = ServingProcess;
+    fn deref(&self) -> &ServingProcess {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for RouterProcess {
+    fn deref_mut(&mut self) -> &mut ServingProcess {
+        &mut self.0
     }
 }
