@@ -186,3 +186,94 @@ impl std::ops::DerefMut for RouterProcess {
         &mut self.0
     }
 }
+
+impl ExpertNodeProcess {
+    /// Starts an expert node that joins `cluster` on the etcd at `etcd` (the controller assigns its experts).
+    pub fn join(model: &Path, etcd: &str, cluster: &str, extra: &[&str]) -> Result<Self> {
+        let mut args: Vec<&std::ffi::OsStr> = vec!["--model".as_ref(), model.as_os_str()];
+        for a in ["--listen", "127.0.0.1:0", "--etcd", etcd, "--cluster", cluster, "--threads", "2", "--lease-ttl-secs", "2"]
+            .into_iter()
+            .chain(extra.iter().copied())
+        {
+            args.push(a.as_ref());
+        }
+        ServingProcess::start("expert-node", &args).map(ExpertNodeProcess)
+    }
+}
+
+/// A free loopback port: bound, then released for the process about to use it.
+fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").context("binding a free port")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// A real etcd server (Debian's `etcd-server`, or `$MOE_ETCD_BIN`) on free loopback ports, with its data in a
+/// temporary directory; killed and removed when dropped.
+pub struct EtcdServer {
+    child: Child,
+    endpoint: String,
+    _dir: tempfile::TempDir,
+    log: PathBuf,
+}
+
+impl EtcdServer {
+    pub fn start() -> Result<Self> {
+        let binary = std::env::var("MOE_ETCD_BIN").unwrap_or_else(|_| "etcd".into());
+        let mut last = String::new();
+        // etcd cannot announce a port it picked itself, so ports are picked here; another process may take one in
+        // between, hence a few tries.
+        for _ in 0..5 {
+            let dir = tempfile::tempdir().context("creating etcd's data directory")?;
+            let (client, peer) = (free_port()?, free_port()?);
+            let log = dir.path().join("etcd.log");
+            let endpoint = format!("http://127.0.0.1:{client}");
+            let peer_url = format!("http://127.0.0.1:{peer}");
+            let child = Command::new(&binary)
+                .args(["--name", "test", "--data-dir"])
+                .arg(dir.path().join("data"))
+                .args(["--listen-client-urls", &endpoint, "--advertise-client-urls", &endpoint])
+                .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
+                .args(["--initial-cluster", &format!("test={peer_url}")])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log).context("creating etcd's log")?)
+                .spawn()
+                .with_context(|| {
+                    format!("starting {binary} (install Debian's etcd-server, or point $MOE_ETCD_BIN at etcd)")
+                })?;
+            let mut server = EtcdServer { child, endpoint, _dir: dir, log };
+            for _ in 0..200 {
+                if server.log_text().contains("ready to serve client requests") {
+                    return Ok(server);
+                }
+                if let Ok(Some(_)) = server.child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            last = server.log_text();
+        }
+        bail!("etcd did not start:\n{last}")
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Stops the server as a crash would (SIGKILL).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for EtcdServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

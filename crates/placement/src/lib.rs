@@ -1,8 +1,39 @@
-//! Expert placement: the balancer that decides which node hosts which replicas of which expert.
+//! Expert placement: where every routed expert lives, how that changes, and who decides.
 //!
-//! The `PlacementStore` trait with its etcd and in-memory implementations, the node registry with leases and the
-//! placement epochs come with the placement issue; [`balance`] is the pure part, usable (and tested) on its own.
+//! - [`store`]: the [`PlacementStore`] seam (leases, compare-and-set, change notification) with [`MemoryStore`];
+//!   [`etcd`] implements it on etcd v3.
+//! - [`cluster`]: the cluster's typed state in the store: members, placement epochs, readiness, load, drains.
+//! - [`session`]: a member's lease and the keys it keeps alive.
+//! - [`controller`]: the elected controller that writes placement epochs.
+//! - [`balance`]: the pure balancer (EPLB-style replication and packing).
 
 pub mod balance;
+pub mod cluster;
+pub mod controller;
+pub mod etcd;
+pub mod session;
+pub mod store;
 
 pub use balance::{balance, contiguous, Assignment, BalanceError, NodeCapacity};
+pub use cluster::{
+    unix_ms, Cluster, ClusterView, ControlRequest, LoadReport, Member, ModelShape, Outcome, PlacedNode, Placement,
+    RequestKind, Role,
+};
+pub use etcd::EtcdStore;
+pub use session::{Session, DEFAULT_TTL};
+pub use store::{Expect, LeaseId, MemoryStore, PlacementStore, StoreError};
+
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Opens the store an operator named: `memory` (this process only) or etcd endpoints, comma-separated.
+pub async fn open_store(etcd: Option<&str>) -> Result<Arc<dyn PlacementStore>, StoreError> {
+    match etcd {
+        None => Ok(Arc::new(MemoryStore::new())),
+        Some(list) => {
+            let endpoints: Vec<String> =
+                list.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect();
+            Ok(Arc::new(EtcdStore::connect(&endpoints, Duration::from_secs(5)).await?))
+        }
+    }
+}

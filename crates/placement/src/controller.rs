@@ -1,0 +1,293 @@
+//! The placement controller: one elected member (any router can be) that writes placement epochs.
+//!
+//! Each epoch is written in a transaction comparing the previous one, so a controller that lost its leadership
+//! without knowing it (leases can outlive their TTL around a leader change) cannot overwrite its successor's work;
+//! and because expert nodes refuse work for an epoch they do not serve, two placements never mix in one dispatch.
+//!
+//! What makes a new epoch, in order:
+//! 1. no placement yet: place every expert once, spread over the expert nodes (after membership settled);
+//! 2. an operator's request: `rebalance` (by measured load) or `apply` (a given placement, validated);
+//! 3. nodes joined: rebalance over all of them, so that they take load;
+//! 4. nodes left (dead, or draining): their experts without another replica go to the nodes with most room.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use crate::balance::{balance, Assignment, NodeCapacity};
+use crate::cluster::{ClusterView, Member, ModelShape, Outcome, PlacedNode, Placement, RequestKind};
+use crate::session::Session;
+use crate::store::Result;
+
+/// A decision: the next placement, and the request it answers.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    Write(Placement),
+    /// A request that cannot be carried out, with the reason.
+    Refuse { request: u64, reason: String },
+}
+
+/// The expert nodes that may host experts: registered, serving `shape`'s model, not draining, with room.
+pub fn eligible<'a>(view: &'a ClusterView, shape: &ModelShape) -> Vec<&'a Member> {
+    view.expert_nodes()
+        .filter(|m| m.fingerprint == shape.fingerprint && !view.drains.contains(&m.id) && shape.slots(m.memory_bytes) > 0)
+        .collect()
+}
+
+fn capacities(nodes: &[&Member], shape: &ModelShape) -> Vec<NodeCapacity> {
+    nodes.iter().map(|m| NodeCapacity { id: m.id.clone(), slots: shape.slots(m.memory_bytes) }).collect()
+}
+
+fn placed(nodes: &[&Member]) -> Vec<PlacedNode> {
+    nodes.iter().map(|m| PlacedNode { id: m.id.clone(), addr: m.addr.clone() }).collect()
+}
+
+/// A placement of `shape` over `nodes` balanced for `load` (`None`: one replica each, evenly spread).
+pub fn plan_balanced(
+    shape: &ModelShape,
+    nodes: &[&Member],
+    load: Option<&[Vec<f64>]>,
+    epoch: u64,
+    reason: &str,
+) -> std::result::Result<Placement, String> {
+    let zero = vec![vec![0.0; shape.num_experts as usize]; shape.moe_layers.len()];
+    let load = load.filter(|l| l.iter().flatten().any(|&v| v > 0.0)).unwrap_or(&zero);
+    let a = balance(load, shape.num_experts as usize, &capacities(nodes, shape)).map_err(|e| e.to_string())?;
+    Ok(Placement::from_assignment(epoch, placed(nodes), shape, a, reason))
+}
+
+/// `prev` without the nodes not in `nodes`; experts left with no replica go, per layer, to the node with the most
+/// free room that has the fewest experts of that layer. Nothing else moves.
+pub fn plan_repair(
+    shape: &ModelShape,
+    prev: &Placement,
+    nodes: &[&Member],
+    reason: &str,
+) -> std::result::Result<Placement, String> {
+    let caps = capacities(nodes, shape);
+    let mut layers = Vec::with_capacity(prev.hosted.len());
+    let mut used = vec![0usize; nodes.len()];
+    for hosted in &prev.hosted {
+        let row: Vec<Vec<u32>> = nodes
+            .iter()
+            .map(|m| prev.node_index(&m.id).and_then(|i| hosted.get(i).cloned()).unwrap_or_default())
+            .collect();
+        for (n, experts) in row.iter().enumerate() {
+            used[n] += experts.len();
+        }
+        layers.push(row);
+    }
+    for (l, row) in layers.iter_mut().enumerate() {
+        for e in 0..shape.num_experts {
+            if row.iter().any(|experts| experts.binary_search(&e).is_ok()) {
+                continue;
+            }
+            let target = (0..nodes.len())
+                .filter(|&n| used[n] < caps[n].slots)
+                .min_by_key(|&n| (row[n].len(), std::cmp::Reverse(caps[n].slots - used[n]), n))
+                .ok_or_else(|| {
+                    format!("no room for expert {e} of layer {}: the remaining nodes are full", shape.moe_layers[l])
+                })?;
+            if let Err(at) = row[target].binary_search(&e) {
+                row[target].insert(at, e);
+            }
+            used[target] += 1;
+        }
+    }
+    Ok(Placement::from_assignment(prev.epoch + 1, placed(nodes), shape, Assignment { layers }, reason))
+}
+
+/// What the controller should do about `view` now. `settled`: membership has not changed for the settle time.
+pub fn decide(view: &ClusterView, shape: &ModelShape, settled: bool) -> Option<Decision> {
+    let nodes = eligible(view, shape);
+    let load = view.total_load(shape);
+    let Some(prev) = &view.placement else {
+        if !settled || nodes.is_empty() {
+            return None;
+        }
+        return match plan_balanced(shape, &nodes, None, 1, "initial placement") {
+            Ok(p) => Some(Decision::Write(p)),
+            Err(e) => {
+                tracing::warn!("cannot place the model yet: {e}");
+                None
+            }
+        };
+    };
+    let next = prev.epoch + 1;
+    if let Some(req) = &view.request {
+        let done = |r: std::result::Result<Placement, String>| match r {
+            Ok(mut p) => {
+                p.request = Some(req.id);
+                Decision::Write(p)
+            }
+            Err(reason) => Decision::Refuse { request: req.id, reason },
+        };
+        return Some(match &req.kind {
+            RequestKind::Rebalance => done(plan_balanced(shape, &nodes, Some(&load), next, "rebalance")),
+            RequestKind::Apply { placement } => {
+                let mut p = placement.clone();
+                let known: BTreeSet<&str> = nodes.iter().map(|m| m.id.as_str()).collect();
+                let check = p.validate(shape).and_then(|()| {
+                    if let Some(n) = p.nodes.iter().find(|n| !known.contains(n.id.as_str())) {
+                        return Err(format!("node {} is not a live, non-draining expert node", n.id));
+                    }
+                    for (n, count) in p.counts().into_iter().enumerate() {
+                        let id = &p.nodes[n].id;
+                        let slots = nodes.iter().find(|m| m.id == *id).map_or(0, |m| shape.slots(m.memory_bytes));
+                        if count > slots {
+                            return Err(format!("node {id} would hold {count} experts; it has room for {slots}"));
+                        }
+                    }
+                    Ok(())
+                });
+                done(check.map(|()| {
+                    p.epoch = next;
+                    p.reason = "applied by an operator".into();
+                    p.created_unix_ms = crate::cluster::unix_ms();
+                    for n in &mut p.nodes {
+                        if let Some(m) = nodes.iter().find(|m| m.id == n.id) {
+                            n.addr = m.addr.clone();
+                        }
+                    }
+                    p
+                }))
+            }
+        });
+    }
+    if !settled {
+        return None;
+    }
+    let in_prev: BTreeSet<&str> = prev.nodes.iter().map(|n| n.id.as_str()).collect();
+    let now: BTreeSet<&str> = nodes.iter().map(|m| m.id.as_str()).collect();
+    let joined: Vec<&str> = now.difference(&in_prev).copied().collect();
+    let left: Vec<&str> = in_prev.difference(&now).copied().collect();
+    // A node that came back at a new address is re-placed as if it had joined.
+    let moved = prev.nodes.iter().any(|n| nodes.iter().any(|m| m.id == n.id && m.addr != n.addr));
+    if nodes.is_empty() {
+        return None;
+    }
+    let result = if !joined.is_empty() || moved {
+        plan_balanced(shape, &nodes, Some(&load), next, &format!("joined: {}", joined.join(", ")))
+    } else if !left.is_empty() {
+        plan_repair(shape, prev, &nodes, &format!("left: {}", left.join(", ")))
+    } else {
+        return None;
+    };
+    match result {
+        Ok(p) => Some(Decision::Write(p)),
+        Err(e) => {
+            tracing::warn!("cannot re-place the experts: {e}");
+            None
+        }
+    }
+}
+
+/// Tunables of [`run`].
+#[derive(Debug, Clone)]
+pub struct ControllerOptions {
+    /// How long membership must stay unchanged before nodes joining or leaving re-place experts.
+    pub settle: Duration,
+    /// How often the state is read again without a change notification.
+    pub tick: Duration,
+}
+
+impl Default for ControllerOptions {
+    fn default() -> Self {
+        ControllerOptions { settle: Duration::from_secs(1), tick: Duration::from_millis(500) }
+    }
+}
+
+/// Campaigns for leadership with `session`'s lease and, while leading, writes placement epochs for `shape`. Runs
+/// until the task is dropped; store errors are logged and retried.
+pub async fn run(session: &Session, id: &str, shape: ModelShape, options: ControllerOptions) {
+    let cluster = session.cluster().clone();
+    let mut changes = match cluster.changes().await {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::warn!("controller: watching the cluster: {e}; polling");
+            None
+        }
+    };
+    let mut leading = false;
+    let mut membership: Vec<(String, String)> = Vec::new();
+    let mut changed_at = Instant::now();
+    loop {
+        if let Err(e) = step(session, id, &shape, &options, &mut leading, &mut membership, &mut changed_at).await {
+            tracing::warn!("controller: {e}");
+        }
+        let tick = tokio::time::sleep(options.tick);
+        match changes.as_mut() {
+            Some(c) => {
+                tokio::select! {
+                    r = c.changed() => if r.is_err() { changes = None },
+                    _ = tick => {}
+                }
+            }
+            None => tick.await,
+        }
+    }
+}
+
+async fn step(
+    session: &Session,
+    id: &str,
+    shape: &ModelShape,
+    options: &ControllerOptions,
+    leading: &mut bool,
+    membership: &mut Vec<(String, String)>,
+    changed_at: &mut Instant,
+) -> Result<()> {
+    let cluster = session.cluster();
+    let is_leader = cluster.campaign(id, session.lease()).await?;
+    if is_leader != *leading {
+        *leading = is_leader;
+        if is_leader {
+            tracing::info!(%id, "controller: elected; this member now writes placement epochs");
+        } else {
+            tracing::info!(%id, "controller: no longer leading");
+        }
+    }
+    if !is_leader {
+        return Ok(());
+    }
+    let view = cluster.snapshot().await?;
+    if view.model.as_ref() != Some(shape) {
+        if let Some(other) = &view.model {
+            if other.fingerprint != shape.fingerprint {
+                tracing::warn!("controller: the cluster served model {:016x}; now {:016x}", other.fingerprint, shape.fingerprint);
+            }
+        }
+        cluster.put_model(shape).await?;
+    }
+    let now: Vec<(String, String)> = eligible(&view, shape).iter().map(|m| (m.id.clone(), m.addr.clone())).collect();
+    if now != *membership {
+        *membership = now;
+        *changed_at = Instant::now();
+    }
+    let settled = changed_at.elapsed() >= options.settle;
+    match decide(&view, shape, settled) {
+        None => {}
+        Some(Decision::Write(p)) => {
+            let request = p.request;
+            if cluster.write_placement(view.placement_raw.as_deref(), &p).await? {
+                tracing::info!(epoch = p.epoch, nodes = p.nodes.len(), reason = %p.reason, "controller: placement written");
+                if let Some(request) = request {
+                    answer(cluster, request, Ok(p.epoch)).await?;
+                }
+            } else {
+                tracing::info!("controller: the placement changed under us; reading it again");
+            }
+        }
+        Some(Decision::Refuse { request, reason }) => {
+            tracing::warn!("controller: request refused: {reason}");
+            answer(cluster, request, Err(reason)).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn answer(cluster: &crate::Cluster, request: u64, result: std::result::Result<u64, String>) -> Result<()> {
+    if let Some(raw) = cluster.raw_request().await? {
+        cluster.answer(&raw, &Outcome { request, result }).await?;
+    }
+    Ok(())
+}

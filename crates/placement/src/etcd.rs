@@ -1,0 +1,203 @@
+//! [`PlacementStore`] on etcd v3 (the etcd-client crate): what a cluster of several machines uses.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn, TxnOp,
+    WatchOptions,
+};
+use tokio::sync::{watch, Mutex};
+
+use crate::store::{ttl_secs, Expect, LeaseId, PlacementStore, Result, StoreError};
+
+/// A connection to an etcd cluster. Cheap to share behind an `Arc`; calls run concurrently.
+pub struct EtcdStore {
+    client: Client,
+    endpoints: Vec<String>,
+    /// One keep-alive stream per lease this process renews.
+    keepers: Mutex<HashMap<LeaseId, (LeaseKeeper, LeaseKeepAliveStream)>>,
+}
+
+impl std::fmt::Debug for EtcdStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdStore").field("endpoints", &self.endpoints).finish()
+    }
+}
+
+fn unavailable(e: etcd_client::Error) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+/// A put under a lease etcd no longer has fails with "requested lease not found".
+fn lease_or_unavailable(e: etcd_client::Error, lease: Option<LeaseId>) -> StoreError {
+    let gone = match &e {
+        etcd_client::Error::GRpcStatus(s) => s.message().contains("lease not found"),
+        etcd_client::Error::LeaseKeepAliveError(m) => m.contains("lease not found"),
+        _ => false,
+    };
+    match lease {
+        Some(id) if gone => StoreError::LeaseExpired(id),
+        _ => unavailable(e),
+    }
+}
+
+impl EtcdStore {
+    /// Connects to `endpoints` (`host:port` or `http://host:port`); every call is bounded by `timeout`.
+    pub async fn connect(endpoints: &[String], timeout: Duration) -> Result<Self> {
+        if endpoints.is_empty() {
+            return Err(StoreError::Invalid("no etcd endpoint given".into()));
+        }
+        let options = ConnectOptions::new()
+            .with_connect_timeout(timeout)
+            .with_timeout(timeout)
+            .with_keep_alive(Duration::from_secs(2), timeout)
+            .with_keep_alive_while_idle(true);
+        let client = Client::connect(endpoints, Some(options)).await.map_err(|e| {
+            StoreError::Unavailable(format!("cannot reach etcd at {}: {e}", endpoints.join(",")))
+        })?;
+        let store = EtcdStore { client, endpoints: endpoints.to_vec(), keepers: Mutex::new(HashMap::new()) };
+        // Connecting is lazy: one read proves the endpoints answer.
+        store.client.kv_client().get("/", None).await.map_err(|e| {
+            StoreError::Unavailable(format!("etcd at {} does not answer: {e}", endpoints.join(",")))
+        })?;
+        Ok(store)
+    }
+}
+
+#[async_trait]
+impl PlacementStore for EtcdStore {
+    async fn grant(&self, ttl: Duration) -> Result<LeaseId> {
+        let resp = self.client.lease_client().grant(ttl_secs(ttl), None).await.map_err(unavailable)?;
+        Ok(resp.id())
+    }
+
+    async fn keep_alive(&self, lease: LeaseId) -> Result<()> {
+        let mut keepers = self.keepers.lock().await;
+        if !keepers.contains_key(&lease) {
+            let pair =
+                self.client.lease_client().keep_alive(lease).await.map_err(|e| lease_or_unavailable(e, Some(lease)))?;
+            keepers.insert(lease, pair);
+        }
+        let Some((keeper, stream)) = keepers.get_mut(&lease) else {
+            return Err(StoreError::LeaseExpired(lease));
+        };
+        let answer = async {
+            keeper.keep_alive().await?;
+            stream.message().await
+        }
+        .await;
+        match answer {
+            Ok(Some(resp)) if resp.ttl() > 0 => Ok(()),
+            Ok(_) => {
+                keepers.remove(&lease);
+                Err(StoreError::LeaseExpired(lease))
+            }
+            Err(e) => {
+                // A broken stream is opened again on the next call.
+                keepers.remove(&lease);
+                Err(lease_or_unavailable(e, Some(lease)))
+            }
+        }
+    }
+
+    async fn revoke(&self, lease: LeaseId) -> Result<()> {
+        self.keepers.lock().await.remove(&lease);
+        match self.client.lease_client().revoke(lease).await {
+            Ok(_) => Ok(()),
+            Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains("lease not found") => Ok(()),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    async fn get_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
+        let resp =
+            self.client.kv_client().get(prefix, Some(GetOptions::new().with_prefix())).await.map_err(unavailable)?;
+        resp.kvs()
+            .iter()
+            .map(|kv| {
+                let key = kv.key_str().map_err(|e| StoreError::Corrupt {
+                    key: String::from_utf8_lossy(kv.key()).into_owned(),
+                    message: format!("not UTF-8: {e}"),
+                })?;
+                Ok((key.to_owned(), kv.value().to_vec()))
+            })
+            .collect()
+    }
+
+    async fn put(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> Result<()> {
+        let options = lease.map(|l| PutOptions::new().with_lease(l));
+        self.client.kv_client().put(key, value, options).await.map_err(|e| lease_or_unavailable(e, lease))?;
+        Ok(())
+    }
+
+    async fn delete(&self, key: &str) -> Result<()> {
+        self.client.kv_client().delete(key, None).await.map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn compare_and_put(
+        &self,
+        key: &str,
+        expected: Expect<'_>,
+        value: Vec<u8>,
+        lease: Option<LeaseId>,
+    ) -> Result<bool> {
+        let compare = match expected {
+            Expect::Absent => Compare::create_revision(key, CompareOp::Equal, 0),
+            Expect::Value(v) => Compare::value(key, CompareOp::Equal, v),
+        };
+        let options = lease.map(|l| PutOptions::new().with_lease(l));
+        let txn = Txn::new().when([compare]).and_then([TxnOp::put(key, value, options)]);
+        let resp = self.client.kv_client().txn(txn).await.map_err(|e| lease_or_unavailable(e, lease))?;
+        Ok(resp.succeeded())
+    }
+
+    async fn compare_and_delete(&self, key: &str, expected: &[u8]) -> Result<bool> {
+        let txn = Txn::new()
+            .when([Compare::value(key, CompareOp::Equal, expected)])
+            .and_then([TxnOp::delete(key, None)]);
+        let resp = self.client.kv_client().txn(txn).await.map_err(unavailable)?;
+        Ok(resp.succeeded())
+    }
+
+    async fn watch(&self, prefix: &str) -> Result<watch::Receiver<u64>> {
+        let (tx, rx) = watch::channel(0u64);
+        let client = self.client.clone();
+        let prefix = prefix.to_owned();
+        // Re-opens the watch after errors (etcd restarts, partitions) until every receiver is gone.
+        tokio::spawn(async move {
+            let mut warned = false;
+            while !tx.is_closed() {
+                match client.watch_client().watch(prefix.as_str(), Some(WatchOptions::new().with_prefix())).await {
+                    Ok(mut stream) => {
+                        warned = false;
+                        // Changes made while the watch was down are picked up by the watchers' re-read.
+                        tx.send_modify(|v| *v += 1);
+                        loop {
+                            tokio::select! {
+                                m = stream.message() => match m {
+                                    Ok(Some(_)) => tx.send_modify(|v| *v += 1),
+                                    Ok(None) | Err(_) => break,
+                                },
+                                _ = tx.closed() => return,
+                            }
+                        }
+                    }
+                    Err(e) if !warned => {
+                        warned = true;
+                        tracing::warn!("etcd watch on {prefix}: {e}; retrying");
+                    }
+                    Err(_) => {}
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
+        Ok(rx)
+    }
+
+    fn describe(&self) -> String {
+        format!("etcd {}", self.endpoints.join(","))
+    }
+}
