@@ -5,6 +5,7 @@
 //! single compute thread whose matmuls spread over all cores; [`serve`] runs the gRPC server with the standard health
 //! service next to it.
 
+pub mod agent;
 pub mod node;
 pub mod service;
 pub mod spec;

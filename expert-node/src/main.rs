@@ -27,8 +27,29 @@ struct Args {
     listen: SocketAddr,
     /// The (layer, expert) pairs to host: `all`, `none`, `0-31` (those experts of every MoE layer),
     /// `layers=0-7:experts=0-63`, clauses joined with `;`. Changeable later through LoadExperts / UnloadExperts.
-    #[arg(long, env = "MOE_EXPERTS", default_value = "all")]
-    experts: ExpertSpec,
+    /// Not with --etcd, where the cluster's controller assigns the experts [default: all].
+    #[arg(long, env = "MOE_EXPERTS", conflicts_with = "etcd")]
+    experts: Option<ExpertSpec>,
+    /// Join the cluster whose state is in this etcd (`host:port[,host:port...]`): register, load the experts the
+    /// controller assigns, follow placement epochs, and drain on SIGTERM.
+    #[arg(long, env = "MOE_ETCD")]
+    etcd: Option<String>,
+    /// Name of the cluster in etcd (with --etcd).
+    #[arg(long, env = "MOE_CLUSTER", default_value = "default")]
+    cluster: String,
+    /// Address routers reach this node at (with --etcd) [default: the address it listens on].
+    #[arg(long)]
+    advertise: Option<String>,
+    /// Memory offered for experts, in GiB (with --etcd); the controller places no more than fits
+    /// [default: 80% of the memory available at start].
+    #[arg(long)]
+    memory_gib: Option<f64>,
+    /// Seconds of the membership lease: a node that dies is out of the cluster within this time.
+    #[arg(long, default_value_t = 3)]
+    lease_ttl_secs: u64,
+    /// Seconds a drain (SIGTERM with --etcd) waits for the node's experts to move before the node exits anyway.
+    #[arg(long, default_value_t = 60)]
+    drain_timeout_secs: u64,
     /// Where to compute: `cpu`, or `cuda[:0,1,...]` in builds with the CUDA backend.
     #[arg(long, env = "MOE_DEVICE", default_value = "cpu")]
     device: String,
@@ -94,7 +115,12 @@ fn run(args: Args) -> Result<()> {
         ..ServeOptions::default()
     };
 
-    tracing::info!(model = %args.model.display(), experts = %args.experts, %node_id, "loading experts");
+    let spec = match (&args.experts, &args.etcd) {
+        (Some(spec), _) => spec.clone(),
+        (None, Some(_)) => "none".parse().context("the empty expert set")?,
+        (None, None) => "all".parse().context("the full expert set")?,
+    };
+    tracing::info!(model = %args.model.display(), experts = %spec, %node_id, "loading experts");
     let started = Instant::now();
     let last = std::sync::Mutex::new(Instant::now());
     let progress = |bytes: u64| {
@@ -104,7 +130,7 @@ fn run(args: Args) -> Result<()> {
             tracing::info!("loading: {:.2} GiB read", bytes as f64 / (1u64 << 30) as f64);
         }
     };
-    let node = ExpertNode::load(&args.model, &args.experts, residency, node_id, options.max_message_bytes, &progress)
+    let node = ExpertNode::load(&args.model, &spec, residency, node_id, options.max_message_bytes, &progress)
         .with_context(|| format!("loading {}", args.model.display()))?;
     let hosted = node.hosted();
     tracing::info!(
@@ -117,6 +143,10 @@ fn run(args: Args) -> Result<()> {
     println!("listening on {addr}");
     tracing::info!(%addr, "serving moe.v1.ExpertService");
     let grace = Duration::from_secs_f64(args.shutdown_grace_secs.max(0.0));
+    if let Some(etcd) = args.etcd.clone() {
+        let advertise = args.advertise.clone().unwrap_or_else(|| addr.to_string());
+        return runtime.block_on(in_cluster(args, etcd, advertise, node, listener, options, grace));
+    }
     runtime.block_on(async move {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let mut server = tokio::spawn(expert_node::serve(node, listener, options, async {
@@ -144,4 +174,77 @@ fn rayon_threads(threads: usize) -> Result<()> {
         bail!("--threads 0: need at least one");
     }
     moe_model::cpu::set_threads(threads).context("setting the compute threads")
+}
+
+/// Serves as a member of the cluster in etcd until drained (SIGTERM, or `moectl placement drain`).
+async fn in_cluster(
+    args: Args,
+    etcd: String,
+    advertise: String,
+    node: Arc<ExpertNode>,
+    listener: tokio::net::TcpListener,
+    options: ServeOptions,
+    grace: Duration,
+) -> Result<()> {
+    use moe_placement::{Cluster, Member, Role, Session};
+
+    let store = moe_placement::open_store(Some(&etcd)).await?;
+    let cluster = Cluster::new(store, &args.cluster)?;
+    let memory_bytes = match args.memory_gib {
+        Some(g) if g > 0.0 && g.is_finite() => (g * (1u64 << 30) as f64) as u64,
+        Some(g) => bail!("--memory-gib {g}: must be a positive number"),
+        None => available_memory().context("reading the available memory (give --memory-gib)")? / 5 * 4,
+    };
+    let member = Member {
+        id: node.node_id.clone(),
+        role: Role::Expert,
+        addr: advertise,
+        devices: vec![args.device.clone()],
+        memory_bytes,
+        fingerprint: node.info().fingerprint,
+        version: env!("CARGO_PKG_VERSION").into(),
+        started_unix_ms: moe_placement::unix_ms(),
+    };
+    // A node that starts is meant to serve: a drain mark left from its previous run goes.
+    cluster.undrain(&member.id).await?;
+    let ttl = Duration::from_secs(args.lease_ttl_secs.max(1));
+    let session = Arc::new(Session::register(cluster.clone(), &member, ttl).await?);
+    tracing::info!(
+        cluster = %args.cluster, store = %cluster.store().describe(), memory_gib = memory_bytes as f64 / (1u64 << 30) as f64,
+        "registered; waiting for the controller to assign experts"
+    );
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut server = tokio::spawn(expert_node::serve(node.clone(), listener, options, async {
+        let _ = stopped.await;
+    }));
+    let agent_options = expert_node::agent::AgentOptions {
+        drain_timeout: Duration::from_secs(args.drain_timeout_secs),
+        ..Default::default()
+    };
+    let follow = expert_node::agent::follow(node, session.clone(), agent_options, moe_telemetry::shutdown_signal());
+    tokio::select! {
+        departure = follow => tracing::info!(?departure, "drained; stopping"),
+        done = &mut server => return done.context("the server task failed")?.map_err(Into::into),
+    }
+    let _ = stop.send(());
+    match tokio::time::timeout(grace, server).await {
+        Ok(done) => done.context("the server task failed")??,
+        Err(_) => tracing::info!("streams still open after {grace:?}; closing them"),
+    }
+    if let Some(session) = Arc::into_inner(session) {
+        session.close().await?;
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// `MemAvailable` of /proc/meminfo, in bytes.
+fn available_memory() -> Result<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo")?;
+    let kib = text
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .context("no MemAvailable in /proc/meminfo")?;
+    Ok(kib << 10)
 }

@@ -22,7 +22,9 @@ pub struct ExpertNode {
     ckpt: Checkpoint,
     experts: LocalExperts,
     info: ModelInfo,
-    epoch: AtomicU64,
+    /// The placement epochs served: `epoch_lo..=epoch_hi` (both 0 under a static placement).
+    epoch_lo: AtomicU64,
+    epoch_hi: AtomicU64,
     pub(crate) max_message_bytes: usize,
     pub(crate) counters: Counters,
     /// One load or unload at a time; forwards go on meanwhile.
@@ -118,7 +120,8 @@ impl ExpertNode {
             ckpt,
             experts,
             info,
-            epoch: AtomicU64::new(0),
+            epoch_lo: AtomicU64::new(0),
+            epoch_hi: AtomicU64::new(0),
             max_message_bytes,
             counters: Counters::default(),
             shard_lock: tokio::sync::Mutex::new(()),
@@ -129,8 +132,31 @@ impl ExpertNode {
         &self.info
     }
 
+    /// The newest placement epoch served.
     pub fn epoch(&self) -> u64 {
-        self.epoch.load(Ordering::Acquire)
+        self.epoch_hi.load(Ordering::Acquire)
+    }
+
+    /// The placement epochs served, oldest and newest.
+    pub fn epochs(&self) -> (u64, u64) {
+        (self.epoch_lo.load(Ordering::Acquire), self.epoch_hi.load(Ordering::Acquire))
+    }
+
+    /// Serves the placement epochs `lo..=hi` from now on: work for any other epoch is refused, so that a router
+    /// on a placement this node no longer (or not yet) follows cannot mix two placements.
+    pub fn set_epochs(&self, lo: u64, hi: u64) {
+        // Widen first, then narrow: a request checked in between sees a range that holds both.
+        if hi >= self.epoch_hi.load(Ordering::Acquire) {
+            self.epoch_hi.store(hi, Ordering::Release);
+            self.epoch_lo.store(lo.min(hi), Ordering::Release);
+        } else {
+            self.epoch_lo.store(lo.min(hi), Ordering::Release);
+            self.epoch_hi.store(hi, Ordering::Release);
+        }
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
     }
 
     pub fn hosted(&self) -> ExpertSet {
@@ -197,11 +223,12 @@ impl ExpertNode {
                 format!("hidden size {} does not match the model's {h}", req.hidden_size),
             ));
         }
-        let epoch = self.epoch();
-        if req.epoch != epoch {
+        let (lo, hi) = self.epochs();
+        if req.epoch < lo || req.epoch > hi {
+            let serves = if lo == hi { format!("epoch {hi}") } else { format!("epochs {lo}..={hi}") };
             return Err(Refusal::precondition(
                 "epoch",
-                format!("placement epoch {} is not served here (this node serves epoch {epoch})", req.epoch),
+                format!("placement epoch {} is not served here (this node serves {serves})", req.epoch),
             ));
         }
         let n = req.num_tokens as usize;

@@ -89,7 +89,7 @@ pub fn run(args: Args) -> Result<()> {
 
     if !args.skip_round_trip {
         eprintln!("starting 1 expert node with every expert...");
-        let node = LocalNode::start(&args.model, "all", &[], args.verbose)?;
+        let node = LocalNode::start(&args.model, Some("all"), &[], args.verbose)?;
         let layer = (0..cfg.num_hidden_layers).find(|&l| cfg.is_moe_layer(l)).context("the model has no MoE layer")?;
         let h = cfg.hidden_size;
         println!(
@@ -181,7 +181,7 @@ pub fn run(args: Args) -> Result<()> {
         let specs = even_split(cfg.num_experts, args.nodes);
         eprintln!("starting {} expert nodes ({})...", args.nodes, specs.join(" | "));
         let nodes: Vec<LocalNode> =
-            specs.iter().map(|s| LocalNode::start(&args.model, s, &[], args.verbose)).collect::<Result<_>>()?;
+            specs.iter().map(|s| LocalNode::start(&args.model, Some(s), &[], args.verbose)).collect::<Result<_>>()?;
         let addrs: Vec<String> = nodes.iter().map(|n| n.addr.clone()).collect();
         let remotes: Vec<(Dtype, RemoteExperts)> =
             wires.iter().map(|&w| connect(&addrs, &lm, w).map(|r| (w, r))).collect::<Result<_>>()?;

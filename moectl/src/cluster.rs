@@ -25,9 +25,10 @@ pub struct LocalNode {
 }
 
 impl LocalNode {
-    /// Starts `expert-node --model MODEL --listen 127.0.0.1:0 --experts EXPERTS` and waits until it serves (loading a
-    /// large shard takes a while; its log goes to this process's stderr only with `verbose`).
-    pub fn start(model: &Path, experts: &str, extra: &[String], verbose: bool) -> Result<Self> {
+    /// Starts `expert-node --model MODEL --listen 127.0.0.1:0 [--experts EXPERTS]` and waits until it serves
+    /// (loading a large shard takes a while; its log goes to this process's stderr only with `verbose`). Without
+    /// `experts`, `extra` says where the node gets its experts from (`--etcd`).
+    pub fn start(model: &Path, experts: Option<&str>, extra: &[String], verbose: bool) -> Result<Self> {
         let binary = expert_node_binary();
         let mut command = Command::new(&binary);
         // Its own process group: Ctrl-C in the terminal reaches moectl only, which drains and then stops the nodes.
@@ -36,7 +37,8 @@ impl LocalNode {
         let mut child = command
             .arg("--model")
             .arg(model)
-            .args(["--listen", "127.0.0.1:0", "--experts", experts])
+            .args(["--listen", "127.0.0.1:0"])
+            .args(experts.map(|e| ["--experts", e]).into_iter().flatten())
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -62,12 +64,12 @@ impl LocalNode {
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     if let Some(status) = node.child.try_wait()? {
-                        bail!("expert-node --experts {experts} exited with {status} before serving");
+                        bail!("expert-node {} exited with {status} before serving", experts.unwrap_or(""));
                     }
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
                     let status = node.child.wait()?;
-                    bail!("expert-node --experts {experts} exited with {status} before serving");
+                    bail!("expert-node {} exited with {status} before serving", experts.unwrap_or(""));
                 }
             }
         }

@@ -13,6 +13,7 @@ use moe_model::synth::Preset;
 use moe_model::{ModelConfig, Residency};
 use router_node::engine::EngineConfig;
 use router_node::http::ApiConfig;
+use router_node::cluster::ClusterOptions;
 use router_node::remote::RemoteOptions;
 use router_node::server::{ExpertsAt, RouterOptions};
 
@@ -48,6 +49,14 @@ pub struct Args {
     /// Show the expert nodes' logs.
     #[arg(long)]
     verbose: bool,
+    /// Run the cluster against this etcd (`host:port[,...]`): the expert nodes register there and the router's
+    /// controller places the experts (and re-places them with `moectl placement`). Without it the experts are
+    /// split evenly and statically.
+    #[arg(long, env = "MOE_ETCD")]
+    etcd: Option<String>,
+    /// Name of the cluster in etcd (with --etcd).
+    #[arg(long, env = "MOE_CLUSTER", default_value = "default")]
+    cluster: String,
 }
 
 /// Where the default model lives: `$MOE_MESH_CACHE`, else `$XDG_CACHE_HOME/moe-mesh`, else `~/.cache/moe-mesh`.
@@ -104,28 +113,40 @@ pub fn run(args: Args) -> Result<()> {
     let addr = listener.local_addr()?;
 
     let mut nodes = Vec::new();
-    if args.expert_nodes > 0 {
+    if let (Some(etcd), true) = (&args.etcd, args.expert_nodes > 0) {
+        let bar = spinner(format!("starting {} expert nodes in cluster `{}`", args.expert_nodes, args.cluster));
+        let extra = ["--etcd".to_owned(), etcd.clone(), "--cluster".to_owned(), args.cluster.clone()];
+        let started = (0..args.expert_nodes)
+            .map(|_| LocalNode::start(&model, None, &extra, args.verbose))
+            .collect::<Result<Vec<_>>>();
+        bar.finish_and_clear();
+        nodes = started.context("starting the expert nodes")?;
+        for node in &nodes {
+            eprintln!("expert node on {} joined cluster `{}`", node.addr, args.cluster);
+        }
+    } else if args.expert_nodes > 0 {
         let specs = even_split(config.num_experts, args.expert_nodes);
         let bar = spinner(format!("starting {} expert nodes (experts {})", args.expert_nodes, specs.join(" | ")));
         let started =
-            specs.iter().map(|spec| LocalNode::start(&model, spec, &[], args.verbose)).collect::<Result<Vec<_>>>();
+            specs.iter().map(|spec| LocalNode::start(&model, Some(spec), &[], args.verbose)).collect::<Result<Vec<_>>>();
         bar.finish_and_clear();
         nodes = started.context("starting the expert nodes")?;
         for (node, spec) in nodes.iter().zip(&specs) {
             eprintln!("expert node on {} hosts experts {spec} of every layer", node.addr);
         }
     }
+    let wire = match args.wire_dtype {
+        WireDtype::F32 => moe_proto::v1::Dtype::F32,
+        WireDtype::Bf16 => moe_proto::v1::Dtype::Bf16,
+    };
+    let remote = RemoteOptions { wire_dtype: wire, ..RemoteOptions::default() };
     let experts = if nodes.is_empty() {
         ExpertsAt::Local
+    } else if let Some(etcd) = &args.etcd {
+        let cluster = ClusterOptions { etcd: Some(etcd.clone()), cluster: args.cluster.clone(), ..ClusterOptions::default() };
+        ExpertsAt::Cluster(cluster, remote)
     } else {
-        let wire = match args.wire_dtype {
-            WireDtype::F32 => moe_proto::v1::Dtype::F32,
-            WireDtype::Bf16 => moe_proto::v1::Dtype::Bf16,
-        };
-        ExpertsAt::Nodes(
-            nodes.iter().map(|n| n.addr.clone()).collect(),
-            RemoteOptions { wire_dtype: wire, ..RemoteOptions::default() },
-        )
+        ExpertsAt::Nodes(nodes.iter().map(|n| n.addr.clone()).collect(), remote)
     };
     let bar = ProgressBar::new(0);
     bar.set_style(
@@ -149,11 +170,27 @@ pub fn run(args: Args) -> Result<()> {
         bar.set_position(done);
     });
     bar.finish_and_clear();
-    let router_node::server::PreparedRouter { state, engine } = prepared.context("starting the router")?;
+    let router_node::server::PreparedRouter { state, engine, cluster } = prepared.context("starting the router")?;
     let name = state.config.model_name.clone();
 
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     runtime.block_on(async {
+        let membership = match cluster {
+            Some(join) => {
+                let membership = router_node::cluster::join_prepared(join, format!("router-{}", addr.port()), format!("http://{addr}")).await?;
+                let bar = spinner("waiting for the controller to place the experts".into());
+                let waited = Instant::now();
+                while (state.experts_ready)().is_err() && waited.elapsed() < Duration::from_secs(120) {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                bar.finish_and_clear();
+                if let Err(e) = (state.experts_ready)() {
+                    bail!("the experts were not placed within 120 s: {e}");
+                }
+                Some(membership)
+            }
+            None => None,
+        };
         let listener = tokio::net::TcpListener::from_std(listener)?;
         let url = format!("http://{addr}");
         let key = args.api_keys.first().map(|k| format!(" -H 'Authorization: Bearer {k}'")).unwrap_or_default();
@@ -169,6 +206,9 @@ pub fn run(args: Args) -> Result<()> {
             eprintln!("\nstopping: requests in flight finish, then the expert nodes stop");
         })
         .await?;
+        if let Some(m) = membership {
+            m.leave().await;
+        }
         anyhow::Ok(())
     })?;
     // The router's streams close before the nodes stop, so nothing reports them as failed.

@@ -2,6 +2,7 @@
 //! routed experts on expert nodes reached over gRPC ([`RemoteExperts`]), a continuous-batching engine ([`engine`]) and
 //! the OpenAI-compatible HTTP API ([`http`]).
 
+pub mod cluster;
 pub mod engine;
 pub mod http;
 pub mod remote;

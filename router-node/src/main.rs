@@ -11,6 +11,7 @@ use moe_proto::v1::Dtype;
 use router_node::engine::EngineConfig;
 use router_node::http::ApiConfig;
 use router_node::remote::RemoteOptions;
+use router_node::cluster::ClusterOptions;
 use router_node::server::{ExpertsAt, RouterOptions};
 
 /// Serves a Qwen3.5-MoE / Qwen3-Next model over an OpenAI-compatible HTTP API (/v1/completions,
@@ -27,8 +28,24 @@ struct Args {
     listen: SocketAddr,
     /// Expert nodes (host:port, comma-separated) that together host every routed expert; without it the experts are
     /// loaded in this process.
-    #[arg(long, env = "MOE_EXPERTS_AT", value_delimiter = ',')]
+    #[arg(long, env = "MOE_EXPERTS_AT", value_delimiter = ',', conflicts_with = "etcd")]
     experts_at: Vec<String>,
+    /// Join the cluster whose state is in this etcd (`host:port[,host:port...]`): the experts are wherever the
+    /// cluster's controller places them, and this router stands for election as that controller.
+    #[arg(long, env = "MOE_ETCD")]
+    etcd: Option<String>,
+    /// Name of the cluster in etcd (with --etcd).
+    #[arg(long, env = "MOE_CLUSTER", default_value = "default")]
+    cluster: String,
+    /// This router's member id in the cluster [default: router-PORT].
+    #[arg(long, env = "MOE_NODE_ID")]
+    node_id: Option<String>,
+    /// Seconds of the membership lease (with --etcd); a router that dies is out within this time.
+    #[arg(long, default_value_t = 3)]
+    lease_ttl_secs: u64,
+    /// Do not stand for election as the placement controller (with --etcd).
+    #[arg(long)]
+    no_controller: bool,
     /// Element type on the wire to expert nodes: f32 keeps single-process results; bf16 halves the bytes.
     #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
     wire_dtype: String,
@@ -83,7 +100,12 @@ fn run(args: Args) -> Result<()> {
         .with_context(|| format!("starting the router for {}", args.model.display()))?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     let state = prepared.state;
+    let node_id = args.node_id.clone().unwrap_or_else(|| format!("router-{}", addr.port()));
     runtime.block_on(async move {
+        let membership = match prepared.cluster {
+            Some(join) => Some(router_node::cluster::join_prepared(join, node_id, format!("http://{addr}")).await?),
+            None => None,
+        };
         let listener = tokio::net::TcpListener::from_std(listener)?;
         println!("listening on http://{addr}");
         tracing::info!(%addr, model = %state.config.model_name, "serving");
@@ -95,6 +117,9 @@ fn run(args: Args) -> Result<()> {
             tracing::info!("draining: requests in flight finish, new connections are refused");
         })
         .await?;
+        if let Some(m) = membership {
+            m.leave().await;
+        }
         anyhow::Ok(())
     })?;
     tracing::info!("stopped");
@@ -108,11 +133,21 @@ fn options(args: &Args) -> Result<RouterOptions> {
     if !(args.state_budget_gib.is_finite() && args.state_budget_gib > 0.0) {
         bail!("--state-budget-gib {}: must be a positive number", args.state_budget_gib);
     }
-    let experts = if args.experts_at.is_empty() {
+    let wire = if args.wire_dtype == "bf16" { Dtype::Bf16 } else { Dtype::F32 };
+    let remote = RemoteOptions { wire_dtype: wire, ..RemoteOptions::default() };
+    let experts = if let Some(etcd) = &args.etcd {
+        let cluster = ClusterOptions {
+            etcd: Some(etcd.clone()),
+            cluster: args.cluster.clone(),
+            lease_ttl: std::time::Duration::from_secs(args.lease_ttl_secs.max(1)),
+            controller: !args.no_controller,
+            ..ClusterOptions::default()
+        };
+        ExpertsAt::Cluster(cluster, remote)
+    } else if args.experts_at.is_empty() {
         ExpertsAt::Local
     } else {
-        let wire = if args.wire_dtype == "bf16" { Dtype::Bf16 } else { Dtype::F32 };
-        ExpertsAt::Nodes(args.experts_at.clone(), RemoteOptions { wire_dtype: wire, ..RemoteOptions::default() })
+        ExpertsAt::Nodes(args.experts_at.clone(), remote)
     };
     Ok(RouterOptions {
         model: args.model.clone(),
@@ -133,3 +168,4 @@ fn options(args: &Args) -> Result<RouterOptions> {
         },
     })
 }
+

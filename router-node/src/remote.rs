@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -120,19 +120,41 @@ pub struct RemoteStats {
 /// therefore not be one of an async runtime's (run the model on its own thread, as a serving engine does anyway).
 pub struct RemoteExperts {
     runtime: tokio::runtime::Runtime,
-    links: Vec<Link>,
-    /// `placement[layer][expert]`: indices into `links` of the nodes hosting it.
-    placement: Vec<Vec<Vec<usize>>>,
+    /// The placement dispatches use now; replaced whole when the cluster switches epochs.
+    topology: RwLock<Arc<Topology>>,
     hidden: usize,
+    top_k: usize,
+    fingerprint: u64,
     options: RemoteOptions,
     next_id: AtomicU64,
+    /// Tokens routed to each (layer, expert) since the last [`RemoteExperts::take_load`].
+    load: Vec<Vec<AtomicU64>>,
     pub stats: RemoteStats,
+}
+
+/// One placement epoch as the router uses it: the nodes and which of them hosts each (layer, expert).
+struct Topology {
+    epoch: u64,
+    links: Vec<Arc<Link>>,
+    /// `placement[layer][expert]`: indices into `links` of the nodes hosting it (empty rows for dense layers).
+    placement: Vec<Vec<Vec<usize>>>,
+}
+
+impl Topology {
+    fn index_of(&self, link: &Arc<Link>) -> Option<usize> {
+        self.links.iter().position(|l| Arc::ptr_eq(l, link))
+    }
 }
 
 impl std::fmt::Debug for RemoteExperts {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let nodes: Vec<_> = self.links.iter().map(|l| format!("{}@{}", l.node_id, l.addr)).collect();
-        f.debug_struct("RemoteExperts").field("nodes", &nodes).field("wire", &self.options.wire_dtype).finish()
+        let topo = self.current();
+        let nodes: Vec<_> = topo.links.iter().map(|l| format!("{}@{}", l.node_id, l.addr)).collect();
+        f.debug_struct("RemoteExperts")
+            .field("epoch", &topo.epoch)
+            .field("nodes", &nodes)
+            .field("wire", &self.options.wire_dtype)
+            .finish()
     }
 }
 
@@ -148,6 +170,14 @@ impl RemoteExperts {
         if addrs.is_empty() {
             return Err(RouterError::Placement("no expert node address given".into()));
         }
+        let remote = Self::unplaced(config, fingerprint, options)?;
+        let topology = remote.runtime.block_on(remote.static_topology(addrs, config))?;
+        *remote.topology.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(topology);
+        Ok(remote)
+    }
+
+    /// A router's experts before any placement: every dispatch fails until [`RemoteExperts::switch`] gives one.
+    pub fn unplaced(config: &ModelConfig, fingerprint: u64, options: RemoteOptions) -> Result<Self, RouterError> {
         if options.wire_dtype.size().is_none() {
             return Err(RouterError::Placement("the wire dtype must be BF16 or F32".into()));
         }
@@ -157,24 +187,124 @@ impl RemoteExperts {
             .enable_all()
             .build()
             .map_err(RouterError::Runtime)?;
+        let load = (0..config.num_hidden_layers)
+            .map(|l| if config.is_moe_layer(l) { (0..config.num_experts).map(|_| AtomicU64::new(0)).collect() } else { Vec::new() })
+            .collect();
+        Ok(RemoteExperts {
+            runtime,
+            topology: RwLock::new(Arc::new(Topology { epoch: 0, links: Vec::new(), placement: Vec::new() })),
+            hidden: config.hidden_size,
+            top_k: config.num_experts_per_tok,
+            fingerprint,
+            options,
+            next_id: AtomicU64::new(1),
+            load,
+            stats: RemoteStats::default(),
+        })
+    }
+
+    fn current(&self) -> Arc<Topology> {
+        self.topology.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The placement epoch dispatches carry now (0: static placement, or none yet).
+    pub fn epoch(&self) -> u64 {
+        self.current().epoch
+    }
+
+    /// Whether a placement is in use.
+    pub fn is_placed(&self) -> bool {
+        !self.current().links.is_empty()
+    }
+
+    /// Tokens routed per (MoE layer, expert) since the last call, in the order of `moe_layers`; resets them.
+    pub fn take_load(&self, moe_layers: &[u32]) -> Vec<Vec<u64>> {
+        moe_layers
+            .iter()
+            .map(|&l| {
+                self.load.get(l as usize).map_or_else(Vec::new, |row| row.iter().map(|c| c.swap(0, Ordering::Relaxed)).collect())
+            })
+            .collect()
+    }
+
+    /// Opens a link to `addr` on the router's runtime and checks that it serves this router's model.
+    async fn open(&self, addr: &str) -> Result<(Link, v1::StatusResponse), RouterError> {
+        let (addr, options, h, k) = (addr.to_owned(), self.options.clone(), self.hidden, self.top_k);
+        let (link, status) = self
+            .runtime
+            .spawn(async move { open_link(&addr, &options, h, k).await })
+            .await
+            .map_err(|e| RouterError::Placement(format!("connecting: {e}")))??;
+        let model = status.model.clone().unwrap_or_default();
+        if model.fingerprint != self.fingerprint || model.hidden_size as usize != h {
+            return Err(RouterError::Mismatch {
+                addr: link.addr.clone(),
+                message: format!(
+                    "it serves a different model (fingerprint {:016x}, hidden {}; this router has {:016x}, \
+                     hidden {h}): start it with the same model directory",
+                    model.fingerprint, model.hidden_size, self.fingerprint
+                ),
+            });
+        }
+        Ok((link, status))
+    }
+
+    /// Switches to placement epoch `p` (whose nodes have all loaded it): connects to its new nodes, keeps the links
+    /// it shares with the current epoch, and swaps. Dispatches already made finish on the placement they began with.
+    pub async fn switch(&self, p: &moe_placement::Placement, config: &ModelConfig) -> Result<(), RouterError> {
+        let old = self.current();
+        let mut links = Vec::with_capacity(p.nodes.len());
+        for node in &p.nodes {
+            let reuse = old
+                .links
+                .iter()
+                .find(|l| l.addr == node.addr && l.node_id == node.id && l.down_reason().is_none())
+                .cloned();
+            let link = match reuse {
+                Some(l) => l,
+                None => {
+                    let (link, status) = self.open(&node.addr).await?;
+                    if status.node_id != node.id {
+                        return Err(RouterError::Mismatch {
+                            addr: node.addr.clone(),
+                            message: format!("it is node {}, the placement says {}", status.node_id, node.id),
+                        });
+                    }
+                    Arc::new(link)
+                }
+            };
+            links.push(link);
+        }
+        let mut placement: Vec<Vec<Vec<usize>>> = (0..config.num_hidden_layers)
+            .map(|l| if config.is_moe_layer(l) { vec![Vec::new(); config.num_experts] } else { Vec::new() })
+            .collect();
+        for (row, &layer) in p.hosted.iter().zip(&p.moe_layers) {
+            for (n, experts) in row.iter().enumerate() {
+                for &e in experts {
+                    let slot = placement.get_mut(layer as usize).and_then(|l| l.get_mut(e as usize)).ok_or_else(|| {
+                        RouterError::Placement(format!("epoch {} places expert {e} of layer {layer}, which the model lacks", p.epoch))
+                    })?;
+                    slot.push(n);
+                }
+            }
+        }
+        check_complete(&placement, || format!("epoch {}", p.epoch))?;
+        let topology = Topology { epoch: p.epoch, links, placement };
+        *self.topology.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(topology);
+        tracing::info!(epoch = p.epoch, nodes = p.nodes.len(), "switched to placement epoch");
+        Ok(())
+    }
+
+    /// The placement the nodes at `addrs` report in Status (epoch 0).
+    async fn static_topology(&self, addrs: &[String], config: &ModelConfig) -> Result<Topology, RouterError> {
         let h = config.hidden_size;
         let mut placement: Vec<Vec<Vec<usize>>> = (0..config.num_hidden_layers)
             .map(|l| if config.is_moe_layer(l) { vec![Vec::new(); config.num_experts] } else { Vec::new() })
             .collect();
         let mut links = Vec::with_capacity(addrs.len());
         for (index, addr) in addrs.iter().enumerate() {
-            let (link, status) = runtime.block_on(open_link(addr, &options, h, config.num_experts_per_tok))?;
-            let model = status.model.unwrap_or_default();
-            if model.fingerprint != fingerprint || model.hidden_size as usize != h {
-                return Err(RouterError::Mismatch {
-                    addr: addr.clone(),
-                    message: format!(
-                        "it serves a different model (fingerprint {:016x}, hidden {}; this router has {fingerprint:016x}, \
-                         hidden {h}): start it with the same model directory",
-                        model.fingerprint, model.hidden_size
-                    ),
-                });
-            }
+            let (link, status) = self.open(addr).await?;
+            let _ = h;
             for row in status.hosted.unwrap_or_default().layers {
                 for e in row.experts {
                     let slot =
@@ -188,38 +318,27 @@ impl RemoteExperts {
                 }
             }
             tracing::info!(%addr, node_id = %link.node_id, "expert node connected");
-            links.push(link);
+            links.push(Arc::new(link));
         }
-        for (l, row) in placement.iter().enumerate() {
-            if let Some(e) = row.iter().position(Vec::is_empty) {
-                return Err(RouterError::Placement(format!(
-                    "expert {e} of layer {l} is hosted by none of {}",
-                    addrs.join(", ")
-                )));
-            }
-        }
-        Ok(RemoteExperts {
-            runtime,
-            links,
-            placement,
-            hidden: h,
-            options,
-            next_id: AtomicU64::new(1),
-            stats: RemoteStats::default(),
-        })
+        check_complete(&placement, || addrs.join(", "))?;
+        Ok(Topology { epoch: 0, links, placement })
     }
 
     /// The nodes' ids and addresses, in the order partial sums are added.
     pub fn nodes(&self) -> Vec<(String, String)> {
-        self.links.iter().map(|l| (l.node_id.clone(), l.addr.clone())).collect()
+        self.current().links.iter().map(|l| (l.node_id.clone(), l.addr.clone())).collect()
     }
 
     /// `Err` naming the first (layer, expert) whose every replica is down: what `/readyz` reports.
     pub fn check_coverage(&self) -> Result<(), String> {
-        for (l, row) in self.placement.iter().enumerate() {
+        let topo = self.current();
+        if topo.links.is_empty() {
+            return Err("no placement yet: waiting for the controller and the expert nodes".into());
+        }
+        for (l, row) in topo.placement.iter().enumerate() {
             for (e, replicas) in row.iter().enumerate() {
-                if replicas.iter().all(|&r| self.links[r].down_reason().is_some()) {
-                    let why: Vec<_> = replicas.iter().filter_map(|&r| self.links[r].down_reason()).collect();
+                if replicas.iter().all(|&r| topo.links[r].down_reason().is_some()) {
+                    let why: Vec<_> = replicas.iter().filter_map(|&r| topo.links[r].down_reason()).collect();
                     return Err(format!("expert {e} of layer {l} has no live replica: {}", why.join("; ")));
                 }
             }
@@ -229,9 +348,10 @@ impl RemoteExperts {
 
     /// Fetches every node's status (unary call with a deadline).
     pub fn status(&self) -> Vec<Result<v1::StatusResponse, String>> {
+        let topo = self.current();
         self.runtime.block_on(async {
             let mut out = Vec::new();
-            for link in &self.links {
+            for link in &topo.links {
                 let mut req = tonic::Request::new(StatusRequest {});
                 req.set_timeout(self.options.connect_timeout);
                 out.push(link.client.clone().status(req).await.map(|r| r.into_inner()).map_err(|s| s.to_string()));
@@ -240,9 +360,8 @@ impl RemoteExperts {
         })
     }
 
-    /// Sends one prepared request on `node`'s stream and returns the receiver of its answer.
-    fn send(&self, node: usize, req: ForwardRequest) -> Result<oneshot::Receiver<Answer>, String> {
-        let link = &self.links[node];
+    /// Sends one prepared request on `link`'s stream and returns the receiver of its answer.
+    fn send(&self, link: &Link, req: ForwardRequest) -> Result<oneshot::Receiver<Answer>, String> {
         if let Some(reason) = link.down_reason() {
             return Err(reason);
         }
@@ -259,18 +378,126 @@ impl RemoteExperts {
         let id = req.id;
         if link.requests.blocking_send(req).is_err() {
             link.waiting.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+            link.settle(0);
             return Err(format!("the stream to {} is closed", link.addr));
         }
         Ok(rx)
     }
 
-    /// A live node other than `failed` that hosts every expert `routing` names at `layer`.
-    fn replica_for(&self, layer: usize, routing: &v1::Routing, failed: usize) -> Option<usize> {
-        (0..self.links.len()).find(|&n| {
-            n != failed
-                && self.links[n].down_reason().is_none()
-                && routing.experts.iter().all(|&e| self.placement[layer][e as usize].contains(&n))
-        })
+    /// Plans and sends the messages of one layer for `rows` (the hidden vectors of the batch's tokens `tokens`,
+    /// routed by `routing`, CSR over the rows) under `topo`: each token once per node, with its (expert, weight)
+    /// pairs local to that node, chunked under the node's message limit. `avoid` is used only for experts that
+    /// have no other live replica.
+    fn scatter(
+        &self,
+        topo: &Arc<Topology>,
+        layer: usize,
+        rows: &[f32],
+        tokens: &[u32],
+        routing: &v1::Routing,
+        avoid: Option<&Arc<Link>>,
+        depth: usize,
+    ) -> Result<Vec<Piece>, String> {
+        let h = self.hidden;
+        let table = topo.placement.get(layer).filter(|t| !t.is_empty()).ok_or_else(|| {
+            if topo.links.is_empty() {
+                "no placement yet: waiting for the controller and the expert nodes".to_owned()
+            } else {
+                "not a MoE layer".to_owned()
+            }
+        })?;
+        let n = topo.links.len();
+        let mut load: Vec<usize> = topo.links.iter().map(|l| l.outstanding.load(Ordering::Relaxed)).collect();
+        let avoided = avoid.and_then(|a| topo.index_of(a));
+        let usable: Vec<bool> =
+            topo.links.iter().enumerate().map(|(i, l)| l.down_reason().is_none() && Some(i) != avoided).collect();
+        // Per node: the rows it gets and their local CSR.
+        let mut picked: Vec<Vec<u32>> = vec![Vec::new(); n];
+        let mut csr: Vec<v1::Routing> = vec![v1::Routing::default(); n];
+        let mut chosen: Vec<usize> = Vec::new();
+        let mut pairs: Vec<(usize, u32, f32)> = Vec::new();
+        for r in 0..tokens.len() {
+            chosen.clear();
+            pairs.clear();
+            let (a, b) = (routing.offsets[r] as usize, routing.offsets[r + 1] as usize);
+            for (&e, &w) in routing.experts[a..b].iter().zip(&routing.weights[a..b]) {
+                let replicas = table.get(e as usize).ok_or_else(|| format!("expert {e} out of range"))?;
+                let best = |ok: &dyn Fn(usize) -> bool| {
+                    replicas.iter().copied().filter(|&r| ok(r)).min_by_key(|&r| (!chosen.contains(&r), load[r]))
+                };
+                let node = best(&|r| usable[r])
+                    .or_else(|| best(&|r| topo.links[r].down_reason().is_none()))
+                    .ok_or_else(|| {
+                        let why = replicas.iter().filter_map(|&r| topo.links[r].down_reason()).collect::<Vec<_>>();
+                        format!("no live node hosts expert {e}: {}", why.join("; "))
+                    })?;
+                if !chosen.contains(&node) {
+                    chosen.push(node);
+                    load[node] += 1;
+                }
+                pairs.push((node, e, w));
+            }
+            // Keep each node's pairs in the token's routing order.
+            for &node in &chosen {
+                let c = &mut csr[node];
+                if c.offsets.is_empty() {
+                    c.offsets.push(0);
+                }
+                for &(_, e, w) in pairs.iter().filter(|p| p.0 == node) {
+                    c.experts.push(e);
+                    c.weights.push(w);
+                }
+                c.offsets.push(c.experts.len() as u32);
+                picked[node].push(r as u32);
+            }
+        }
+
+        let dtype = self.options.wire_dtype;
+        let mut pieces = Vec::new();
+        let mut buf = Vec::new();
+        for node in 0..n {
+            let link = &topo.links[node];
+            let max = link.max_tokens_per_message;
+            for (c, chunk) in picked[node].chunks(max).enumerate() {
+                let first = c * max;
+                let r = &csr[node];
+                let (a, b) = (r.offsets[first] as usize, r.offsets[first + chunk.len()] as usize);
+                let local = v1::Routing {
+                    offsets: r.offsets[first..=first + chunk.len()].iter().map(|&o| o - a as u32).collect(),
+                    experts: r.experts[a..b].to_vec(),
+                    weights: r.weights[a..b].to_vec(),
+                };
+                buf.clear();
+                for &row in chunk {
+                    buf.extend_from_slice(&rows[row as usize * h..(row as usize + 1) * h]);
+                }
+                let request = ForwardRequest {
+                    id: self.next_id.fetch_add(1, Ordering::Relaxed),
+                    layer: layer as u32,
+                    epoch: topo.epoch,
+                    dtype: dtype as i32,
+                    hidden_size: h as u32,
+                    num_tokens: chunk.len() as u32,
+                    activations: codec::encode(&buf, dtype),
+                    routing: Some(local),
+                    deadline_us: self.options.deadline.as_micros() as u64,
+                };
+                let batch_tokens: Vec<u32> = chunk.iter().map(|&row| tokens[row as usize]).collect();
+                match self.send(link, request.clone()) {
+                    Ok(answer) => {
+                        pieces.push(Piece { link: link.clone(), tokens: batch_tokens, request, answer });
+                    }
+                    // The node went down since the choice above: plan this chunk again without it.
+                    Err(why) if depth < n => {
+                        self.stats.resent.fetch_add(1, Ordering::Relaxed);
+                        let routing = request.routing.clone().unwrap_or_default();
+                        pieces.extend(self.scatter(topo, layer, &buf, &batch_tokens, &routing, Some(link), depth + 1).map_err(|e| format!("{why}; then {e}"))?);
+                    }
+                    Err(why) => return Err(why),
+                }
+            }
+        }
+        Ok(pieces)
     }
 }
 
@@ -382,9 +609,9 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 /// One message in flight: where it went, which of the batch's tokens it carries, and the request (kept to send it
-/// again elsewhere if its node fails).
+/// again elsewhere if its node fails or no longer serves its epoch).
 struct Piece {
-    node: usize,
+    link: Arc<Link>,
     tokens: Vec<u32>,
     request: ForwardRequest,
     answer: oneshot::Receiver<Answer>,
@@ -405,9 +632,14 @@ impl Drop for RemotePending<'_> {
     /// outstanding, so that replica choice is not skewed by answers nobody waits for.
     fn drop(&mut self) {
         for piece in &self.pieces[self.settled.min(self.pieces.len())..] {
-            self.remote.links[piece.node].settle(piece.tokens.len());
+            piece.link.settle(piece.tokens.len());
         }
     }
+}
+
+/// Whether a refusal means "not here (any more)" rather than a bad request: the piece can go elsewhere.
+fn misplaced(why: &str) -> bool {
+    why.starts_with("FAILED_PRECONDITION (epoch)") || why.starts_with("FAILED_PRECONDITION (routing.experts")
 }
 
 impl Experts for RemoteExperts {
@@ -424,97 +656,21 @@ impl Experts for RemoteExperts {
         if hidden.len() != ntok * h {
             return Err(fail(format!("hidden has {} values for {ntok} tokens of width {h}", hidden.len())));
         }
-        let table =
-            self.placement.get(layer).filter(|t| !t.is_empty()).ok_or_else(|| fail("not a MoE layer".into()))?;
-
-        // Assign each (token, expert) to a node; a token visits as few nodes as its experts allow.
-        let n = self.links.len();
-        let mut load: Vec<usize> = self.links.iter().map(|l| l.outstanding.load(Ordering::Relaxed)).collect();
-        let live: Vec<bool> = self.links.iter().map(|l| l.down_reason().is_none()).collect();
-        // Per node: tokens and the local CSR.
-        let mut tokens: Vec<Vec<u32>> = vec![Vec::new(); n];
-        let mut csr: Vec<v1::Routing> = vec![v1::Routing::default(); n];
-        let mut chosen: Vec<usize> = Vec::new();
-        let mut pairs: Vec<(usize, u32, f32)> = Vec::new();
-        for t in 0..ntok {
-            chosen.clear();
-            pairs.clear();
-            for (e, w) in routing.token(t) {
-                let replicas = table.get(e as usize).ok_or_else(|| fail(format!("expert {e} out of range")))?;
-                let node = replicas
-                    .iter()
-                    .copied()
-                    .filter(|&r| live[r])
-                    .min_by_key(|&r| (!chosen.contains(&r), load[r]))
-                    .ok_or_else(|| {
-                        let why = replicas.iter().filter_map(|&r| self.links[r].down_reason()).collect::<Vec<_>>();
-                        fail(format!("no live node hosts expert {e}: {}", why.join("; ")))
-                    })?;
-                if !chosen.contains(&node) {
-                    chosen.push(node);
-                    load[node] += 1;
+        if let Some(row) = self.load.get(layer) {
+            for &e in &routing.experts {
+                if let Some(c) = row.get(e as usize) {
+                    c.fetch_add(1, Ordering::Relaxed);
                 }
-                pairs.push((node, e, w));
-            }
-            // Keep each node's pairs in the token's routing order.
-            for &node in &chosen {
-                let r = &mut csr[node];
-                if r.offsets.is_empty() {
-                    r.offsets.push(0);
-                }
-                for &(_, e, w) in pairs.iter().filter(|p| p.0 == node) {
-                    r.experts.push(e);
-                    r.weights.push(w);
-                }
-                r.offsets.push(r.experts.len() as u32);
-                tokens[node].push(t as u32);
             }
         }
-
+        let csr = v1::Routing {
+            offsets: routing.offsets.clone(),
+            experts: routing.experts.clone(),
+            weights: routing.weights.clone(),
+        };
+        let tokens: Vec<u32> = (0..ntok as u32).collect();
         let deadline = Instant::now() + self.options.deadline;
-        let mut pieces = Vec::new();
-        let dtype = self.options.wire_dtype;
-        let mut rows = Vec::new();
-        for node in 0..n {
-            let toks = &tokens[node];
-            let max = self.links[node].max_tokens_per_message;
-            for (c, chunk) in toks.chunks(max).enumerate() {
-                let first = c * max;
-                let r = &csr[node];
-                let (a, b) = (r.offsets[first] as usize, r.offsets[first + chunk.len()] as usize);
-                let local = v1::Routing {
-                    offsets: r.offsets[first..=first + chunk.len()].iter().map(|&o| o - a as u32).collect(),
-                    experts: r.experts[a..b].to_vec(),
-                    weights: r.weights[a..b].to_vec(),
-                };
-                rows.clear();
-                for &t in chunk {
-                    rows.extend_from_slice(&hidden[t as usize * h..(t as usize + 1) * h]);
-                }
-                let request = ForwardRequest {
-                    id: self.next_id.fetch_add(1, Ordering::Relaxed),
-                    layer: layer as u32,
-                    epoch: 0,
-                    dtype: dtype as i32,
-                    hidden_size: h as u32,
-                    num_tokens: chunk.len() as u32,
-                    activations: codec::encode(&rows, dtype),
-                    routing: Some(local),
-                    deadline_us: self.options.deadline.as_micros() as u64,
-                };
-                let (node, answer) = match self.send(node, request.clone()) {
-                    Ok(answer) => (node, answer),
-                    // The node went down since the assignment above: a replica of all the piece's experts takes it.
-                    Err(why) => {
-                        let routing = request.routing.clone().unwrap_or_default();
-                        let other = self.replica_for(layer, &routing, node).ok_or_else(|| fail(why))?;
-                        self.stats.resent.fetch_add(1, Ordering::Relaxed);
-                        (other, self.send(other, request.clone()).map_err(&fail)?)
-                    }
-                };
-                pieces.push(Piece { node, tokens: chunk.to_vec(), request, answer });
-            }
-        }
+        let pieces = self.scatter(&self.current(), layer, hidden, &tokens, &csr, None, 0).map_err(fail)?;
         self.stats.encode_ns.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
         Ok(Box::new(RemotePending { remote: self, layer, ntok, pieces, settled: 0, deadline }))
     }
@@ -532,13 +688,14 @@ impl PendingExperts for RemotePending<'_> {
         out.fill(0.0);
         // Pieces are in node order; adding them in that order fixes each token's summation order.
         let mut i = 0;
+        let mut retries = 0;
         while i < this.pieces.len() {
             let waited = Instant::now();
             let piece = &mut this.pieces[i];
             let answer =
                 remote.runtime.block_on(async { tokio::time::timeout_at(deadline.into(), &mut piece.answer).await });
             remote.stats.wait_ns.fetch_add(waited.elapsed().as_nanos() as u64, Ordering::Relaxed);
-            let link = &remote.links[piece.node];
+            let link = piece.link.clone();
             link.settle(piece.tokens.len());
             this.settled = i + 1;
             let sums = match answer {
@@ -549,19 +706,29 @@ impl PendingExperts for RemotePending<'_> {
                     )))
                 }
                 Ok(Err(_)) => return Err(fail(format!("expert node {}: the answer was lost", link.addr))),
-                Ok(Ok(Err(why))) if why.starts_with(DOWN) => {
-                    // Send the same piece to a live replica of all its experts, if there is one.
-                    let routing = piece.request.routing.clone().unwrap_or_default();
-                    let Some(other) = remote.replica_for(layer, &routing, piece.node) else {
-                        return Err(fail(why));
-                    };
-                    let mut request = piece.request.clone();
-                    request.id = remote.next_id.fetch_add(1, Ordering::Relaxed);
-                    let answer = remote.send(other, request.clone()).map_err(&fail)?;
-                    tracing::warn!(layer, from = %link.addr, to = %remote.links[other].addr, "piece sent again");
-                    remote.stats.resent.fetch_add(1, Ordering::Relaxed);
+                Ok(Ok(Err(why))) if why.starts_with(DOWN) || misplaced(&why) => {
+                    // The node failed, or no longer (or not yet) serves the piece's epoch or experts: plan the
+                    // piece again under the placement in use now, away from that node if another can take it.
+                    retries += 1;
+                    if retries > 50 || Instant::now() >= deadline {
+                        return Err(fail(format!("expert node {}: {why}", link.addr)));
+                    }
+                    let topo = remote.current();
+                    if !why.starts_with(DOWN) && topo.epoch == piece.request.epoch {
+                        // This router is behind the node: give the placement watcher a moment.
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    let request = &piece.request;
+                    let dtype = Dtype::try_from(request.dtype).unwrap_or(Dtype::F32);
+                    let mut rows = vec![0f32; request.num_tokens as usize * h];
+                    codec::decode_into(&request.activations, dtype, &mut rows).map_err(|e| fail(e.to_string()))?;
+                    let routing = request.routing.clone().unwrap_or_default();
                     let tokens = std::mem::take(&mut piece.tokens);
-                    this.pieces[i] = Piece { node: other, tokens, request, answer };
+                    let again =
+                        remote.scatter(&topo, layer, &rows, &tokens, &routing, Some(&link), 0).map_err(|e| fail(format!("{why}; then {e}")))?;
+                    tracing::warn!(layer, from = %link.addr, pieces = again.len(), epoch = topo.epoch, "{why}; piece sent again");
+                    remote.stats.resent.fetch_add(1, Ordering::Relaxed);
+                    this.pieces.splice(i..=i, again);
                     this.settled = i;
                     continue;
                 }
@@ -573,6 +740,7 @@ impl PendingExperts for RemotePending<'_> {
             let size = dtype
                 .size()
                 .ok_or_else(|| fail(format!("expert node {} answered in dtype {}", link.addr, sums.dtype)))?;
+            let piece = &this.pieces[i];
             if sums.num_tokens as usize != piece.tokens.len() || sums.sums.len() != piece.tokens.len() * h * size {
                 return Err(fail(format!(
                     "expert node {} answered {} bytes for {} tokens ({} expected)",
@@ -601,4 +769,14 @@ impl PendingExperts for RemotePending<'_> {
         }
         Ok(())
     }
+}
+
+/// `Err` naming the first (layer, expert) without a replica in `placement`.
+fn check_complete(placement: &[Vec<Vec<usize>>], nodes: impl Fn() -> String) -> Result<(), RouterError> {
+    for (l, row) in placement.iter().enumerate() {
+        if let Some(e) = row.iter().position(Vec::is_empty) {
+            return Err(RouterError::Placement(format!("expert {e} of layer {l} is hosted by none of {}", nodes())));
+        }
+    }
+    Ok(())
 }

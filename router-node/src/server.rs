@@ -8,6 +8,7 @@ use moe_model::{Experts, LoadedModel, Residency};
 
 use crate::engine::{self, EngineConfig};
 use crate::http::{ApiConfig, AppState, ReadinessCheck};
+use crate::cluster::{model_shape, ClusterOptions};
 use crate::remote::{RemoteExperts, RemoteOptions};
 use crate::RouterError;
 
@@ -18,6 +19,8 @@ pub enum ExpertsAt {
     Local,
     /// On these expert nodes.
     Nodes(Vec<String>, RemoteOptions),
+    /// On the expert nodes of a cluster, placed by its controller (join it with [`crate::cluster::join`]).
+    Cluster(ClusterOptions, RemoteOptions),
 }
 
 #[derive(Debug, Clone)]
@@ -35,6 +38,17 @@ pub struct RouterOptions {
 pub struct PreparedRouter {
     pub state: Arc<AppState>,
     pub engine: std::thread::JoinHandle<()>,
+    /// With [`ExpertsAt::Cluster`]: what joining the cluster needs.
+    pub cluster: Option<ClusterJoin>,
+}
+
+/// The parts of a prepared router that take part in a cluster.
+#[derive(Debug)]
+pub struct ClusterJoin {
+    pub remote: Arc<RemoteExperts>,
+    pub config: moe_model::ModelConfig,
+    pub shape: moe_placement::ModelShape,
+    pub options: ClusterOptions,
 }
 
 /// Loads the model, connects to the expert nodes and starts the engine. Blocking: call it outside any async runtime.
@@ -44,6 +58,9 @@ pub fn prepare(options: RouterOptions, progress: &(dyn Fn(u64, u64) + Sync)) -> 
     let eos_ids = lm.eos_token_ids();
     let LoadedModel { model, experts: local_experts, tokenizer, chat_template, generation, fingerprint, .. } = lm;
     let config = model.config().clone();
+    let model_name =
+        options.model.file_name().map_or_else(|| "model".to_owned(), |n| n.to_string_lossy().into_owned());
+    let mut cluster = None;
     let (experts, ready): (Arc<dyn Experts>, ReadinessCheck) = match options.experts {
         ExpertsAt::Local => (Arc::new(local_experts), Arc::new(|| Ok(()))),
         ExpertsAt::Nodes(addrs, remote) => {
@@ -51,11 +68,21 @@ pub fn prepare(options: RouterOptions, progress: &(dyn Fn(u64, u64) + Sync)) -> 
             let check = Arc::clone(&remote);
             (remote, Arc::new(move || check.check_coverage()))
         }
+        ExpertsAt::Cluster(cluster_options, remote) => {
+            let remote = Arc::new(RemoteExperts::unplaced(&config, fingerprint, remote)?);
+            let check = Arc::clone(&remote);
+            cluster = Some(ClusterJoin {
+                remote: remote.clone(),
+                config: config.clone(),
+                shape: model_shape(&model_name, &config, fingerprint),
+                options: cluster_options,
+            });
+            (remote, Arc::new(move || check.check_coverage()))
+        }
     };
     let mut api = options.api;
     if api.model_name.is_empty() {
-        api.model_name =
-            options.model.file_name().map_or_else(|| "model".to_owned(), |n| n.to_string_lossy().into_owned());
+        api.model_name = model_name;
     }
     if api.max_model_len == 0 || api.max_model_len > config.max_position_embeddings {
         api.max_model_len = config.max_position_embeddings;
@@ -71,5 +98,5 @@ pub fn prepare(options: RouterOptions, progress: &(dyn Fn(u64, u64) + Sync)) -> 
         api,
         ready,
     ));
-    Ok(PreparedRouter { state, engine })
+    Ok(PreparedRouter { state, engine, cluster })
 }

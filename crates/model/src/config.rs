@@ -199,6 +199,11 @@ impl ModelConfig {
         (self.head_dim as f64 * self.partial_rotary_factor) as usize
     }
 
+    /// Bytes one routed expert (gate, up and down projections, held as bf16) takes on the node that hosts it.
+    pub fn routed_expert_bytes(&self) -> usize {
+        3 * self.hidden_size * self.moe_intermediate_size * 2
+    }
+
     /// Returns whether layer `i` has the routed-experts MoE block (else a dense MLP, Qwen3-Next only).
     pub fn is_moe_layer(&self, i: usize) -> bool {
         match self.family {

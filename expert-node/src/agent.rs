@@ -1,0 +1,200 @@
+//! An expert node in a cluster: it follows the placement epochs the controller writes.
+//!
+//! For each new epoch the node loads what the epoch adds for it and reports the epoch ready; routers switch once
+//! every node of the epoch is ready. The node keeps serving the experts of every epoch a live router may still
+//! dispatch with, and unloads what left only when all routers are past those epochs (plus a grace period for
+//! messages already on the wire). It serves exactly the epochs it has loaded for and refuses the others.
+//!
+//! Draining (on SIGTERM, or `moectl placement drain`) marks the node; the controller writes an epoch without it; the
+//! node exits once every router has switched to such an epoch, so no request loses its experts.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use moe_placement::{ClusterView, Session};
+use moe_proto::v1::ExpertSet;
+
+use crate::node::ExpertNode;
+use crate::service::expert_set;
+
+/// Tunables of [`follow`].
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// How long experts no longer assigned stay loaded after every router moved past them.
+    pub grace: Duration,
+    /// How often the cluster is read again without a change notification.
+    pub tick: Duration,
+    /// The longest a drain waits for the experts to move before the node exits anyway.
+    pub drain_timeout: Duration,
+}
+
+impl Default for AgentOptions {
+    fn default() -> Self {
+        AgentOptions { grace: Duration::from_secs(2), tick: Duration::from_millis(500), drain_timeout: Duration::from_secs(60) }
+    }
+}
+
+/// How following the cluster ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Departure {
+    /// Every router switched to a placement without this node.
+    Drained,
+    /// The drain did not complete within its timeout.
+    TimedOut,
+}
+
+struct Follower {
+    node: Arc<ExpertNode>,
+    session: Arc<Session>,
+    /// The experts each epoch still in use assigns to this node.
+    assigned: BTreeMap<u64, Vec<(usize, Vec<u32>)>>,
+    ready: u64,
+    grace: Duration,
+    /// When experts no longer needed may go.
+    retire_at: Option<Instant>,
+    /// When the last router moved to an epoch without this node (draining).
+    gone_since: Option<Instant>,
+}
+
+/// Follows the cluster's placement until the node is drained: by `moectl placement drain`, or after `drain`
+/// resolves (SIGTERM). Store errors are logged and retried; the node serves on with what it has meanwhile.
+pub async fn follow(
+    node: Arc<ExpertNode>,
+    session: Arc<Session>,
+    options: AgentOptions,
+    drain: impl std::future::Future<Output = ()>,
+) -> Departure {
+    let cluster = session.cluster().clone();
+    let id = node.node_id.clone();
+    // Without a watch (the store refused it), the tick alone drives the loop.
+    let (_idle, idle) = tokio::sync::watch::channel(0u64);
+    let mut changes = cluster.changes().await.unwrap_or_else(|_| idle.clone());
+    let mut f = Follower { node, session, assigned: BTreeMap::new(), ready: 0, grace: options.grace, retire_at: None, gone_since: None };
+    let mut draining_since: Option<Instant> = None;
+    tokio::pin!(drain);
+    let mut drain_asked = false;
+    loop {
+        match cluster.snapshot().await {
+            Ok(view) => {
+                if draining_since.is_none() && (drain_asked || view.drains.contains(&id)) {
+                    tracing::info!("draining: waiting for the controller to move this node's experts");
+                    draining_since = Some(Instant::now());
+                }
+                if let Err(e) = f.step(&view).await {
+                    tracing::warn!("following the placement: {e}");
+                }
+                if draining_since.is_some() {
+                    // With no router left, nothing can need this node's experts.
+                    if !view.members.values().any(|m| m.role == moe_placement::Role::Router) {
+                        return Departure::Drained;
+                    }
+                    if let Some(since) = f.gone_since {
+                        if since.elapsed() >= options.grace {
+                            return Departure::Drained;
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!("reading the cluster: {e}; serving on"),
+        }
+        if draining_since.is_some_and(|d| d.elapsed() >= options.drain_timeout) {
+            tracing::warn!("drain: experts still needed after {:?}; leaving anyway", options.drain_timeout);
+            return Departure::TimedOut;
+        }
+        let tick = tokio::time::sleep(options.tick);
+        tokio::select! {
+            _ = &mut drain, if !drain_asked => {
+                drain_asked = true;
+                if let Err(e) = cluster.drain(&id, Some(f.session.lease())).await {
+                    tracing::warn!("marking this node draining: {e}");
+                }
+            }
+            r = changes.changed() => if r.is_err() { changes = idle.clone() },
+            _ = tick => {}
+        }
+    }
+}
+
+impl Follower {
+    async fn step(&mut self, view: &ClusterView) -> anyhow::Result<()> {
+        let Some(p) = &view.placement else { return Ok(()) };
+        let id = self.node.node_id.clone();
+        let oldest = view.oldest_in_use().unwrap_or(p.epoch).min(p.epoch);
+        self.assigned.insert(p.epoch, p.experts_of(&id));
+        self.assigned.retain(|&e, _| e >= oldest);
+
+        // Load what the epochs in use need and this node lacks.
+        let hosted = self.node.hosted();
+        let mut wanted: BTreeMap<usize, Vec<u32>> = BTreeMap::new();
+        for rows in self.assigned.values() {
+            for (l, experts) in rows {
+                wanted.entry(*l).or_default().extend(experts);
+            }
+        }
+        for experts in wanted.values_mut() {
+            experts.sort_unstable();
+            experts.dedup();
+        }
+        let missing = difference(&wanted, &hosted);
+        if !missing.layers.is_empty() {
+            let node = self.node.clone();
+            let count: usize = missing.layers.iter().map(|r| r.experts.len()).sum();
+            let started = Instant::now();
+            let _guard = node.shard_lock.lock().await;
+            let loading = node.clone();
+            tokio::task::spawn_blocking(move || loading.load_set(&missing)).await??;
+            tracing::info!(epoch = p.epoch, experts = count, elapsed = ?started.elapsed(), "experts loaded");
+        }
+        // Serve every epoch kept, from the oldest loaded for.
+        let lo = self.assigned.keys().next().copied().unwrap_or(p.epoch);
+        // Older epochs stay served until their experts are unloaded below.
+        let (cur_lo, _) = self.node.epochs();
+        self.node.set_epochs(if cur_lo == 0 { lo } else { cur_lo.min(lo) }, p.epoch);
+        if self.ready < p.epoch {
+            self.session.put(&format!("ready/{id}"), &p.epoch).await?;
+            self.ready = p.epoch;
+            tracing::info!(epoch = p.epoch, reason = %p.reason, "placement epoch ready");
+        }
+
+        // Unload what no epoch in use assigns, once routers have had time to finish with it.
+        let extra = difference(&hosted_map(&self.node.hosted()), &expert_set(wanted.clone()));
+        if extra.layers.is_empty() {
+            self.retire_at = None;
+            self.node.set_epochs(lo, p.epoch);
+        } else {
+            let at = *self.retire_at.get_or_insert_with(|| Instant::now() + self.grace);
+            if Instant::now() >= at {
+                let count: usize = extra.layers.iter().map(|r| r.experts.len()).sum();
+                let _guard = self.node.shard_lock.lock().await;
+                self.node.set_epochs(lo, p.epoch);
+                self.node.unload_set(&extra);
+                self.retire_at = None;
+                tracing::info!(epoch = p.epoch, experts = count, "experts unloaded");
+            }
+        }
+
+        // Out of every epoch a router uses: a draining node may go.
+        let needed = view.using.values().any(|&e| self.assigned.get(&e).is_some_and(|rows| !rows.is_empty()))
+            || p.node_index(&id).is_some();
+        if needed {
+            self.gone_since = None;
+        } else {
+            self.gone_since.get_or_insert_with(Instant::now);
+        }
+        Ok(())
+    }
+}
+
+fn hosted_map(set: &ExpertSet) -> BTreeMap<usize, Vec<u32>> {
+    set.layers.iter().map(|r| (r.layer as usize, r.experts.clone())).collect()
+}
+
+/// The experts of `a` not in `b`.
+fn difference(a: &BTreeMap<usize, Vec<u32>>, b: &ExpertSet) -> ExpertSet {
+    let have = hosted_map(b);
+    expert_set(a.iter().map(|(&l, experts)| {
+        let other = have.get(&l);
+        (l, experts.iter().copied().filter(|e| !other.is_some_and(|o| o.contains(e))).collect::<Vec<u32>>())
+    }))
+}
