@@ -10,6 +10,7 @@ mod bench_model;
 mod cluster;
 mod generate;
 mod init_model;
+mod placement;
 mod remote;
 mod up;
 
@@ -31,6 +32,8 @@ enum Command {
     Generate(generate::Args),
     /// Write a random-weight model in the official Qwen3.5 checkpoint layout.
     InitModel(init_model::Args),
+    /// Show and change where a cluster's experts live (etcd): show, plan, apply, rebalance, drain.
+    Placement(placement::Args),
     /// Measure decode and prefill speed of a model next to this machine's memory bandwidth and FMA peak.
     BenchModel(bench_model::Args),
     /// Measure the expert data plane: per-layer round trip on loopback, and decode throughput with the experts on
@@ -79,6 +82,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate::run(args),
         Command::InitModel(args) => init_model::run(args),
         Command::BenchModel(args) => bench_model::run(args),
+        Command::Placement(args) => placement::run(args),
         Command::BenchDataplane(args) => bench_dataplane::run(args),
     };
     match result {
