@@ -31,7 +31,11 @@ pub struct AgentOptions {
 
 impl Default for AgentOptions {
     fn default() -> Self {
-        AgentOptions { grace: Duration::from_secs(2), tick: Duration::from_millis(500), drain_timeout: Duration::from_secs(60) }
+        AgentOptions {
+            grace: Duration::from_secs(2),
+            tick: Duration::from_millis(500),
+            drain_timeout: Duration::from_secs(60),
+        }
     }
 }
 
@@ -70,7 +74,15 @@ pub async fn follow(
     // Without a watch (the store refused it), the tick alone drives the loop.
     let (_idle, idle) = tokio::sync::watch::channel(0u64);
     let mut changes = cluster.changes().await.unwrap_or_else(|_| idle.clone());
-    let mut f = Follower { node, session, assigned: BTreeMap::new(), ready: 0, grace: options.grace, retire_at: None, gone_since: None };
+    let mut f = Follower {
+        node,
+        session,
+        assigned: BTreeMap::new(),
+        ready: 0,
+        grace: options.grace,
+        retire_at: None,
+        gone_since: None,
+    };
     let mut draining_since: Option<Instant> = None;
     tokio::pin!(drain);
     let mut drain_asked = false;

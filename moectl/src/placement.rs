@@ -138,10 +138,18 @@ fn show(view: &ClusterView, json: bool) -> Result<()> {
     match &view.placement {
         None => println!("no placement yet"),
         Some(p) => {
-            println!("placement epoch {} ({}), {}", p.epoch, p.reason, if view.is_ready(p) { "ready" } else { "loading" });
+            println!(
+                "placement epoch {} ({}), {}",
+                p.epoch,
+                p.reason,
+                if view.is_ready(p) { "ready" } else { "loading" }
+            );
             let counts = p.counts();
             let total: f64 = loads.iter().sum();
-            println!("{:<20} {:<22} {:>8} {:>7} {:>10} {:>8}  state", "NODE", "ADDRESS", "EXPERTS", "READY", "MEM GiB", "LOAD %");
+            println!(
+                "{:<20} {:<22} {:>8} {:>7} {:>10} {:>8}  state",
+                "NODE", "ADDRESS", "EXPERTS", "READY", "MEM GiB", "LOAD %"
+            );
             for (i, n) in p.nodes.iter().enumerate() {
                 let member = view.members.get(&n.id);
                 let state = match (member, view.drains.contains(&n.id)) {
@@ -171,7 +179,12 @@ fn show(view: &ClusterView, json: bool) -> Result<()> {
         println!("expert nodes without experts: {}", idle.join(", "));
     }
     for r in view.members.values().filter(|m| m.role == Role::Router) {
-        println!("router {} at {}: epoch {}", r.id, r.addr, view.using.get(&r.id).map_or("-".into(), |e| e.to_string()));
+        println!(
+            "router {} at {}: epoch {}",
+            r.id,
+            r.addr,
+            view.using.get(&r.id).map_or("-".into(), |e| e.to_string())
+        );
     }
     for p in &view.problems {
         println!("warning: {p}");
@@ -194,7 +207,12 @@ fn plan(view: &ClusterView, json: bool) -> Result<()> {
         println!("no load measured yet: the plan places each expert once");
     }
     if let Some(p) = &view.placement {
-        println!("current epoch {}: node load max/mean {:.3}, {} experts hosted", p.epoch, imbalance(&node_loads(p, &load)), p.counts().iter().sum::<usize>());
+        println!(
+            "current epoch {}: node load max/mean {:.3}, {} experts hosted",
+            p.epoch,
+            imbalance(&node_loads(p, &load)),
+            p.counts().iter().sum::<usize>()
+        );
     }
     println!(
         "planned: node load max/mean {:.3}, {} experts hosted (replicas included)",
@@ -298,7 +316,11 @@ async fn drain(cluster: &Cluster, view: &ClusterView, node: &str, no_wait: bool,
     if json {
         println!("{out}");
     } else if store_ok {
-        println!("{node} drained: epoch {epoch} served without it after {:.2} s; it left after {:.2} s", serving.as_secs_f64(), started.elapsed().as_secs_f64());
+        println!(
+            "{node} drained: epoch {epoch} served without it after {:.2} s; it left after {:.2} s",
+            serving.as_secs_f64(),
+            started.elapsed().as_secs_f64()
+        );
     } else {
         println!("{node}: its experts moved (epoch {epoch}), but it is still registered after 120 s");
     }

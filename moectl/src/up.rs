@@ -11,9 +11,9 @@ use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use moe_model::synth::Preset;
 use moe_model::{ModelConfig, Residency};
+use router_node::cluster::ClusterOptions;
 use router_node::engine::EngineConfig;
 use router_node::http::ApiConfig;
-use router_node::cluster::ClusterOptions;
 use router_node::remote::RemoteOptions;
 use router_node::server::{ExpertsAt, RouterOptions};
 
@@ -127,8 +127,10 @@ pub fn run(args: Args) -> Result<()> {
     } else if args.expert_nodes > 0 {
         let specs = even_split(config.num_experts, args.expert_nodes);
         let bar = spinner(format!("starting {} expert nodes (experts {})", args.expert_nodes, specs.join(" | ")));
-        let started =
-            specs.iter().map(|spec| LocalNode::start(&model, Some(spec), &[], args.verbose)).collect::<Result<Vec<_>>>();
+        let started = specs
+            .iter()
+            .map(|spec| LocalNode::start(&model, Some(spec), &[], args.verbose))
+            .collect::<Result<Vec<_>>>();
         bar.finish_and_clear();
         nodes = started.context("starting the expert nodes")?;
         for (node, spec) in nodes.iter().zip(&specs) {
@@ -143,7 +145,8 @@ pub fn run(args: Args) -> Result<()> {
     let experts = if nodes.is_empty() {
         ExpertsAt::Local
     } else if let Some(etcd) = &args.etcd {
-        let cluster = ClusterOptions { etcd: Some(etcd.clone()), cluster: args.cluster.clone(), ..ClusterOptions::default() };
+        let cluster =
+            ClusterOptions { etcd: Some(etcd.clone()), cluster: args.cluster.clone(), ..ClusterOptions::default() };
         ExpertsAt::Cluster(cluster, remote)
     } else {
         ExpertsAt::Nodes(nodes.iter().map(|n| n.addr.clone()).collect(), remote)

@@ -90,7 +90,9 @@ pub async fn join(
     let mut tasks = Vec::new();
     if options.controller {
         let (session, id, shape) = (session.clone(), member.id.clone(), shape.clone());
-        tasks.push(tokio::spawn(async move { controller::run(&session, &id, shape, ControllerOptions::default()).await }));
+        tasks.push(tokio::spawn(
+            async move { controller::run(&session, &id, shape, ControllerOptions::default()).await },
+        ));
     }
     {
         let (session, id, remote) = (session.clone(), member.id.clone(), remote.clone());

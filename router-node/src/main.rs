@@ -8,10 +8,10 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use moe_model::Residency;
 use moe_proto::v1::Dtype;
+use router_node::cluster::ClusterOptions;
 use router_node::engine::EngineConfig;
 use router_node::http::ApiConfig;
 use router_node::remote::RemoteOptions;
-use router_node::cluster::ClusterOptions;
 use router_node::server::{ExpertsAt, RouterOptions};
 
 /// Serves a Qwen3.5-MoE / Qwen3-Next model over an OpenAI-compatible HTTP API (/v1/completions,
@@ -168,4 +168,3 @@ fn options(args: &Args) -> Result<RouterOptions> {
         },
     })
 }
-

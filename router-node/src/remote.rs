@@ -188,7 +188,13 @@ impl RemoteExperts {
             .build()
             .map_err(RouterError::Runtime)?;
         let load = (0..config.num_hidden_layers)
-            .map(|l| if config.is_moe_layer(l) { (0..config.num_experts).map(|_| AtomicU64::new(0)).collect() } else { Vec::new() })
+            .map(|l| {
+                if config.is_moe_layer(l) {
+                    (0..config.num_experts).map(|_| AtomicU64::new(0)).collect()
+                } else {
+                    Vec::new()
+                }
+            })
             .collect();
         Ok(RemoteExperts {
             runtime,
@@ -222,7 +228,9 @@ impl RemoteExperts {
         moe_layers
             .iter()
             .map(|&l| {
-                self.load.get(l as usize).map_or_else(Vec::new, |row| row.iter().map(|c| c.swap(0, Ordering::Relaxed)).collect())
+                self.load
+                    .get(l as usize)
+                    .map_or_else(Vec::new, |row| row.iter().map(|c| c.swap(0, Ordering::Relaxed)).collect())
             })
             .collect()
     }
@@ -281,9 +289,13 @@ impl RemoteExperts {
         for (row, &layer) in p.hosted.iter().zip(&p.moe_layers) {
             for (n, experts) in row.iter().enumerate() {
                 for &e in experts {
-                    let slot = placement.get_mut(layer as usize).and_then(|l| l.get_mut(e as usize)).ok_or_else(|| {
-                        RouterError::Placement(format!("epoch {} places expert {e} of layer {layer}, which the model lacks", p.epoch))
-                    })?;
+                    let slot =
+                        placement.get_mut(layer as usize).and_then(|l| l.get_mut(e as usize)).ok_or_else(|| {
+                            RouterError::Placement(format!(
+                                "epoch {} places expert {e} of layer {layer}, which the model lacks",
+                                p.epoch
+                            ))
+                        })?;
                     slot.push(n);
                 }
             }
@@ -392,12 +404,11 @@ impl RemoteExperts {
         &self,
         topo: &Arc<Topology>,
         layer: usize,
-        rows: &[f32],
-        tokens: &[u32],
-        routing: &v1::Routing,
+        work: Work<'_>,
         avoid: Option<&Arc<Link>>,
         depth: usize,
     ) -> Result<Vec<Piece>, String> {
+        let Work { rows, tokens, routing } = work;
         let h = self.hidden;
         let table = topo.placement.get(layer).filter(|t| !t.is_empty()).ok_or_else(|| {
             if topo.links.is_empty() {
@@ -491,7 +502,16 @@ impl RemoteExperts {
                     Err(why) if depth < n => {
                         self.stats.resent.fetch_add(1, Ordering::Relaxed);
                         let routing = request.routing.clone().unwrap_or_default();
-                        pieces.extend(self.scatter(topo, layer, &buf, &batch_tokens, &routing, Some(link), depth + 1).map_err(|e| format!("{why}; then {e}"))?);
+                        pieces.extend(
+                            self.scatter(
+                                topo,
+                                layer,
+                                Work { rows: &buf, tokens: &batch_tokens, routing: &routing },
+                                Some(link),
+                                depth + 1,
+                            )
+                            .map_err(|e| format!("{why}; then {e}"))?,
+                        );
                     }
                     Err(why) => return Err(why),
                 }
@@ -608,6 +628,15 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// Tokens to send for one layer: their hidden vectors (row-major), their indices in the batch, and their routing
+/// (CSR over the rows).
+#[derive(Clone, Copy)]
+struct Work<'a> {
+    rows: &'a [f32],
+    tokens: &'a [u32],
+    routing: &'a v1::Routing,
+}
+
 /// One message in flight: where it went, which of the batch's tokens it carries, and the request (kept to send it
 /// again elsewhere if its node fails or no longer serves its epoch).
 struct Piece {
@@ -670,7 +699,9 @@ impl Experts for RemoteExperts {
         };
         let tokens: Vec<u32> = (0..ntok as u32).collect();
         let deadline = Instant::now() + self.options.deadline;
-        let pieces = self.scatter(&self.current(), layer, hidden, &tokens, &csr, None, 0).map_err(fail)?;
+        let pieces = self
+            .scatter(&self.current(), layer, Work { rows: hidden, tokens: &tokens, routing: &csr }, None, 0)
+            .map_err(fail)?;
         self.stats.encode_ns.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
         Ok(Box::new(RemotePending { remote: self, layer, ntok, pieces, settled: 0, deadline }))
     }
@@ -724,8 +755,9 @@ impl PendingExperts for RemotePending<'_> {
                     codec::decode_into(&request.activations, dtype, &mut rows).map_err(|e| fail(e.to_string()))?;
                     let routing = request.routing.clone().unwrap_or_default();
                     let tokens = std::mem::take(&mut piece.tokens);
-                    let again =
-                        remote.scatter(&topo, layer, &rows, &tokens, &routing, Some(&link), 0).map_err(|e| fail(format!("{why}; then {e}")))?;
+                    let again = remote
+                        .scatter(&topo, layer, Work { rows: &rows, tokens: &tokens, routing: &routing }, Some(&link), 0)
+                        .map_err(|e| fail(format!("{why}; then {e}")))?;
                     tracing::warn!(layer, from = %link.addr, pieces = again.len(), epoch = topo.epoch, "{why}; piece sent again");
                     remote.stats.resent.fetch_add(1, Ordering::Relaxed);
                     this.pieces.splice(i..=i, again);

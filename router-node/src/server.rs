@@ -6,9 +6,9 @@ use std::sync::Arc;
 
 use moe_model::{Experts, LoadedModel, Residency};
 
+use crate::cluster::{model_shape, ClusterOptions};
 use crate::engine::{self, EngineConfig};
 use crate::http::{ApiConfig, AppState, ReadinessCheck};
-use crate::cluster::{model_shape, ClusterOptions};
 use crate::remote::{RemoteExperts, RemoteOptions};
 use crate::RouterError;
 
@@ -58,8 +58,7 @@ pub fn prepare(options: RouterOptions, progress: &(dyn Fn(u64, u64) + Sync)) -> 
     let eos_ids = lm.eos_token_ids();
     let LoadedModel { model, experts: local_experts, tokenizer, chat_template, generation, fingerprint, .. } = lm;
     let config = model.config().clone();
-    let model_name =
-        options.model.file_name().map_or_else(|| "model".to_owned(), |n| n.to_string_lossy().into_owned());
+    let model_name = options.model.file_name().map_or_else(|| "model".to_owned(), |n| n.to_string_lossy().into_owned());
     let mut cluster = None;
     let (experts, ready): (Arc<dyn Experts>, ReadinessCheck) = match options.experts {
         ExpertsAt::Local => (Arc::new(local_experts), Arc::new(|| Ok(()))),

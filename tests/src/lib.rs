@@ -191,9 +191,10 @@ impl ExpertNodeProcess {
     /// Starts an expert node that joins `cluster` on the etcd at `etcd` (the controller assigns its experts).
     pub fn join(model: &Path, etcd: &str, cluster: &str, extra: &[&str]) -> Result<Self> {
         let mut args: Vec<&std::ffi::OsStr> = vec!["--model".as_ref(), model.as_os_str()];
-        for a in ["--listen", "127.0.0.1:0", "--etcd", etcd, "--cluster", cluster, "--threads", "2", "--lease-ttl-secs", "2"]
-            .into_iter()
-            .chain(extra.iter().copied())
+        for a in
+            ["--listen", "127.0.0.1:0", "--etcd", etcd, "--cluster", cluster, "--threads", "2", "--lease-ttl-secs", "2"]
+                .into_iter()
+                .chain(extra.iter().copied())
         {
             args.push(a.as_ref());
         }

@@ -77,7 +77,7 @@ async fn nodes_join_drain_and_routers_fail_over_without_changing_output() {
     let dir = fixture("qwen35");
     let etcd = EtcdServer::start().expect("etcd");
     let endpoint = etcd.endpoint().to_owned();
-    let store = EtcdStore::connect(&[endpoint.clone()], Duration::from_secs(5)).await.expect("etcd client");
+    let store = EtcdStore::connect(std::slice::from_ref(&endpoint), Duration::from_secs(5)).await.expect("etcd client");
     let cluster = Cluster::new(std::sync::Arc::new(store), CLUSTER).expect("cluster");
     let join = |name: &str| {
         ExpertNodeProcess::join(&dir, &endpoint, CLUSTER, &["--node-id", name, "--memory-gib", MEMORY_GIB])
@@ -103,10 +103,9 @@ async fn nodes_join_drain_and_routers_fail_over_without_changing_output() {
     };
 
     // 1. The controller places the experts over the two nodes; both routers switch to that epoch.
-    let view = wait_for("initial placement served", Duration::from_secs(60), &cluster, |v| {
-        settled(v, |p| p.nodes.len() == 2)
-    })
-    .await;
+    let view =
+        wait_for("initial placement served", Duration::from_secs(60), &cluster, |v| settled(v, |p| p.nodes.len() == 2))
+            .await;
     let p1 = view.placement.clone().expect("placement");
     assert_eq!(p1.counts().iter().sum::<usize>(), 32, "each expert placed once");
     for r in &routers {

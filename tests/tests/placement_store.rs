@@ -7,8 +7,7 @@ use std::time::{Duration, Instant};
 use moe_e2e::EtcdServer;
 use moe_placement::controller::{self, ControllerOptions};
 use moe_placement::{
-    Cluster, EtcdStore, Expect, Member, MemoryStore, ModelShape, PlacementStore, RequestKind, Role, Session,
-    StoreError,
+    Cluster, EtcdStore, Expect, Member, MemoryStore, ModelShape, PlacementStore, RequestKind, Role, Session, StoreError,
 };
 
 /// The store under test; keeps the etcd server alive as long as the store is used.

@@ -141,7 +141,12 @@ impl Placement {
         }
         for (l, nodes) in self.hosted.iter().enumerate() {
             if nodes.len() != self.nodes.len() {
-                return Err(format!("layer {} lists {} nodes, not {}", self.moe_layers[l], nodes.len(), self.nodes.len()));
+                return Err(format!(
+                    "layer {} lists {} nodes, not {}",
+                    self.moe_layers[l],
+                    nodes.len(),
+                    self.nodes.len()
+                ));
             }
             let mut seen = vec![false; shape.num_experts as usize];
             for experts in nodes {
@@ -273,9 +278,7 @@ impl Cluster {
     /// `name`: letters, digits, `.`, `_` and `-`.
     pub fn new(store: Arc<dyn PlacementStore>, name: &str) -> Result<Self> {
         if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')) {
-            return Err(StoreError::Invalid(format!(
-                "cluster name {name:?}: use letters, digits, '.', '_' and '-'"
-            )));
+            return Err(StoreError::Invalid(format!("cluster name {name:?}: use letters, digits, '.', '_' and '-'")));
         }
         Ok(Cluster { store, name: name.to_owned(), prefix: format!("/moe-mesh/{name}/") })
     }

@@ -23,13 +23,18 @@ use crate::store::Result;
 pub enum Decision {
     Write(Placement),
     /// A request that cannot be carried out, with the reason.
-    Refuse { request: u64, reason: String },
+    Refuse {
+        request: u64,
+        reason: String,
+    },
 }
 
 /// The expert nodes that may host experts: registered, serving `shape`'s model, not draining, with room.
 pub fn eligible<'a>(view: &'a ClusterView, shape: &ModelShape) -> Vec<&'a Member> {
     view.expert_nodes()
-        .filter(|m| m.fingerprint == shape.fingerprint && !view.drains.contains(&m.id) && shape.slots(m.memory_bytes) > 0)
+        .filter(|m| {
+            m.fingerprint == shape.fingerprint && !view.drains.contains(&m.id) && shape.slots(m.memory_bytes) > 0
+        })
         .collect()
 }
 
@@ -253,7 +258,11 @@ async fn step(
     if view.model.as_ref() != Some(shape) {
         if let Some(other) = &view.model {
             if other.fingerprint != shape.fingerprint {
-                tracing::warn!("controller: the cluster served model {:016x}; now {:016x}", other.fingerprint, shape.fingerprint);
+                tracing::warn!(
+                    "controller: the cluster served model {:016x}; now {:016x}",
+                    other.fingerprint,
+                    shape.fingerprint
+                );
             }
         }
         cluster.put_model(shape).await?;

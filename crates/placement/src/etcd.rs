@@ -54,14 +54,17 @@ impl EtcdStore {
             .with_timeout(timeout)
             .with_keep_alive(Duration::from_secs(2), timeout)
             .with_keep_alive_while_idle(true);
-        let client = Client::connect(endpoints, Some(options)).await.map_err(|e| {
-            StoreError::Unavailable(format!("cannot reach etcd at {}: {e}", endpoints.join(",")))
-        })?;
+        let client = Client::connect(endpoints, Some(options))
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("cannot reach etcd at {}: {e}", endpoints.join(","))))?;
         let store = EtcdStore { client, endpoints: endpoints.to_vec(), keepers: Mutex::new(HashMap::new()) };
         // Connecting is lazy: one read proves the endpoints answer.
-        store.client.kv_client().get("/", None).await.map_err(|e| {
-            StoreError::Unavailable(format!("etcd at {} does not answer: {e}", endpoints.join(",")))
-        })?;
+        store
+            .client
+            .kv_client()
+            .get("/", None)
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("etcd at {} does not answer: {e}", endpoints.join(","))))?;
         Ok(store)
     }
 }
@@ -75,13 +78,17 @@ impl PlacementStore for EtcdStore {
 
     async fn keep_alive(&self, lease: LeaseId) -> Result<()> {
         let mut keepers = self.keepers.lock().await;
-        if !keepers.contains_key(&lease) {
-            let pair =
-                self.client.lease_client().keep_alive(lease).await.map_err(|e| lease_or_unavailable(e, Some(lease)))?;
-            keepers.insert(lease, pair);
-        }
-        let Some((keeper, stream)) = keepers.get_mut(&lease) else {
-            return Err(StoreError::LeaseExpired(lease));
+        let (keeper, stream) = match keepers.entry(lease) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let pair = self
+                    .client
+                    .lease_client()
+                    .keep_alive(lease)
+                    .await
+                    .map_err(|err| lease_or_unavailable(err, Some(lease)))?;
+                e.insert(pair)
+            }
         };
         let answer = async {
             keeper.keep_alive().await?;
@@ -155,9 +162,8 @@ impl PlacementStore for EtcdStore {
     }
 
     async fn compare_and_delete(&self, key: &str, expected: &[u8]) -> Result<bool> {
-        let txn = Txn::new()
-            .when([Compare::value(key, CompareOp::Equal, expected)])
-            .and_then([TxnOp::delete(key, None)]);
+        let txn =
+            Txn::new().when([Compare::value(key, CompareOp::Equal, expected)]).and_then([TxnOp::delete(key, None)]);
         let resp = self.client.kv_client().txn(txn).await.map_err(unavailable)?;
         Ok(resp.succeeded())
     }

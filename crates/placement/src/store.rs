@@ -125,12 +125,8 @@ impl Default for MemoryStore {
 impl MemoryStore {
     pub fn new() -> Self {
         let (changes, _) = watch::channel(0);
-        let state = Arc::new(Mutex::new(MemoryState {
-            keys: BTreeMap::new(),
-            leases: HashMap::new(),
-            next_lease: 1,
-            changes,
-        }));
+        let state =
+            Arc::new(Mutex::new(MemoryState { keys: BTreeMap::new(), leases: HashMap::new(), next_lease: 1, changes }));
         let weak: Weak<Mutex<MemoryState>> = Arc::downgrade(&state);
         // The reaper ends with the last handle to the store.
         let _ = std::thread::Builder::new().name("memory-store-leases".into()).spawn(move || loop {
