@@ -104,6 +104,22 @@ fn imbalance(loads: &[f64]) -> f64 {
     }
 }
 
+/// The share of tokens that the busiest tenth of each layer's experts receive, averaged over layers.
+fn hot_share(load: &[Vec<f64>]) -> f64 {
+    let shares: Vec<f64> = load
+        .iter()
+        .filter_map(|row| {
+            let total: f64 = row.iter().sum();
+            (total > 0.0).then(|| {
+                let mut sorted = row.clone();
+                sorted.sort_by(|a, b| b.total_cmp(a));
+                sorted.iter().take(row.len().div_ceil(10)).sum::<f64>() / total
+            })
+        })
+        .collect();
+    shares.iter().sum::<f64>() / shares.len().max(1) as f64
+}
+
 fn show(view: &ClusterView, json: bool) -> Result<()> {
     let load = view.model.as_ref().map(|s| view.total_load(s)).unwrap_or_default();
     let loads = view.placement.as_ref().map(|p| node_loads(p, &load)).unwrap_or_default();
@@ -118,6 +134,7 @@ fn show(view: &ClusterView, json: bool) -> Result<()> {
             "drains": view.drains,
             "node_load_tokens_per_s": view.placement.as_ref().map(|p| p.nodes.iter().map(|n| n.id.clone()).zip(loads.iter().copied()).collect::<std::collections::BTreeMap<_, _>>()),
             "imbalance": imbalance(&loads),
+            "hot_share": hot_share(&load),
             "problems": view.problems,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
@@ -167,7 +184,11 @@ fn show(view: &ClusterView, json: bool) -> Result<()> {
                     if total > 0.0 { 100.0 * loads[i] / total } else { 0.0 },
                 );
             }
-            println!("node load max/mean: {:.3}", imbalance(&loads));
+            println!(
+                "node load max/mean: {:.3} (the busiest 10% of experts get {:.0}% of the tokens)",
+                imbalance(&loads),
+                100.0 * hot_share(&load)
+            );
         }
     }
     let idle: Vec<_> = view
