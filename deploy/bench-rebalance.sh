@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
 # Skewed-load rebalance benchmark: a real etcd, three expert nodes (memory for 1.5 copies of the experts in all),
-# one router; a workload whose prompts use 4 token ids, so that a few experts get most tokens. Prints the node load
+# one router; random prompts (token ids below $VOCAB, 1000 by default). Prints the node load
 # max/mean and decode throughput before and after `moectl placement rebalance`, and the time to the new epoch.
 #
 #   deploy/bench-rebalance.sh MODEL_DIR [NODE_MEMORY_GIB]
+#
+# NODE_MEMORY_GIB defaults to half of the model's routed experts per node. `moectl init-model --router-skew 2`
+# writes a model whose gating sends about half of the tokens to a tenth of the experts.
 #
 # Needs release binaries (cargo build --release) and `etcd` on PATH. Everything listens on free loopback ports and
 # lives in a temporary directory removed at exit.
 set -euo pipefail
 model=${1:?usage: $0 MODEL_DIR [NODE_MEMORY_GIB]}
-memory=${2:-1.5}
+memory=${2:-$(python3 -c '
+import json, sys
+c = json.load(open(sys.argv[1] + "/config.json")); t = c.get("text_config", c)
+print(t["num_hidden_layers"] * t["num_experts"] * 3 * t["hidden_size"] * t["moe_intermediate_size"] * 2 / 2**31)' "$model")}
 bin="$(cd "$(dirname "$0")/.." && pwd)/target/release"
 work=$(mktemp -d)
 pids=()
@@ -46,25 +52,42 @@ for _ in $(seq 1 600); do curl -sf "$url/readyz" >/dev/null && break; sleep 0.5;
 name=$(basename "$model")
 
 bench() { "$bin/moectl" bench --url "$url" --model "$name" --concurrency 4 --requests 16 --input-len 32 \
-  --output-len 32 --vocab 4 --seed "$1" --json; }
+  --output-len 32 --vocab "${VOCAB:-1000}" --seed "$1" --json; }
 report() { "$bin/moectl" placement show --json | python3 -c '
 import json, sys
 v = json.load(sys.stdin); p = v["placement"]
-print(f"epoch {p[\"epoch\"]} ({p[\"reason\"]}): node load max/mean {v[\"imbalance\"]:.3f}, hot 10% share {v[\"hot_share\"]:.2f}, experts per node",
-      [sum(len(r[i]) for r in p["hosted"]) for i in range(len(p["nodes"]))])'; }
-tput() { python3 -c 'import json,sys; r=json.load(sys.stdin); print(f"{r[\"output_throughput\"]:.1f}")'; }
+counts = [sum(len(r[i]) for r in p["hosted"]) for i in range(len(p["nodes"]))]
+print("epoch %d (%s): node load max/mean %.3f, busiest 10%% of experts get %.0f%% of tokens, experts per node %s"
+      % (p["epoch"], p["reason"], v["imbalance"], 100 * v["hot_share"], counts))'; }
+tput() { python3 -c 'import json,sys; r=json.load(sys.stdin); print("%.1f" % r["output_throughput"])'; }
+
+echo "== $(basename "$model"): 3 expert nodes with $memory GiB each"
+totals() { "$bin/moectl" placement show --json | python3 -c 'import json,sys; print(json.dumps(json.load(sys.stdin)["served_total"]))'; }
+# Node load measured by the nodes themselves over one phase: (token, expert) pairs each node computed.
+measured() { python3 -c '
+import json, sys
+a, b = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+d = {n: b[n] - a.get(n, 0) for n in b}
+mean = sum(d.values()) / len(d)
+print("measured on the nodes: max/mean %.3f, pairs per node %s" % (max(d.values()) / mean, d))' "$1" "$2"; }
 
 echo "== warm-up (the routers measure per-expert load over 5 s windows)"
 bench 1 >/dev/null
 sleep 6
 "$bin/moectl" placement show
+t0=$(totals)
 before=$(bench 2 | tput)
+sleep 6
 report
+measured "$t0" "$(totals)"
 echo "decode throughput before: $before tok/s"
 echo "== rebalance"
 "$bin/moectl" placement rebalance
 sleep 1
 "$bin/moectl" placement show
+t1=$(totals)
 after=$(bench 3 | tput)
+sleep 6
 report
+measured "$t1" "$(totals)"
 echo "decode throughput after: $after tok/s (before $before)"

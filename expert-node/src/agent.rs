@@ -210,3 +210,26 @@ fn difference(a: &BTreeMap<usize, Vec<u32>>, b: &ExpertSet) -> ExpertSet {
         (l, experts.iter().copied().filter(|e| !other.is_some_and(|o| o.contains(e))).collect::<Vec<u32>>())
     }))
 }
+
+/// Publishes what this node computed per (layer, expert) every `period`, as `served/<node>`, over the last
+/// [`LOAD_PERIODS`] periods (what `moectl placement show` reports as the nodes' measured load).
+pub async fn publish_served(node: Arc<ExpertNode>, session: Arc<Session>, period: Duration) {
+    let config = node.config();
+    let moe_layers: Vec<u32> =
+        (0..config.num_hidden_layers).filter(|&l| config.is_moe_layer(l)).map(|l| l as u32).collect();
+    let mut window = moe_placement::LoadWindow::new(LOAD_PERIODS);
+    let mut tick = tokio::time::interval(period);
+    tick.tick().await;
+    let mut last = Instant::now();
+    loop {
+        tick.tick().await;
+        let report = window.push(node.take_load(&moe_layers), last.elapsed().as_secs_f64());
+        last = Instant::now();
+        if let Err(e) = session.put(&format!("served/{}", node.node_id), &report).await {
+            tracing::warn!("publishing the load served: {e}");
+        }
+    }
+}
+
+/// Load reports cover this many publishing periods.
+pub const LOAD_PERIODS: usize = 6;

@@ -221,6 +221,8 @@ async fn in_cluster(
         drain_timeout: Duration::from_secs(args.drain_timeout_secs),
         ..Default::default()
     };
+    let publisher =
+        tokio::spawn(expert_node::agent::publish_served(node.clone(), session.clone(), Duration::from_secs(5)));
     let follow = expert_node::agent::follow(node, session.clone(), agent_options, moe_telemetry::shutdown_signal());
     tokio::select! {
         departure = follow => tracing::info!(?departure, "drained; stopping"),
@@ -231,6 +233,8 @@ async fn in_cluster(
         Ok(done) => done.context("the server task failed")??,
         Err(_) => tracing::info!("streams still open after {grace:?}; closing them"),
     }
+    publisher.abort();
+    let _ = publisher.await;
     if let Some(session) = Arc::into_inner(session) {
         session.close().await?;
     }

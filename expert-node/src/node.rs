@@ -27,6 +27,8 @@ pub struct ExpertNode {
     epoch_hi: AtomicU64,
     pub(crate) max_message_bytes: usize,
     pub(crate) counters: Counters,
+    /// (token, expert) pairs computed per (layer, expert) since the last [`ExpertNode::take_load`].
+    expert_load: Vec<Vec<AtomicU64>>,
     /// One load or unload at a time; forwards go on meanwhile.
     pub(crate) shard_lock: tokio::sync::Mutex<()>,
 }
@@ -114,6 +116,9 @@ impl ExpertNode {
                 Family::Qwen35Moe => "qwen3_5_moe".into(),
             },
         };
+        let expert_load = (0..config.num_hidden_layers)
+            .map(|_| (0..config.num_experts).map(|_| AtomicU64::new(0)).collect())
+            .collect();
         Ok(ExpertNode {
             node_id,
             config,
@@ -124,6 +129,7 @@ impl ExpertNode {
             epoch_hi: AtomicU64::new(0),
             max_message_bytes,
             counters: Counters::default(),
+            expert_load,
             shard_lock: tokio::sync::Mutex::new(()),
         })
     }
@@ -153,6 +159,27 @@ impl ExpertNode {
             self.epoch_lo.store(lo.min(hi), Ordering::Release);
             self.epoch_hi.store(hi, Ordering::Release);
         }
+    }
+
+    fn count_load(&self, req: &ForwardRequest) {
+        let (Some(row), Some(routing)) = (self.expert_load.get(req.layer as usize), &req.routing) else { return };
+        for &e in &routing.experts {
+            if let Some(c) = row.get(e as usize) {
+                c.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// (token, expert) pairs computed per (MoE layer, expert) since the last call, in the order of `moe_layers`.
+    pub fn take_load(&self, moe_layers: &[u32]) -> Vec<Vec<u64>> {
+        moe_layers
+            .iter()
+            .map(|&l| {
+                self.expert_load
+                    .get(l as usize)
+                    .map_or_else(Vec::new, |row| row.iter().map(|c| c.swap(0, Ordering::Relaxed)).collect())
+            })
+            .collect()
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -395,6 +422,7 @@ impl ComputeQueue {
                     Ok(r) => {
                         node.counters.requests.fetch_add(1, Ordering::Relaxed);
                         node.counters.tokens.fetch_add(u64::from(job.req.num_tokens), Ordering::Relaxed);
+                        node.count_load(&job.req);
                         r
                     }
                     Err(refusal) => {

@@ -27,6 +27,10 @@ pub struct Args {
     /// Overwrite files in a non-empty output directory.
     #[arg(long)]
     force: bool,
+    /// Bias the gating towards a tenth of each layer's experts, for load-balancing benchmarks: 0 is unbiased, about
+    /// 2 sends half of the tokens to the hot tenth.
+    #[arg(long, default_value_t = 0.0)]
+    router_skew: f32,
 }
 
 fn parse_preset(s: &str) -> Result<Preset, String> {
@@ -48,6 +52,7 @@ pub fn run(args: Args) -> Result<()> {
         layers: args.layers,
         seed: args.seed,
         max_shard_bytes: (args.shard_gib * (1u64 << 30) as f64) as u64,
+        router_skew: args.router_skew,
     };
     let total = synth::tensor_bytes(&opts);
     eprintln!("writing {} ({:.2} GB of weights) to {}", args.preset.name(), total as f64 / 1e9, args.out.display());
@@ -78,5 +83,5 @@ pub fn run(args: Args) -> Result<()> {
 
 /// Writes `preset` with its defaults into `out` (which must not exist or be empty), with the same progress bar.
 pub fn write_preset(preset: Preset, out: &std::path::Path) -> Result<()> {
-    run(Args { preset, out: out.to_owned(), seed: 0, layers: None, shard_gib: 4.0, force: false })
+    run(Args { preset, out: out.to_owned(), seed: 0, layers: None, shard_gib: 4.0, force: false, router_skew: 0.0 })
 }

@@ -120,9 +120,22 @@ fn hot_share(load: &[Vec<f64>]) -> f64 {
     shares.iter().sum::<f64>() / shares.len().max(1) as f64
 }
 
+/// Per node of `p`, the (token, expert) pairs per second it reports having computed over its window.
+fn served_rates(view: &ClusterView, p: &Placement) -> Vec<f64> {
+    p.nodes
+        .iter()
+        .map(|n| {
+            view.served
+                .get(&n.id)
+                .map_or(0.0, |r| r.counts.iter().flatten().sum::<u64>() as f64 / r.window_secs.max(1e-3))
+        })
+        .collect()
+}
+
 fn show(view: &ClusterView, json: bool) -> Result<()> {
     let load = view.model.as_ref().map(|s| view.total_load(s)).unwrap_or_default();
     let loads = view.placement.as_ref().map(|p| node_loads(p, &load)).unwrap_or_default();
+    let served = view.placement.as_ref().map(|p| served_rates(view, p)).unwrap_or_default();
     if json {
         let out = serde_json::json!({
             "model": view.model,
@@ -134,6 +147,8 @@ fn show(view: &ClusterView, json: bool) -> Result<()> {
             "drains": view.drains,
             "node_load_tokens_per_s": view.placement.as_ref().map(|p| p.nodes.iter().map(|n| n.id.clone()).zip(loads.iter().copied()).collect::<std::collections::BTreeMap<_, _>>()),
             "imbalance": imbalance(&loads),
+            "served_imbalance": imbalance(&served),
+            "served_total": view.served.iter().map(|(id, r)| (id.clone(), r.total)).collect::<std::collections::BTreeMap<_, _>>(),
             "hot_share": hot_share(&load),
             "problems": view.problems,
         });
@@ -175,18 +190,21 @@ fn show(view: &ClusterView, json: bool) -> Result<()> {
                     (Some(_), false) => "up",
                 };
                 println!(
-                    "{:<20} {:<22} {:>8} {:>7} {:>10.2} {:>7.1}%  {state}",
+                    "{:<20} {:<22} {:>8} {:>7} {:>10.2} {:>7.1}% {:>10.0}  {state}",
                     n.id,
                     n.addr,
                     counts[i],
                     view.ready.get(&n.id).map_or("-".into(), |e| e.to_string()),
                     member.map_or(0.0, |m| m.memory_bytes as f64 / (1u64 << 30) as f64),
                     if total > 0.0 { 100.0 * loads[i] / total } else { 0.0 },
+                    served[i],
                 );
             }
             println!(
-                "node load max/mean: {:.3} (the busiest 10% of experts get {:.0}% of the tokens)",
+                "node load max/mean: {:.3} expected from the routed load on this placement, {:.3} measured by the \
+                 nodes over their last 30 s (the busiest 10% of experts get {:.0}% of the tokens)",
                 imbalance(&loads),
+                imbalance(&served),
                 100.0 * hot_share(&load)
             );
         }

@@ -6,7 +6,10 @@ use std::time::Duration;
 
 use moe_model::ModelConfig;
 use moe_placement::controller::{self, ControllerOptions};
-use moe_placement::{Cluster, LoadReport, Member, ModelShape, Session};
+use moe_placement::{Cluster, LoadWindow, Member, ModelShape, Session};
+
+/// Load reports cover this many publishing periods (30 s with the default 5 s period).
+pub const LOAD_PERIODS: usize = 6;
 use tokio::task::JoinHandle;
 
 use crate::remote::RemoteExperts;
@@ -147,29 +150,14 @@ async fn publish_load(
     shape: ModelShape,
     window: Duration,
 ) {
-    // The report covers the last few windows, so that a quiet moment does not erase what was measured.
-    const KEPT: usize = 6;
-    let mut recent: std::collections::VecDeque<(Vec<Vec<u64>>, f64)> = std::collections::VecDeque::new();
+    let mut recent = LoadWindow::new(LOAD_PERIODS);
     let mut tick = tokio::time::interval(window);
     tick.tick().await;
     let mut last = tokio::time::Instant::now();
     loop {
         tick.tick().await;
-        recent.push_back((remote.take_load(&shape.moe_layers), last.elapsed().as_secs_f64()));
+        let report = recent.push(remote.take_load(&shape.moe_layers), last.elapsed().as_secs_f64());
         last = tokio::time::Instant::now();
-        if recent.len() > KEPT {
-            recent.pop_front();
-        }
-        let mut counts = vec![vec![0u64; shape.num_experts as usize]; shape.moe_layers.len()];
-        for (window_counts, _) in &recent {
-            for (sum, c) in counts.iter_mut().zip(window_counts) {
-                for (s, &c) in sum.iter_mut().zip(c) {
-                    *s += c;
-                }
-            }
-        }
-        let window_secs = recent.iter().map(|(_, secs)| secs).sum();
-        let report = LoadReport { window_secs, unix_ms: moe_placement::unix_ms(), counts };
         if let Err(e) = session.put(&format!("load/{id}"), &report).await {
             tracing::warn!("publishing load: {e}");
         }

@@ -7,8 +7,10 @@
 //! shared expert (and, with micro-batches, the next micro-batch's attention) while the nodes work. Waiting adds the
 //! nodes' partial sums in node order, so a token's result does not depend on how its batch was formed.
 //!
-//! When several nodes host an expert, each token goes to the replica it already visits for another of its experts,
-//! else to the one with the least work outstanding. A node whose stream fails is marked down at once; the pieces it
+//! When several nodes host an expert, each (token, expert) pair goes to the replica with the least work: pairs
+//! outstanding there plus those this dispatch has given it so far; ties go to a node the token already visits, then
+//! to the node that has been sent the fewest pairs overall (so that small decode batches do not always favour the
+//! same replica). A node whose stream fails is marked down at once; the pieces it
 //! had in flight are sent again to a live node that hosts all their experts, and later batches avoid it.
 
 use std::collections::HashMap;
@@ -75,16 +77,18 @@ struct Link {
     /// Why the node is down, once it is.
     down: Arc<Mutex<Option<String>>>,
     is_down: Arc<AtomicBool>,
-    /// Tokens sent and not answered yet, for picking among replicas.
+    /// (token, expert) pairs sent and not answered yet, for picking among replicas.
     outstanding: AtomicUsize,
+    /// (token, expert) pairs ever sent, the last tie-breaker between replicas.
+    sent_pairs: AtomicU64,
     max_tokens_per_message: usize,
     client: ExpertServiceClient<Channel>,
 }
 
 impl Link {
-    /// Takes `tokens` answered (or abandoned) tokens off the outstanding count.
-    fn settle(&self, tokens: usize) {
-        let _ = self.outstanding.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some(v.saturating_sub(tokens)));
+    /// Takes `pairs` answered (or abandoned) (token, expert) pairs off the outstanding count.
+    fn settle(&self, pairs: usize) {
+        let _ = self.outstanding.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some(v.saturating_sub(pairs)));
     }
 
     fn down_reason(&self) -> Option<String> {
@@ -385,12 +389,13 @@ impl RemoteExperts {
             link.waiting.lock().unwrap_or_else(|p| p.into_inner()).remove(&req.id);
             return Err(reason);
         }
-        link.outstanding.fetch_add(req.num_tokens as usize, Ordering::Relaxed);
+        let pairs = req.routing.as_ref().map_or(req.num_tokens as usize, |r| r.experts.len());
+        link.outstanding.fetch_add(pairs, Ordering::Relaxed);
         self.stats.bytes_sent.fetch_add(req.activations.len() as u64, Ordering::Relaxed);
         let id = req.id;
         if link.requests.blocking_send(req).is_err() {
             link.waiting.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
-            link.settle(0);
+            link.settle(pairs);
             return Err(format!("the stream to {} is closed", link.addr));
         }
         Ok(rx)
@@ -434,7 +439,9 @@ impl RemoteExperts {
             for (&e, &w) in routing.experts[a..b].iter().zip(&routing.weights[a..b]) {
                 let replicas = table.get(e as usize).ok_or_else(|| format!("expert {e} out of range"))?;
                 let best = |ok: &dyn Fn(usize) -> bool| {
-                    replicas.iter().copied().filter(|&r| ok(r)).min_by_key(|&r| (!chosen.contains(&r), load[r]))
+                    replicas.iter().copied().filter(|&r| ok(r)).min_by_key(|&r| {
+                        (load[r], !chosen.contains(&r), topo.links[r].sent_pairs.load(Ordering::Relaxed))
+                    })
                 };
                 let node = best(&|r| usable[r])
                     .or_else(|| best(&|r| topo.links[r].down_reason().is_none()))
@@ -444,8 +451,9 @@ impl RemoteExperts {
                     })?;
                 if !chosen.contains(&node) {
                     chosen.push(node);
-                    load[node] += 1;
                 }
+                load[node] += 1;
+                topo.links[node].sent_pairs.fetch_add(1, Ordering::Relaxed);
                 pairs.push((node, e, w));
             }
             // Keep each node's pairs in the token's routing order.
@@ -603,6 +611,7 @@ async fn open_link(
         down,
         is_down,
         outstanding: AtomicUsize::new(0),
+        sent_pairs: AtomicU64::new(0),
         max_tokens_per_message,
         client,
     };
@@ -646,6 +655,13 @@ struct Piece {
     answer: oneshot::Receiver<Answer>,
 }
 
+impl Piece {
+    /// The (token, expert) pairs the piece carries: its weight in the node's outstanding work.
+    fn pairs(&self) -> usize {
+        self.request.routing.as_ref().map_or(self.tokens.len(), |r| r.experts.len())
+    }
+}
+
 struct RemotePending<'a> {
     remote: &'a RemoteExperts,
     layer: usize,
@@ -661,7 +677,7 @@ impl Drop for RemotePending<'_> {
     /// outstanding, so that replica choice is not skewed by answers nobody waits for.
     fn drop(&mut self) {
         for piece in &self.pieces[self.settled.min(self.pieces.len())..] {
-            piece.link.settle(piece.tokens.len());
+            piece.link.settle(piece.pairs());
         }
     }
 }
@@ -727,7 +743,7 @@ impl PendingExperts for RemotePending<'_> {
                 remote.runtime.block_on(async { tokio::time::timeout_at(deadline.into(), &mut piece.answer).await });
             remote.stats.wait_ns.fetch_add(waited.elapsed().as_nanos() as u64, Ordering::Relaxed);
             let link = piece.link.clone();
-            link.settle(piece.tokens.len());
+            link.settle(piece.pairs());
             this.settled = i + 1;
             let sums = match answer {
                 Err(_) => {

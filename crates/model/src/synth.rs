@@ -172,11 +172,16 @@ pub struct SynthOptions {
     pub seed: u64,
     /// Largest shard; a model above it is split into `model-0000i-of-0000n.safetensors` with an index.
     pub max_shard_bytes: u64,
+    /// Biases the gating towards a tenth of each layer's experts (a contiguous block at a layer-dependent offset):
+    /// the embeddings get a common direction and those experts' gate rows a shift of `router_skew / hidden` along
+    /// it. 0 leaves the gating unbiased; about 2 sends half the tokens to the hot tenth. For load-balancing
+    /// benchmarks: real models' routing is skewed too.
+    pub router_skew: f32,
 }
 
 impl SynthOptions {
     pub fn new(preset: Preset) -> Self {
-        SynthOptions { preset, layers: None, seed: 0, max_shard_bytes: 4 << 30 }
+        SynthOptions { preset, layers: None, seed: 0, max_shard_bytes: 4 << 30, router_skew: 0.0 }
     }
 }
 
@@ -187,6 +192,19 @@ struct Init {
     std: f32,
     /// `A_log`: ln(U(1, 16)), as transformers initialises it.
     log_uniform_a: bool,
+    /// Rows `hot.0 .. hot.0 + hot.1` (wrapping at `hot.2` rows of `hot.3` columns) get `hot.4` added.
+    hot: Option<(usize, usize, usize, usize, f32)>,
+}
+
+impl Init {
+    const fn plain(mean: f32, std: f32) -> Self {
+        Init { mean, std, log_uniform_a: false, hot: None }
+    }
+}
+
+/// The hot experts of `layer` under `router_skew`: a tenth of them, from a layer-dependent offset.
+pub fn hot_experts(layer: usize, num_experts: usize) -> (usize, usize) {
+    ((layer * 7) % num_experts.max(1), num_experts.div_ceil(10))
 }
 
 #[derive(Debug, Clone)]
@@ -214,15 +232,15 @@ fn layer_is_full(i: usize) -> bool {
     (i + 1).is_multiple_of(FULL_ATTENTION_INTERVAL)
 }
 
-fn tensors(s: &Shape) -> Vec<TensorSpec> {
+fn tensors(s: &Shape, router_skew: f32) -> Vec<TensorSpec> {
     let mat = |name: String, shape: Vec<usize>| {
         let fan_in = *shape.last().unwrap_or(&1) as f32;
-        TensorSpec { name, shape, init: Init { mean: 0.0, std: 1.0 / fan_in.sqrt(), log_uniform_a: false } }
+        TensorSpec { name, shape, init: Init::plain(0.0, 1.0 / fan_in.sqrt()) }
     };
     let vec_init = |name: String, len: usize, mean: f32, std: f32| TensorSpec {
         name,
         shape: vec![len],
-        init: Init { mean, std, log_uniform_a: false },
+        init: Init::plain(mean, std),
     };
     let p = "model.language_model.";
     let h = s.hidden;
@@ -230,7 +248,7 @@ fn tensors(s: &Shape) -> Vec<TensorSpec> {
         TensorSpec {
             name: format!("{p}embed_tokens.weight"),
             shape: vec![s.vocab, h],
-            init: Init { mean: 0.0, std: 1.0, log_uniform_a: false },
+            init: Init::plain(if router_skew != 0.0 { 1.0 } else { 0.0 }, 1.0),
         },
         vec_init(format!("{p}norm.weight"), h, 0.0, 0.1),
     ];
@@ -258,13 +276,18 @@ fn tensors(s: &Shape) -> Vec<TensorSpec> {
             out.push(TensorSpec {
                 name: format!("{a}A_log"),
                 shape: vec![s.lin_v_heads],
-                init: Init { mean: 0.0, std: 0.0, log_uniform_a: true },
+                init: Init { mean: 0.0, std: 0.0, log_uniform_a: true, hot: None },
             });
             out.push(vec_init(format!("{a}norm.weight"), s.lin_v_dim, 1.0, 0.1));
             out.push(mat(format!("{a}out_proj.weight"), vec![h, s.lin_v_heads * s.lin_v_dim]));
         }
         let m = format!("{l}mlp.");
-        out.push(mat(format!("{m}gate.weight"), vec![s.experts, h]));
+        let mut gate = mat(format!("{m}gate.weight"), vec![s.experts, h]);
+        if router_skew != 0.0 {
+            let (first, count) = hot_experts(i, s.experts);
+            gate.init.hot = Some((first, count, s.experts, h, router_skew / h as f32));
+        }
+        out.push(gate);
         out.push(mat(format!("{m}experts.gate_up_proj"), vec![s.experts, 2 * s.expert_inter, h]));
         out.push(mat(format!("{m}experts.down_proj"), vec![s.experts, h, s.expert_inter]));
         out.push(mat(format!("{m}shared_expert.gate_proj.weight"), vec![s.shared_inter, h]));
@@ -402,7 +425,7 @@ pub fn tensor_bytes(opts: &SynthOptions) -> u64 {
     if let Some(l) = opts.layers {
         s.layers = l;
     }
-    tensors(&s).iter().map(|t| t.numel() as u64 * 2).sum()
+    tensors(&s, 0.0).iter().map(|t| t.numel() as u64 * 2).sum()
 }
 
 /// Writes the model into `out` (created if needed); `progress(done, total)` is called as tensor bytes are written.
@@ -436,7 +459,7 @@ pub fn write_model(out: &Path, opts: &SynthOptions, progress: &(dyn Fn(u64, u64)
     let chat_path = out.join("chat_template.jinja");
     std::fs::write(&chat_path, CHAT_TEMPLATE).map_err(|e| ModelError::io(&chat_path, e))?;
 
-    let specs = tensors(&shape);
+    let specs = tensors(&shape, opts.router_skew);
     let total: u64 = specs.iter().map(|t| t.numel() as u64 * 2).sum();
     // Greedy sharding in tensor order.
     let mut shards: Vec<Vec<usize>> = vec![Vec::new()];
@@ -523,12 +546,18 @@ fn fill_chunk(seed: u64, tensor: u64, chunk: u64, len: usize, init: Init) -> Vec
     let mut rng = StdRng::seed_from_u64(mix);
     let half_width = init.std * 3f32.sqrt();
     let mut out = Vec::with_capacity(len * 2);
-    for _ in 0..len {
-        let v = if init.log_uniform_a {
+    for j in 0..len {
+        let mut v = if init.log_uniform_a {
             rng.random_range(1.0f32..16.0).ln()
         } else {
             init.mean + half_width * (rng.random::<f32>() * 2.0 - 1.0)
         };
+        if let Some((first, count, rows, cols, shift)) = init.hot {
+            let row = (chunk as usize * CHUNK_ELEMS + j) / cols.max(1);
+            if (row + rows - first) % rows.max(1) < count {
+                v += shift;
+            }
+        }
         out.extend_from_slice(&bf16::from_f32(v).to_le_bytes());
     }
     out

@@ -7,7 +7,8 @@
 //! - `placement`: the current [`Placement`]; only the controller writes it, comparing the previous value.
 //! - `ready/<node>`: the newest epoch whose experts the node has loaded, under its lease.
 //! - `using/<router>`: the epoch the router dispatches with, under its lease.
-//! - `load/<member>`: a [`LoadReport`] of windowed token counts, under the member's lease.
+//! - `load/<router>`: a [`LoadReport`] of the tokens the router routed per expert, under its lease.
+//! - `served/<node>`: a [`LoadReport`] of what the node computed, under its lease.
 //! - `drain/<node>`: present while the node is to be emptied.
 //! - `controller`: the id of the elected controller, under its lease.
 //! - `request`, `outcome`: an operator's [`ControlRequest`] and the controller's [`Outcome`] for it.
@@ -162,12 +163,60 @@ impl Placement {
     }
 }
 
-/// Token counts a member saw over a window: `counts[l][e]` for MoE layer `l` (as in [`ModelShape::moe_layers`]).
+/// Token counts a member saw over a window: `counts[l][e]` (tokens routed to expert `e` of MoE layer `l`, as in
+/// [`ModelShape::moe_layers`]), and its running total since it started.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LoadReport {
     pub window_secs: f64,
     pub unix_ms: u64,
     pub counts: Vec<Vec<u64>>,
+    /// (token, expert) pairs since the member started.
+    #[serde(default)]
+    pub total: u64,
+}
+
+/// Builds [`LoadReport`]s over the last few periods, so that a quiet moment does not erase what was measured.
+#[derive(Debug)]
+pub struct LoadWindow {
+    periods: std::collections::VecDeque<(Vec<Vec<u64>>, f64)>,
+    kept: usize,
+    total: u64,
+}
+
+impl LoadWindow {
+    /// A window of the last `kept` periods.
+    pub fn new(kept: usize) -> Self {
+        LoadWindow { periods: std::collections::VecDeque::new(), kept: kept.max(1), total: 0 }
+    }
+
+    /// Adds one period's counts (`secs` long) and returns the report over the window.
+    pub fn push(&mut self, counts: Vec<Vec<u64>>, secs: f64) -> LoadReport {
+        self.total += counts.iter().flatten().sum::<u64>();
+        self.periods.push_back((counts, secs));
+        if self.periods.len() > self.kept {
+            self.periods.pop_front();
+        }
+        let mut sum: Vec<Vec<u64>> = Vec::new();
+        for (counts, _) in &self.periods {
+            if sum.len() < counts.len() {
+                sum.resize(counts.len(), Vec::new());
+            }
+            for (s, c) in sum.iter_mut().zip(counts) {
+                if s.len() < c.len() {
+                    s.resize(c.len(), 0);
+                }
+                for (s, &c) in s.iter_mut().zip(c) {
+                    *s += c;
+                }
+            }
+        }
+        LoadReport {
+            window_secs: self.periods.iter().map(|(_, secs)| secs).sum(),
+            unix_ms: unix_ms(),
+            counts: sum,
+            total: self.total,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -205,6 +254,8 @@ pub struct ClusterView {
     pub ready: BTreeMap<String, u64>,
     pub using: BTreeMap<String, u64>,
     pub loads: BTreeMap<String, LoadReport>,
+    /// What each expert node computed (its own count of the same tokens routers report in `loads`).
+    pub served: BTreeMap<String, LoadReport>,
     pub drains: BTreeSet<String>,
     pub leader: Option<String>,
     pub request: Option<ControlRequest>,
@@ -318,6 +369,9 @@ impl Cluster {
                     }
                     "load" => {
                         view.loads.insert(id.to_owned(), decode(&key, &value)?);
+                    }
+                    "served" => {
+                        view.served.insert(id.to_owned(), decode(&key, &value)?);
                     }
                     "drain" => {
                         view.drains.insert(id.to_owned());
