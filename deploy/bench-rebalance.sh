@@ -5,6 +5,10 @@
 #
 #   deploy/bench-rebalance.sh MODEL_DIR [NODE_MEMORY_GIB]
 #
+# With INITIAL=contiguous, the "before" placement is the naive one operators write by hand (each node a contiguous
+# range of every layer's experts), applied with `moectl placement apply`; by default it is the controller's initial
+# placement (experts dealt round-robin).
+#
 # NODE_MEMORY_GIB defaults to half of the model's routed experts per node. `moectl init-model --router-skew 2`
 # writes a model whose gating sends about half of the tokens to a tenth of the experts.
 #
@@ -74,6 +78,16 @@ print("measured on the nodes: max/mean %.3f, pairs per node %s" % (max(d.values(
 echo "== warm-up (the routers measure per-expert load over 5 s windows)"
 bench 1 >/dev/null
 sleep 6
+if [ "${INITIAL:-}" = contiguous ]; then
+  experts=$("$bin/moectl" placement show --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["model"]["num_experts"])')
+  "$bin/moectl" placement plan --json | python3 -c '
+import json, sys
+p = json.load(sys.stdin); e = int(sys.argv[1]); n = len(p["nodes"])
+p["hosted"] = [[list(range(e * i // n, e * (i + 1) // n)) for i in range(n)] for _ in p["hosted"]]
+print(json.dumps(p))' "$experts" >"$work/contiguous.json"
+  echo "== apply the contiguous placement"
+  "$bin/moectl" placement apply "$work/contiguous.json"
+fi
 "$bin/moectl" placement show
 t0=$(totals)
 before=$(bench 2 | tput)

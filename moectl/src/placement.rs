@@ -275,7 +275,8 @@ async fn request(cluster: &Cluster, kind: RequestKind, json: bool) -> Result<()>
             break o.result.map_err(|e| anyhow::anyhow!("the controller refused: {e}"))?;
         }
         if started.elapsed() > Duration::from_secs(30) {
-            bail!("no controller answered within 30 s (is a router of the cluster running?)");
+            cluster.withdraw(id).await?;
+            bail!("no controller answered within 30 s (is a router of the cluster running?); request withdrawn");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };

@@ -67,6 +67,8 @@ pub struct AppState {
     pub experts_ready: ReadinessCheck,
     pub draining: AtomicBool,
     pub created: u64,
+    /// The experts on expert nodes, when they are there: their counters and placement epoch go to /metrics.
+    pub remote: Option<Arc<crate::remote::RemoteExperts>>,
     next_id: AtomicU64,
 }
 
@@ -93,6 +95,7 @@ impl AppState {
             experts_ready,
             draining: AtomicBool::new(false),
             created: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            remote: None,
             next_id: AtomicU64::new(1),
         }
     }
@@ -226,6 +229,44 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let mut out = String::new();
     for (name, kind, help, value) in lines {
         out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"));
+    }
+    if let Some(remote) = &state.remote {
+        let r = &remote.stats;
+        let remote_lines = [
+            (
+                "moe_placement_epoch",
+                "gauge",
+                "Placement epoch dispatches carry (0: static placement).",
+                g(remote.epoch()),
+            ),
+            (
+                "moe_expert_messages_total",
+                "counter",
+                "Messages answered by expert nodes.",
+                g(r.messages.load(Ordering::Relaxed)),
+            ),
+            (
+                "moe_expert_bytes_sent_total",
+                "counter",
+                "Activation bytes sent to expert nodes.",
+                g(r.bytes_sent.load(Ordering::Relaxed)),
+            ),
+            (
+                "moe_expert_bytes_received_total",
+                "counter",
+                "Partial-sum bytes received from expert nodes.",
+                g(r.bytes_received.load(Ordering::Relaxed)),
+            ),
+            (
+                "moe_expert_pieces_resent_total",
+                "counter",
+                "Pieces sent again elsewhere (node down, or no longer serving the piece's epoch or experts).",
+                g(r.resent.load(Ordering::Relaxed)),
+            ),
+        ];
+        for (name, kind, help, value) in remote_lines {
+            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"));
+        }
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }

@@ -60,15 +60,18 @@ pub fn prepare(options: RouterOptions, progress: &(dyn Fn(u64, u64) + Sync)) -> 
     let config = model.config().clone();
     let model_name = options.model.file_name().map_or_else(|| "model".to_owned(), |n| n.to_string_lossy().into_owned());
     let mut cluster = None;
+    let mut on_nodes = None;
     let (experts, ready): (Arc<dyn Experts>, ReadinessCheck) = match options.experts {
         ExpertsAt::Local => (Arc::new(local_experts), Arc::new(|| Ok(()))),
         ExpertsAt::Nodes(addrs, remote) => {
             let remote = Arc::new(RemoteExperts::connect(&addrs, &config, fingerprint, remote)?);
+            on_nodes = Some(remote.clone());
             let check = Arc::clone(&remote);
             (remote, Arc::new(move || check.check_coverage()))
         }
         ExpertsAt::Cluster(cluster_options, remote) => {
             let remote = Arc::new(RemoteExperts::unplaced(&config, fingerprint, remote)?);
+            on_nodes = Some(remote.clone());
             let check = Arc::clone(&remote);
             cluster = Some(ClusterJoin {
                 remote: remote.clone(),
@@ -87,7 +90,7 @@ pub fn prepare(options: RouterOptions, progress: &(dyn Fn(u64, u64) + Sync)) -> 
         api.max_model_len = config.max_position_embeddings;
     }
     let (handle, engine) = engine::start(Arc::new(model), experts, options.engine).map_err(RouterError::Runtime)?;
-    let state = Arc::new(AppState::new(
+    let mut state = AppState::new(
         handle,
         Arc::new(tokenizer),
         chat_template.map(Arc::new),
@@ -96,6 +99,8 @@ pub fn prepare(options: RouterOptions, progress: &(dyn Fn(u64, u64) + Sync)) -> 
         config.vocab_size,
         api,
         ready,
-    ));
+    );
+    state.remote = on_nodes;
+    let state = Arc::new(state);
     Ok(PreparedRouter { state, engine, cluster })
 }

@@ -167,4 +167,7 @@ async fn nodes_join_drain_and_routers_fail_over_without_changing_output() {
     check_all(routers[alive].url().to_owned()).await;
     let shown = moectl(&endpoint, &["show"]);
     assert_eq!(shown["leader"], json!(survivor));
+    let metrics =
+        reqwest::get(format!("{}/metrics", routers[alive].url())).await.expect("metrics").text().await.expect("text");
+    assert!(metrics.contains(&format!("moe_placement_epoch {}\n", p.epoch)), "{metrics}");
 }

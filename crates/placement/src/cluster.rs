@@ -421,6 +421,16 @@ impl Cluster {
         Ok(id)
     }
 
+    /// Takes back request `id` if no controller has answered it yet; true if it was still pending.
+    pub async fn withdraw(&self, id: u64) -> Result<bool> {
+        let Some(raw) = self.raw_request().await? else { return Ok(false) };
+        let pending: ControlRequest = decode(&self.key("request"), &raw)?;
+        if pending.id != id {
+            return Ok(false);
+        }
+        self.store.compare_and_delete(&self.key("request"), &raw).await
+    }
+
     /// Answers `request` and clears it (unless a newer one replaced it meanwhile).
     pub async fn answer(&self, raw_request: &[u8], outcome: &Outcome) -> Result<()> {
         self.store.put(&self.key("outcome"), encode(outcome), None).await?;

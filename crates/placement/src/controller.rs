@@ -27,6 +27,8 @@ pub enum Decision {
         request: u64,
         reason: String,
     },
+    /// A placement is needed but none fits (too little memory, no nodes): why, for the log.
+    Stuck(String),
 }
 
 /// The expert nodes that may host experts: registered, serving `shape`'s model, not draining, with room.
@@ -105,17 +107,22 @@ pub fn plan_repair(
 pub fn decide(view: &ClusterView, shape: &ModelShape, settled: bool) -> Option<Decision> {
     let nodes = eligible(view, shape);
     let load = view.total_load(shape);
+    if settled && nodes.is_empty() && view.expert_nodes().next().is_some() {
+        let ids: Vec<&str> = view.expert_nodes().map(|m| m.id.as_str()).collect();
+        return Some(Decision::Stuck(format!(
+            "no expert node can host experts (registered: {}; each is draining, serves another model or offers no \
+             memory)",
+            ids.join(", ")
+        )));
+    }
     let Some(prev) = &view.placement else {
         if !settled || nodes.is_empty() {
             return None;
         }
-        return match plan_balanced(shape, &nodes, None, 1, "initial placement") {
-            Ok(p) => Some(Decision::Write(p)),
-            Err(e) => {
-                tracing::warn!("cannot place the model yet: {e}");
-                None
-            }
-        };
+        return Some(match plan_balanced(shape, &nodes, None, 1, "initial placement") {
+            Ok(p) => Decision::Write(p),
+            Err(e) => Decision::Stuck(format!("cannot place the model yet: {e}")),
+        });
     };
     let next = prev.epoch + 1;
     if let Some(req) = &view.request {
@@ -177,13 +184,10 @@ pub fn decide(view: &ClusterView, shape: &ModelShape, settled: bool) -> Option<D
     } else {
         return None;
     };
-    match result {
-        Ok(p) => Some(Decision::Write(p)),
-        Err(e) => {
-            tracing::warn!("cannot re-place the experts: {e}");
-            None
-        }
-    }
+    Some(match result {
+        Ok(p) => Decision::Write(p),
+        Err(e) => Decision::Stuck(format!("cannot re-place the experts: {e}")),
+    })
 }
 
 /// Tunables of [`run`].
@@ -212,11 +216,9 @@ pub async fn run(session: &Session, id: &str, shape: ModelShape, options: Contro
             None
         }
     };
-    let mut leading = false;
-    let mut membership: Vec<(String, String)> = Vec::new();
-    let mut changed_at = Instant::now();
+    let mut state = State { leading: false, membership: Vec::new(), changed_at: Instant::now(), stuck: None };
     loop {
-        if let Err(e) = step(session, id, &shape, &options, &mut leading, &mut membership, &mut changed_at).await {
+        if let Err(e) = step(session, id, &shape, &options, &mut state).await {
             tracing::warn!("controller: {e}");
         }
         let tick = tokio::time::sleep(options.tick);
@@ -232,19 +234,27 @@ pub async fn run(session: &Session, id: &str, shape: ModelShape, options: Contro
     }
 }
 
+/// What the controller remembers between steps.
+struct State {
+    leading: bool,
+    /// The eligible nodes (id, address) and when that last changed.
+    membership: Vec<(String, String)>,
+    changed_at: Instant,
+    /// The last reason no placement could be made, logged once.
+    stuck: Option<String>,
+}
+
 async fn step(
     session: &Session,
     id: &str,
     shape: &ModelShape,
     options: &ControllerOptions,
-    leading: &mut bool,
-    membership: &mut Vec<(String, String)>,
-    changed_at: &mut Instant,
+    state: &mut State,
 ) -> Result<()> {
     let cluster = session.cluster();
     let is_leader = cluster.campaign(id, session.lease()).await?;
-    if is_leader != *leading {
-        *leading = is_leader;
+    if is_leader != state.leading {
+        state.leading = is_leader;
         if is_leader {
             tracing::info!(%id, "controller: elected; this member now writes placement epochs");
         } else {
@@ -268,13 +278,22 @@ async fn step(
         cluster.put_model(shape).await?;
     }
     let now: Vec<(String, String)> = eligible(&view, shape).iter().map(|m| (m.id.clone(), m.addr.clone())).collect();
-    if now != *membership {
-        *membership = now;
-        *changed_at = Instant::now();
+    if now != state.membership {
+        state.membership = now;
+        state.changed_at = Instant::now();
     }
-    let settled = changed_at.elapsed() >= options.settle;
-    match decide(&view, shape, settled) {
+    let settled = state.changed_at.elapsed() >= options.settle;
+    let decision = decide(&view, shape, settled);
+    if !matches!(decision, Some(Decision::Stuck(_))) {
+        state.stuck = None;
+    }
+    match decision {
         None => {}
+        Some(Decision::Stuck(why)) if state.stuck.as_ref() != Some(&why) => {
+            tracing::warn!("controller: {why}");
+            state.stuck = Some(why);
+        }
+        Some(Decision::Stuck(_)) => {}
         Some(Decision::Write(p)) => {
             let request = p.request;
             if cluster.write_placement(view.placement_raw.as_deref(), &p).await? {
@@ -299,4 +318,122 @@ async fn answer(cluster: &crate::Cluster, request: u64, result: std::result::Res
         cluster.answer(&raw, &Outcome { request, result }).await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::{ControlRequest, Role};
+
+    fn shape() -> ModelShape {
+        ModelShape { name: "t".into(), fingerprint: 1, moe_layers: vec![0, 2], num_experts: 6, expert_bytes: 10 }
+    }
+
+    fn node(id: &str, slots: u64) -> Member {
+        Member {
+            id: id.into(),
+            role: Role::Expert,
+            addr: format!("{id}:1"),
+            devices: vec![],
+            memory_bytes: slots * 10,
+            fingerprint: 1,
+            version: String::new(),
+            started_unix_ms: 0,
+        }
+    }
+
+    fn view(nodes: &[Member], placement: Option<Placement>) -> ClusterView {
+        ClusterView {
+            members: nodes.iter().map(|m| (m.id.clone(), m.clone())).collect(),
+            placement,
+            ..ClusterView::default()
+        }
+    }
+
+    fn written(d: Option<Decision>) -> Placement {
+        match d {
+            Some(Decision::Write(p)) => p,
+            other => panic!("expected a placement, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn nothing_is_placed_before_membership_settles_or_without_room() {
+        let nodes = [node("a", 12), node("b", 12)];
+        assert_eq!(decide(&view(&nodes, None), &shape(), false), None);
+        let p = written(decide(&view(&nodes, None), &shape(), true));
+        assert_eq!(p.epoch, 1);
+        p.validate(&shape()).expect("complete");
+        assert_eq!(p.counts(), vec![6, 6]);
+        let small = [node("a", 5), node("b", 5)];
+        assert!(matches!(decide(&view(&small, None), &shape(), true), Some(Decision::Stuck(_))));
+        // Nodes of another model are not used.
+        let other = Member { fingerprint: 2, ..node("c", 100) };
+        assert!(matches!(decide(&view(&[other], None), &shape(), true), Some(Decision::Stuck(_))));
+    }
+
+    #[test]
+    fn a_lost_node_moves_only_its_experts_and_respects_memory() {
+        let nodes = [node("a", 8), node("b", 8), node("c", 8)];
+        let p1 = written(decide(&view(&nodes, None), &shape(), true));
+        let survivors = [node("a", 8), node("b", 8)];
+        let p2 = written(decide(&view(&survivors, Some(p1.clone())), &shape(), true));
+        assert_eq!(p2.epoch, 2);
+        p2.validate(&shape()).expect("complete");
+        assert!(p2.node_index("c").is_none());
+        for id in ["a", "b"] {
+            let (before, after) = (p1.experts_of(id), p2.experts_of(id));
+            for (l, experts) in &before {
+                let kept = after.iter().find(|(m, _)| m == l).map(|(_, e)| e.clone()).unwrap_or_default();
+                assert!(experts.iter().all(|e| kept.contains(e)), "{id} lost experts of layer {l}");
+            }
+        }
+        assert!(p2.counts().iter().all(|&c| c <= 8), "{:?}", p2.counts());
+        // With no room left for the lost experts, nothing is written.
+        let tight = [node("a", 4), node("b", 4)];
+        assert!(matches!(decide(&view(&tight, Some(p1)), &shape(), true), Some(Decision::Stuck(_))));
+    }
+
+    #[test]
+    fn drained_nodes_are_emptied_and_joined_nodes_get_a_share() {
+        let nodes = [node("a", 12), node("b", 12)];
+        let p1 = written(decide(&view(&nodes, None), &shape(), true));
+        let mut v = view(&[node("a", 12), node("b", 12), node("c", 12)], Some(p1.clone()));
+        let p2 = written(decide(&v, &shape(), true));
+        assert!(p2.counts().iter().all(|&c| c > 0), "{:?}", p2.counts());
+        v.placement = Some(p2);
+        v.drains.insert("a".into());
+        let p3 = written(decide(&v, &shape(), true));
+        assert!(p3.node_index("a").is_none());
+        p3.validate(&shape()).expect("complete");
+    }
+
+    #[test]
+    fn apply_requests_are_validated() {
+        let nodes = [node("a", 12), node("b", 6)];
+        let p1 = written(decide(&view(&nodes, None), &shape(), true));
+        let mut v = view(&nodes, Some(p1.clone()));
+        let ask =
+            |placement: Placement| ControlRequest { id: 7, by: "t".into(), kind: RequestKind::Apply { placement } };
+        // Everything on b: more than its memory.
+        let mut on_b = p1.clone();
+        on_b.nodes.retain(|n| n.id == "b");
+        on_b.hosted = on_b.hosted.iter().map(|_| vec![(0..6).collect()]).collect();
+        v.request = Some(ask(on_b));
+        assert!(
+            matches!(decide(&v, &shape(), true), Some(Decision::Refuse { request: 7, reason }) if reason.contains("room"))
+        );
+        // Everything on a: fits, and is written as the next epoch.
+        let mut on_a = p1.clone();
+        on_a.nodes.retain(|n| n.id == "a");
+        on_a.hosted = on_a.hosted.iter().map(|_| vec![(0..6).collect()]).collect();
+        v.request = Some(ask(on_a));
+        let p2 = written(decide(&v, &shape(), false));
+        assert_eq!((p2.epoch, p2.request, p2.counts()), (2, Some(7), vec![12]));
+        // An unknown node is refused.
+        let mut ghost = p1;
+        ghost.nodes[0].id = "ghost".into();
+        v.request = Some(ask(ghost));
+        assert!(matches!(decide(&v, &shape(), true), Some(Decision::Refuse { .. })));
+    }
 }
