@@ -61,19 +61,23 @@ report() { "$bin/moectl" placement show --json | python3 -c '
 import json, sys
 v = json.load(sys.stdin); p = v["placement"]
 counts = [sum(len(r[i]) for r in p["hosted"]) for i in range(len(p["nodes"]))]
-print("epoch %d (%s): node load max/mean %.3f, busiest 10%% of experts get %.0f%% of tokens, experts per node %s"
-      % (p["epoch"], p["reason"], v["imbalance"], 100 * v["hot_share"], counts))'; }
+print("epoch %d (%s): expected node load max/mean per layer %.3f (summed over layers %.3f), busiest 10%% of experts get %.0f%% of tokens, experts per node %s"
+      % (p["epoch"], p["reason"], v["layer_imbalance"], v["imbalance"], 100 * v["hot_share"], counts))'; }
 tput() { python3 -c 'import json,sys; r=json.load(sys.stdin); print("%.1f" % r["output_throughput"])'; }
 
 echo "== $(basename "$model"): 3 expert nodes with $memory GiB each"
-totals() { "$bin/moectl" placement show --json | python3 -c 'import json,sys; print(json.dumps(json.load(sys.stdin)["served_total"]))'; }
-# Node load measured by the nodes themselves over one phase: (token, expert) pairs each node computed.
+totals() { "$bin/moectl" placement show --json | python3 -c 'import json,sys; print(json.dumps(json.load(sys.stdin)["served_layer_totals"]))'; }
+# Node load measured by the nodes themselves over one phase: (token, expert) pairs each node computed per layer.
 measured() { python3 -c '
 import json, sys
 a, b = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-d = {n: b[n] - a.get(n, 0) for n in b}
-mean = sum(d.values()) / len(d)
-print("measured on the nodes: max/mean %.3f, pairs per node %s" % (max(d.values()) / mean, d))' "$1" "$2"; }
+d = {n: [x - y for x, y in zip(b[n], a.get(n, [0] * len(b[n])))] for n in b}
+layers = len(next(iter(d.values())))
+per_layer = [[d[n][l] for n in d] for l in range(layers)]
+w = sum(max(r) / (sum(r) / len(r)) * sum(r) for r in per_layer if sum(r)) / sum(sum(r) for r in per_layer)
+tot = [sum(v) for v in d.values()]
+print("measured on the nodes: max/mean per layer %.3f (summed over layers %.3f), pairs per node %s"
+      % (w, max(tot) / (sum(tot) / len(tot)), dict(zip(d, tot))))' "$1" "$2"; }
 
 echo "== warm-up (the routers measure per-expert load over 5 s windows)"
 bench 1 >/dev/null

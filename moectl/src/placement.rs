@@ -73,10 +73,11 @@ fn shape(view: &ClusterView) -> Result<ModelShape> {
     view.model.clone().context("the cluster has no model yet: start a router (its controller writes it)")
 }
 
-/// Per node of `p`, the share of `load` it serves (an expert's load split evenly over its replicas).
-fn node_loads(p: &Placement, load: &[Vec<f64>]) -> Vec<f64> {
-    let mut out = vec![0.0; p.nodes.len()];
+/// Per MoE layer and node of `p`, the share of `load` it serves (an expert's load split evenly over its replicas).
+fn node_loads(p: &Placement, load: &[Vec<f64>]) -> Vec<Vec<f64>> {
+    let mut all = Vec::with_capacity(p.hosted.len());
     for (rows, load) in p.hosted.iter().zip(load) {
+        let mut out = vec![0.0; p.nodes.len()];
         let mut replicas = vec![0usize; load.len()];
         for experts in rows {
             for &e in experts {
@@ -90,8 +91,36 @@ fn node_loads(p: &Placement, load: &[Vec<f64>]) -> Vec<f64> {
                 out[n] += load.get(e as usize).copied().unwrap_or(0.0) / replicas[e as usize].max(1) as f64;
             }
         }
+        all.push(out);
+    }
+    all
+}
+
+/// Each node's load summed over the layers.
+fn summed(per_layer: &[Vec<f64>]) -> Vec<f64> {
+    let mut out = vec![0.0; per_layer.first().map_or(0, Vec::len)];
+    for row in per_layer {
+        for (o, v) in out.iter_mut().zip(row) {
+            *o += v;
+        }
     }
     out
+}
+
+/// The load-weighted mean over layers of each layer's max/mean node load: every layer waits for its slowest node,
+/// so this (not the imbalance of the sums) is what costs time.
+fn layer_imbalance(per_layer: &[Vec<f64>]) -> f64 {
+    let (mut weighted, mut total) = (0.0, 0.0);
+    for row in per_layer {
+        let sum: f64 = row.iter().sum();
+        weighted += imbalance(row) * sum;
+        total += sum;
+    }
+    if total > 0.0 {
+        weighted / total
+    } else {
+        1.0
+    }
 }
 
 /// max / mean of the nodes' loads (1.0 when there is no load).
@@ -120,22 +149,29 @@ fn hot_share(load: &[Vec<f64>]) -> f64 {
     shares.iter().sum::<f64>() / shares.len().max(1) as f64
 }
 
-/// Per node of `p`, the (token, expert) pairs per second it reports having computed over its window.
-fn served_rates(view: &ClusterView, p: &Placement) -> Vec<f64> {
-    p.nodes
-        .iter()
-        .map(|n| {
-            view.served
-                .get(&n.id)
-                .map_or(0.0, |r| r.counts.iter().flatten().sum::<u64>() as f64 / r.window_secs.max(1e-3))
+/// Per MoE layer and node of `p`, the (token, expert) pairs per second the node reports having computed over its
+/// window.
+fn served_rates(view: &ClusterView, p: &Placement) -> Vec<Vec<f64>> {
+    (0..p.moe_layers.len())
+        .map(|l| {
+            p.nodes
+                .iter()
+                .map(|n| {
+                    view.served.get(&n.id).map_or(0.0, |r| {
+                        r.counts.get(l).map_or(0, |c| c.iter().sum::<u64>()) as f64 / r.window_secs.max(1e-3)
+                    })
+                })
+                .collect()
         })
         .collect()
 }
 
 fn show(view: &ClusterView, json: bool) -> Result<()> {
     let load = view.model.as_ref().map(|s| view.total_load(s)).unwrap_or_default();
-    let loads = view.placement.as_ref().map(|p| node_loads(p, &load)).unwrap_or_default();
-    let served = view.placement.as_ref().map(|p| served_rates(view, p)).unwrap_or_default();
+    let layer_loads = view.placement.as_ref().map(|p| node_loads(p, &load)).unwrap_or_default();
+    let loads = summed(&layer_loads);
+    let layer_served = view.placement.as_ref().map(|p| served_rates(view, p)).unwrap_or_default();
+    let served = summed(&layer_served);
     if json {
         let out = serde_json::json!({
             "model": view.model,
@@ -147,8 +183,10 @@ fn show(view: &ClusterView, json: bool) -> Result<()> {
             "drains": view.drains,
             "node_load_tokens_per_s": view.placement.as_ref().map(|p| p.nodes.iter().map(|n| n.id.clone()).zip(loads.iter().copied()).collect::<std::collections::BTreeMap<_, _>>()),
             "imbalance": imbalance(&loads),
+            "layer_imbalance": layer_imbalance(&layer_loads),
             "served_imbalance": imbalance(&served),
-            "served_total": view.served.iter().map(|(id, r)| (id.clone(), r.total)).collect::<std::collections::BTreeMap<_, _>>(),
+            "served_layer_imbalance": layer_imbalance(&layer_served),
+            "served_layer_totals": view.served.iter().map(|(id, r)| (id.clone(), r.layer_totals.clone())).collect::<std::collections::BTreeMap<_, _>>(),
             "hot_share": hot_share(&load),
             "problems": view.problems,
         });
@@ -201,12 +239,14 @@ fn show(view: &ClusterView, json: bool) -> Result<()> {
                 );
             }
             println!(
-                "node load max/mean: {:.3} expected from the routed load on this placement, {:.3} measured by the \
-                 nodes over their last 30 s (the busiest 10% of experts get {:.0}% of the tokens)",
+                "node load max/mean per layer (load-weighted mean): {:.3} expected from the routed load on this \
+                 placement, {:.3} measured by the nodes over their last 30 s; summed over layers: {:.3} and {:.3}",
+                layer_imbalance(&layer_loads),
+                layer_imbalance(&layer_served),
                 imbalance(&loads),
                 imbalance(&served),
-                100.0 * hot_share(&load)
             );
+            println!("the busiest 10% of each layer's experts get {:.0}% of its tokens", 100.0 * hot_share(&load));
         }
     }
     let idle: Vec<_> = view
@@ -247,15 +287,15 @@ fn plan(view: &ClusterView, json: bool) -> Result<()> {
     }
     if let Some(p) = &view.placement {
         println!(
-            "current epoch {}: node load max/mean {:.3}, {} experts hosted",
+            "current epoch {}: node load max/mean per layer {:.3}, {} experts hosted",
             p.epoch,
-            imbalance(&node_loads(p, &load)),
+            layer_imbalance(&node_loads(p, &load)),
             p.counts().iter().sum::<usize>()
         );
     }
     println!(
-        "planned: node load max/mean {:.3}, {} experts hosted (replicas included)",
-        imbalance(&node_loads(&planned, &load)),
+        "planned: node load max/mean per layer {:.3}, {} experts hosted (replicas included)",
+        layer_imbalance(&node_loads(&planned, &load)),
         planned.counts().iter().sum::<usize>()
     );
     for (n, c) in planned.nodes.iter().zip(planned.counts()) {

@@ -173,6 +173,9 @@ pub struct LoadReport {
     /// (token, expert) pairs since the member started.
     #[serde(default)]
     pub total: u64,
+    /// The same per MoE layer.
+    #[serde(default)]
+    pub layer_totals: Vec<u64>,
 }
 
 /// Builds [`LoadReport`]s over the last few periods, so that a quiet moment does not erase what was measured.
@@ -180,18 +183,23 @@ pub struct LoadReport {
 pub struct LoadWindow {
     periods: std::collections::VecDeque<(Vec<Vec<u64>>, f64)>,
     kept: usize,
-    total: u64,
+    layer_totals: Vec<u64>,
 }
 
 impl LoadWindow {
     /// A window of the last `kept` periods.
     pub fn new(kept: usize) -> Self {
-        LoadWindow { periods: std::collections::VecDeque::new(), kept: kept.max(1), total: 0 }
+        LoadWindow { periods: std::collections::VecDeque::new(), kept: kept.max(1), layer_totals: Vec::new() }
     }
 
     /// Adds one period's counts (`secs` long) and returns the report over the window.
     pub fn push(&mut self, counts: Vec<Vec<u64>>, secs: f64) -> LoadReport {
-        self.total += counts.iter().flatten().sum::<u64>();
+        if self.layer_totals.len() < counts.len() {
+            self.layer_totals.resize(counts.len(), 0);
+        }
+        for (t, c) in self.layer_totals.iter_mut().zip(&counts) {
+            *t += c.iter().sum::<u64>();
+        }
         self.periods.push_back((counts, secs));
         if self.periods.len() > self.kept {
             self.periods.pop_front();
@@ -214,7 +222,8 @@ impl LoadWindow {
             window_secs: self.periods.iter().map(|(_, secs)| secs).sum(),
             unix_ms: unix_ms(),
             counts: sum,
-            total: self.total,
+            total: self.layer_totals.iter().sum(),
+            layer_totals: self.layer_totals.clone(),
         }
     }
 }
