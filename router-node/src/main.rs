@@ -26,6 +26,9 @@ struct Args {
     /// Address to serve HTTP on; port 0 picks a free one.
     #[arg(long, env = "MOE_LISTEN", default_value = "127.0.0.1:8000")]
     listen: SocketAddr,
+    /// Port to serve HTTP on (replaces the port of --listen).
+    #[arg(long, env = "MOE_PORT")]
+    port: Option<u16>,
     /// Expert nodes (host:port, comma-separated) that together host every routed expert; without it the experts are
     /// loaded in this process.
     #[arg(long, env = "MOE_EXPERTS_AT", value_delimiter = ',', conflicts_with = "etcd")]
@@ -89,7 +92,10 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: Args) -> Result<()> {
+fn run(mut args: Args) -> Result<()> {
+    if let Some(port) = args.port {
+        args.listen.set_port(port);
+    }
     let options = options(&args)?;
     // Bind before loading, so that a taken port fails at once.
     let listener =
