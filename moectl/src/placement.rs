@@ -133,6 +133,14 @@ fn imbalance(loads: &[f64]) -> f64 {
     }
 }
 
+fn human_bytes(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 30 => format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64),
+        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
+        b => format!("{:.1} KiB", b as f64 / 1024.0),
+    }
+}
+
 /// The share of tokens that the busiest tenth of each layer's experts receive, averaged over layers.
 fn hot_share(load: &[Vec<f64>]) -> f64 {
     let shares: Vec<f64> = load
@@ -146,7 +154,10 @@ fn hot_share(load: &[Vec<f64>]) -> f64 {
             })
         })
         .collect();
-    shares.iter().sum::<f64>() / shares.len().max(1) as f64
+    if shares.is_empty() {
+        return 0.0;
+    }
+    shares.iter().sum::<f64>() / shares.len() as f64
 }
 
 /// Per MoE layer and node of `p`, the (token, expert) pairs per second the node reports having computed over its
@@ -195,12 +206,12 @@ fn show(view: &ClusterView, json: bool) -> Result<()> {
     }
     match &view.model {
         Some(m) => println!(
-            "model {} (fingerprint {:016x}): {} MoE layers x {} experts, {:.1} MiB each",
+            "model {} (fingerprint {:016x}): {} MoE layers x {} experts, {} each",
             m.name,
             m.fingerprint,
             m.moe_layers.len(),
             m.num_experts,
-            m.expert_bytes as f64 / (1 << 20) as f64
+            human_bytes(m.expert_bytes)
         ),
         None => println!("no model yet (no router has led the cluster)"),
     }
