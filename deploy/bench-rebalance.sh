@@ -12,7 +12,7 @@
 # NODE_MEMORY_GIB defaults to half of the model's routed experts per node. `moectl init-model --router-skew 2`
 # writes a model whose gating sends about half of the tokens to a tenth of the experts.
 #
-# Needs release binaries (cargo build --release) and `etcd` on PATH. Everything listens on free loopback ports and
+# Needs release binaries (cargo build --release; or $MOE_BIN_DIR) and `etcd` on PATH. Everything listens on free loopback ports and
 # lives in a temporary directory removed at exit.
 set -euo pipefail
 model=${1:?usage: $0 MODEL_DIR [NODE_MEMORY_GIB]}
@@ -20,7 +20,7 @@ memory=${2:-$(python3 -c '
 import json, sys
 c = json.load(open(sys.argv[1] + "/config.json")); t = c.get("text_config", c)
 print(t["num_hidden_layers"] * t["num_experts"] * 3 * t["hidden_size"] * t["moe_intermediate_size"] * 2 / 2**31)' "$model")}
-bin="$(cd "$(dirname "$0")/.." && pwd)/target/release"
+bin="${MOE_BIN_DIR:-$(cd "$(dirname "$0")/.." && pwd)/target/release}"
 work=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
@@ -92,20 +92,19 @@ print(json.dumps(p))' "$experts" >"$work/contiguous.json"
   echo "== apply the contiguous placement"
   "$bin/moectl" placement apply "$work/contiguous.json"
 fi
-"$bin/moectl" placement show
-t0=$(totals)
-before=$(bench 2 | tput)
-sleep 6
-report
-measured "$t0" "$(totals)"
-echo "decode throughput before: $before tok/s"
+# One measured phase: the placement, the load the nodes computed during a bench run, and its decode throughput.
+phase() { # NAME SEED
+  "$bin/moectl" placement show
+  local t; t=$(totals)
+  local tok; tok=$(bench "$2" | tput)
+  sleep 6
+  report
+  measured "$t" "$(totals)"
+  echo "decode throughput $1: $tok tok/s"
+}
+
+phase before 2
 echo "== rebalance"
 "$bin/moectl" placement rebalance
 sleep 1
-"$bin/moectl" placement show
-t1=$(totals)
-after=$(bench 3 | tput)
-sleep 6
-report
-measured "$t1" "$(totals)"
-echo "decode throughput after: $after tok/s (before $before)"
+phase after 3

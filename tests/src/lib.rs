@@ -278,3 +278,17 @@ impl Drop for EtcdServer {
         self.kill();
     }
 }
+
+/// The text `lm` generates greedily in this process for `prompt`: the reference served output is compared to.
+pub fn local_greedy(lm: &moe_model::LoadedModel, prompt: &[u32], max_tokens: usize) -> String {
+    let req = moe_model::GenerateRequest {
+        prompt: prompt.to_vec(),
+        max_tokens,
+        sampling: moe_model::SamplingParams { temperature: 0.0, ..Default::default() },
+        logprobs: 0,
+        echo: false,
+        stop_ids: Vec::new(),
+    };
+    let out = moe_model::generate(&lm.model, &lm.experts, &req, |_| {}).expect("generates");
+    lm.tokenizer.decode(&out.output_ids, true).expect("decodes")
+}

@@ -4,27 +4,14 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use moe_e2e::{bin, fixture, EtcdServer, ExpertNodeProcess, RouterProcess};
-use moe_model::{generate, GenerateRequest, LoadedModel, SamplingParams};
+use moe_e2e::{bin, fixture, local_greedy, EtcdServer, ExpertNodeProcess, RouterProcess};
+use moe_model::LoadedModel;
 use moe_placement::{Cluster, ClusterView, EtcdStore};
 use serde_json::{json, Value};
 
 /// Room for a bit more than the whole fixture model (32 experts of 12 KiB) on every node.
 const MEMORY_GIB: &str = "0.0004";
 const CLUSTER: &str = "e2e";
-
-fn local_greedy(lm: &LoadedModel, prompt: &[u32], max_tokens: usize) -> String {
-    let req = GenerateRequest {
-        prompt: prompt.to_vec(),
-        max_tokens,
-        sampling: SamplingParams { temperature: 0.0, ..Default::default() },
-        logprobs: 0,
-        echo: false,
-        stop_ids: Vec::new(),
-    };
-    let out = generate(&lm.model, &lm.experts, &req, |_| {}).expect("generates");
-    lm.tokenizer.decode(&out.output_ids, true).expect("decodes")
-}
 
 async fn complete(url: &str, prompt: &[u32], max_tokens: usize) -> String {
     let client = reqwest::Client::builder().timeout(Duration::from_secs(120)).build().expect("client");

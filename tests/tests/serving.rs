@@ -4,8 +4,8 @@
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use moe_e2e::{fixture, ExpertNodeProcess, RouterProcess};
-use moe_model::{generate, GenerateRequest, LoadedModel, SamplingParams};
+use moe_e2e::{fixture, local_greedy, ExpertNodeProcess, RouterProcess};
+use moe_model::LoadedModel;
 use serde_json::{json, Value};
 
 fn client() -> reqwest::Client {
@@ -35,19 +35,6 @@ async fn metric(url: &str, name: &str) -> f64 {
 
 fn prompt(i: u32) -> Vec<u32> {
     (0..5 + i % 13).map(|k| (i * 37 + k * 11 + 3) % 250).collect()
-}
-
-fn local_greedy(lm: &LoadedModel, prompt: &[u32], max_tokens: usize) -> String {
-    let req = GenerateRequest {
-        prompt: prompt.to_vec(),
-        max_tokens,
-        sampling: SamplingParams { temperature: 0.0, ..Default::default() },
-        logprobs: 0,
-        echo: false,
-        stop_ids: Vec::new(),
-    };
-    let out = generate(&lm.model, &lm.experts, &req, |_| {}).expect("generates");
-    lm.tokenizer.decode(&out.output_ids, true).expect("decodes")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
