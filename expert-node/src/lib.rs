@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod node;
 pub mod service;
+pub mod shard;
 pub mod spec;
 
 use std::net::SocketAddr;
@@ -15,6 +16,7 @@ use std::path::PathBuf;
 
 pub use node::{ExpertNode, Refusal};
 pub use service::{bind, serve, ServeOptions, DEFAULT_MAX_MESSAGE_BYTES};
+pub use shard::Shard;
 pub use spec::{ExpertSpec, SpecError};
 
 /// Errors of an expert node.
@@ -24,6 +26,8 @@ pub enum NodeError {
     Model(#[from] moe_model::ModelError),
     #[error(transparent)]
     Spec(#[from] SpecError),
+    #[error(transparent)]
+    Device(#[from] moe_cuda::CudaError),
     #[error("{}: {source}", path.display())]
     Io {
         path: PathBuf,

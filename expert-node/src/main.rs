@@ -85,12 +85,12 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> Result<()> {
-    match args.device.as_str() {
-        "cpu" => {}
-        d if d == "cuda" || d.starts_with("cuda:") => {
-            bail!("--device {d}: this build has no CUDA backend (build with `--features cuda`)")
+    // The device is checked first, so that a machine without a GPU says so in one line before anything loads.
+    let device: moe_cuda::Device = args.device.parse()?;
+    if let moe_cuda::Device::Cuda(ordinals) = &device {
+        for found in moe_cuda::probe(ordinals).with_context(|| format!("--device {device}"))? {
+            tracing::info!(device = %found, "CUDA device found");
         }
-        d => bail!("--device {d}: expected `cpu` or `cuda[:0,1,...]`"),
     }
     if args.max_message_mib == 0 || args.max_message_mib > 1024 {
         bail!("--max-message-mib {}: must be between 1 and 1024", args.max_message_mib);
@@ -130,7 +130,7 @@ fn run(args: Args) -> Result<()> {
             tracing::info!("loading: {:.2} GiB read", bytes as f64 / (1u64 << 30) as f64);
         }
     };
-    let node = ExpertNode::load(&args.model, &spec, residency, node_id, options.max_message_bytes, &progress)
+    let node = ExpertNode::load(&args.model, &spec, &device, residency, node_id, options.max_message_bytes, &progress)
         .with_context(|| format!("loading {}", args.model.display()))?;
     let hosted = node.hosted();
     tracing::info!(
@@ -193,13 +193,17 @@ async fn in_cluster(
     let memory_bytes = match args.memory_gib {
         Some(g) if g > 0.0 && g.is_finite() => (g * (1u64 << 30) as f64) as u64,
         Some(g) => bail!("--memory-gib {g}: must be a positive number"),
-        None => available_memory().context("reading the available memory (give --memory-gib)")? / 5 * 4,
+        None => match node.device_memory() {
+            // On GPUs: 90% of what was free when the devices opened (the rest is for activations and cuBLAS).
+            Some(free) => free / 10 * 9,
+            None => available_memory().context("reading the available memory (give --memory-gib)")? / 5 * 4,
+        },
     };
     let member = Member {
         id: node.node_id.clone(),
         role: Role::Expert,
         addr: advertise,
-        devices: vec![args.device.clone()],
+        devices: node.devices(),
         memory_bytes,
         fingerprint: node.info().fingerprint,
         version: env!("CARGO_PKG_VERSION").into(),

@@ -5,13 +5,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use moe_model::{Checkpoint, Experts, Family, LocalExperts, ModelConfig, Residency, Routing};
+use moe_model::{Checkpoint, Family, ModelConfig, Residency, Routing};
 use moe_proto::codec;
 use moe_proto::v1::{
     forward_response, Dtype, ErrorCode, ExpertSet, ForwardError, ForwardRequest, ForwardResponse, ModelInfo,
     PartialSums, Timings,
 };
 
+use crate::shard::Shard;
 use crate::spec::ExpertSpec;
 use crate::NodeError;
 
@@ -20,7 +21,7 @@ pub struct ExpertNode {
     pub node_id: String,
     config: ModelConfig,
     ckpt: Checkpoint,
-    experts: LocalExperts,
+    experts: Shard,
     info: ModelInfo,
     /// The placement epochs served: `epoch_lo..=epoch_hi` (both 0 under a static placement).
     epoch_lo: AtomicU64,
@@ -76,10 +77,12 @@ impl Refusal {
 }
 
 impl ExpertNode {
-    /// Opens the model in `dir` and loads the experts of `spec`, calling `progress(bytes_loaded)` as they load.
+    /// Opens the model in `dir` and loads the experts of `spec` onto `device`, calling `progress(bytes_loaded)` as
+    /// they load.
     pub fn load(
         dir: &Path,
         spec: &ExpertSpec,
+        device: &moe_cuda::Device,
         residency: Residency,
         node_id: String,
         max_message_bytes: usize,
@@ -91,7 +94,7 @@ impl ExpertNode {
         let config = ModelConfig::from_file(&config_path)?;
         spec.validate(config.num_hidden_layers, config.num_experts)?;
         let ckpt = Checkpoint::open_with(dir, residency)?;
-        let experts = LocalExperts::empty(&config);
+        let experts = Shard::empty(&config, device)?;
         let done = std::sync::atomic::AtomicBool::new(false);
         std::thread::scope(|scope| {
             scope.spawn(|| {
@@ -190,6 +193,16 @@ impl ExpertNode {
         ExpertSet::from_rows(self.experts.hosted())
     }
 
+    /// The devices computing, as members list them: `cpu`, or one line per GPU.
+    pub fn devices(&self) -> Vec<String> {
+        self.experts.devices()
+    }
+
+    /// Device memory free for experts when the devices opened (GPUs only).
+    pub fn device_memory(&self) -> Option<u64> {
+        self.experts.device_memory()
+    }
+
     pub fn resident_bytes(&self) -> u64 {
         self.experts.resident_bytes() as u64
     }
@@ -217,7 +230,7 @@ impl ExpertNode {
     /// Loads the experts of `set` that are not held yet (blocking: reads the checkpoint).
     pub fn load_set(&self, set: &ExpertSet) -> Result<moe_model::ShardChange, NodeError> {
         let wanted = set_contains(set);
-        Ok(self.experts.load_more(&self.ckpt, &self.config, wanted)?)
+        self.experts.load_more(&self.ckpt, &self.config, wanted)
     }
 
     pub fn unload_set(&self, set: &ExpertSet) -> moe_model::ShardChange {
@@ -352,7 +365,7 @@ impl ExpertNode {
         };
         let t1 = Instant::now();
         let mut out = vec![0f32; n * h];
-        self.experts.forward(req.layer as usize, &hidden, &routing, &mut out).map_err(|e| Refusal {
+        self.experts.experts().forward(req.layer as usize, &hidden, &routing, &mut out).map_err(|e| Refusal {
             // The shard changed between the check and the compute (an unload raced this request).
             code: ErrorCode::FailedPrecondition,
             field: "routing.experts".into(),

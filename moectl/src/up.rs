@@ -161,6 +161,7 @@ pub fn run(args: Args) -> Result<()> {
         model: model.clone(),
         residency: Residency::Resident,
         experts,
+        device: moe_cuda::Device::Cpu,
         engine: EngineConfig {
             max_batch_tokens: args.max_batch_tokens,
             micro_batches: args.micro_batches,

@@ -23,4 +23,6 @@ pub enum RouterError {
     Placement(String),
     #[error(transparent)]
     Model(#[from] moe_model::ModelError),
+    #[error(transparent)]
+    Device(#[from] moe_cuda::CudaError),
 }

@@ -76,6 +76,10 @@ struct Args {
     /// Context length limit [default: the model's max_position_embeddings].
     #[arg(long)]
     max_model_len: Option<usize>,
+    /// Where the routed experts held in this process (no --experts-at, no --etcd) are computed: `cpu`, or
+    /// `cuda[:0,1,...]` in builds with the CUDA backend (attention and the shared expert stay on the CPU).
+    #[arg(long, env = "MOE_DEVICE", default_value = "cpu")]
+    device: String,
     /// Serve weights from the file mapping instead of copying them into memory.
     #[arg(long)]
     mapped: bool,
@@ -139,6 +143,12 @@ fn options(args: &Args) -> Result<RouterOptions> {
     if !(args.state_budget_gib.is_finite() && args.state_budget_gib > 0.0) {
         bail!("--state-budget-gib {}: must be a positive number", args.state_budget_gib);
     }
+    let device: moe_cuda::Device = args.device.parse()?;
+    if let moe_cuda::Device::Cuda(ordinals) = &device {
+        for found in moe_cuda::probe(ordinals).with_context(|| format!("--device {device}"))? {
+            tracing::info!(device = %found, "CUDA device found");
+        }
+    }
     let wire = if args.wire_dtype == "bf16" { Dtype::Bf16 } else { Dtype::F32 };
     let remote = RemoteOptions { wire_dtype: wire, ..RemoteOptions::default() };
     let experts = if let Some(etcd) = &args.etcd {
@@ -159,6 +169,7 @@ fn options(args: &Args) -> Result<RouterOptions> {
         model: args.model.clone(),
         residency: if args.mapped { Residency::Mapped } else { Residency::Resident },
         experts,
+        device,
         engine: EngineConfig {
             max_batch_tokens: args.max_batch_tokens,
             max_running: args.max_running,

@@ -28,6 +28,9 @@ pub struct RouterOptions {
     pub model: PathBuf,
     pub residency: Residency,
     pub experts: ExpertsAt,
+    /// Where the routed experts held in this process are computed (with [`ExpertsAt::Local`]); the router's own
+    /// layers run on the CPU.
+    pub device: moe_cuda::Device,
     pub engine: EngineConfig,
     /// `model_name` empty: the model directory's name.
     pub api: ApiConfig,
@@ -54,7 +57,15 @@ pub struct ClusterJoin {
 /// Loads the model, connects to the expert nodes and starts the engine. Blocking: call it outside any async runtime.
 pub fn prepare(options: RouterOptions, progress: &(dyn Fn(u64, u64) + Sync)) -> Result<PreparedRouter, RouterError> {
     let local = matches!(options.experts, ExpertsAt::Local);
-    let lm = LoadedModel::load_selected(&options.model, options.residency, progress, &|_, _| local)?;
+    let on_gpu = matches!(options.device, moe_cuda::Device::Cuda(_));
+    if on_gpu && !local {
+        return Err(RouterError::Placement(format!(
+            "--device {}: only the routed experts run on CUDA, and with expert nodes this router holds none \
+             (give the expert nodes --device cuda instead)",
+            options.device
+        )));
+    }
+    let lm = LoadedModel::load_selected(&options.model, options.residency, progress, &|_, _| local && !on_gpu)?;
     let eos_ids = lm.eos_token_ids();
     let LoadedModel { model, experts: local_experts, tokenizer, chat_template, generation, fingerprint, .. } = lm;
     let config = model.config().clone();
@@ -62,7 +73,10 @@ pub fn prepare(options: RouterOptions, progress: &(dyn Fn(u64, u64) + Sync)) -> 
     let mut cluster = None;
     let mut on_nodes = None;
     let (experts, ready): (Arc<dyn Experts>, ReadinessCheck) = match options.experts {
-        ExpertsAt::Local => (Arc::new(local_experts), Arc::new(|| Ok(()))),
+        ExpertsAt::Local => match &options.device {
+            moe_cuda::Device::Cpu => (Arc::new(local_experts), Arc::new(|| Ok(()))),
+            device => (local_on_gpu(&options.model, &config, device)?, Arc::new(|| Ok(()))),
+        },
         ExpertsAt::Nodes(addrs, remote) => {
             let remote = Arc::new(RemoteExperts::connect(&addrs, &config, fingerprint, remote)?);
             on_nodes = Some(remote.clone());
@@ -103,4 +117,30 @@ pub fn prepare(options: RouterOptions, progress: &(dyn Fn(u64, u64) + Sync)) -> 
     state.remote = on_nodes;
     let state = Arc::new(state);
     Ok(PreparedRouter { state, engine, cluster })
+}
+
+/// Every routed expert of the model in `dir`, on the GPUs of `device`.
+#[cfg(feature = "cuda")]
+fn local_on_gpu(
+    dir: &std::path::Path,
+    config: &moe_model::ModelConfig,
+    device: &moe_cuda::Device,
+) -> Result<Arc<dyn Experts>, RouterError> {
+    let moe_cuda::Device::Cuda(ordinals) = device else {
+        return Err(RouterError::Placement(format!("--device {device}: not a CUDA device")));
+    };
+    let experts = moe_cuda::CudaExperts::new(config, ordinals)?;
+    let ckpt = moe_model::Checkpoint::open_with(dir, Residency::Mapped)?;
+    let loaded = experts.load_more(&ckpt, config, |_, _| true)?;
+    tracing::info!(experts = loaded.experts, gib = loaded.bytes as f64 / (1u64 << 30) as f64, "routed experts on CUDA");
+    Ok(Arc::new(experts))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn local_on_gpu(
+    _dir: &std::path::Path,
+    _config: &moe_model::ModelConfig,
+    _device: &moe_cuda::Device,
+) -> Result<Arc<dyn Experts>, RouterError> {
+    Err(moe_cuda::CudaError::NotBuilt.into())
 }

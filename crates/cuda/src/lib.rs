@@ -108,7 +108,7 @@ pub enum CudaError {
     BadDevice { given: String, why: String },
     #[error("this build has no CUDA backend (build with `--features cuda`)")]
     NotBuilt,
-    #[error("the {library} library was not found: {hint}")]
+    #[error("{library} was not found: {hint}")]
     MissingLibrary { library: &'static str, hint: &'static str },
     #[error("no CUDA device {ordinal}: this machine has {count}")]
     NoDevice { ordinal: usize, count: usize },
