@@ -5,6 +5,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod bench;
+#[cfg(feature = "cuda")]
+mod bench_cuda;
 mod bench_dataplane;
 mod bench_model;
 mod cluster;
@@ -39,6 +41,10 @@ enum Command {
     /// Measure the expert data plane: per-layer round trip on loopback, and decode throughput with the experts on
     /// expert-node processes next to the single-process engine.
     BenchDataplane(bench_dataplane::Args),
+    /// Measure the CUDA backend on one card: grouped expert GEMMs next to cuBLAS dense GEMMs, and a decode step's
+    /// routed-expert work next to the HBM-bandwidth floor (builds with `--features cuda`).
+    #[cfg(feature = "cuda")]
+    BenchCuda(bench_cuda::Args),
 }
 
 /// Loads a model directory with a progress bar on stderr (shown only when loading takes more than a moment); the
@@ -84,6 +90,8 @@ fn main() -> ExitCode {
         Command::BenchModel(args) => bench_model::run(args),
         Command::Placement(args) => placement::run(args),
         Command::BenchDataplane(args) => bench_dataplane::run(args),
+        #[cfg(feature = "cuda")]
+        Command::BenchCuda(args) => bench_cuda::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

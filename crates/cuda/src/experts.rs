@@ -416,7 +416,7 @@ impl CudaExperts {
 /// `c[c_at.., m] (n rows) = b[b_at.., k] (n rows) · wᵀ` for a row-major bf16 weight `w` `[m, k]`: bf16 operands, fp32
 /// accumulation and output. In cuBLAS's column-major terms, `Cᵀ[m, n] = op_T(W)[m, k] · Bᵀ[k, n]`.
 #[allow(clippy::too_many_arguments)]
-fn gemm_bf16_f32(
+pub(crate) fn gemm_bf16_f32(
     gpu: &Gpu,
     w: &CudaSlice<bf16>,
     b: &CudaSlice<bf16>,

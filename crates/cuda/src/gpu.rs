@@ -15,9 +15,9 @@ fn check_libraries(nccl: bool) -> Result<()> {
     let present = unsafe {
         [
             (
-                "CUDA driver (libcuda.so)",
+                "the CUDA driver library (libcuda.so)",
                 cudarc::driver::sys::is_culib_present(),
-                "is an NVIDIA driver installed? --device cuda needs a GPU",
+                "no NVIDIA driver on this machine; --device cuda needs a GPU (or use --device cpu)",
             ),
             (
                 "cuBLAS (libcublas.so.12)",

@@ -19,6 +19,8 @@
 pub mod kernels;
 
 #[cfg(feature = "cuda")]
+pub mod bench;
+#[cfg(feature = "cuda")]
 mod experts;
 #[cfg(feature = "cuda")]
 mod gpu;

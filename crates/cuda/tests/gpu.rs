@@ -16,8 +16,11 @@ use moe_model::cpu::ops::{log_softmax, rms_norm_offset, silu, Rope};
 use moe_model::{Checkpoint, Experts, LoadedModel, LocalExperts, LogitsFor, ModelConfig, Residency, Routing, Segment};
 use rand::{Rng, SeedableRng};
 
+/// `tests/fixtures/NAME`; `MOE_FIXTURES` points elsewhere (a test binary carried to a GPU machine).
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(name)
+    std::env::var_os("MOE_FIXTURES")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures"), PathBuf::from)
+        .join(name)
 }
 
 /// Device 0, or `None` after printing why the test is skipped.
