@@ -24,6 +24,7 @@ use half::bf16;
 use moe_model::{Checkpoint, Experts, ModelConfig, ModelError, PendingExperts, Ready, Routing, ShardChange};
 
 use crate::gpu::{driver_error as driver, Gpu};
+use crate::plan::{self, GemmShape, RowPlan};
 use crate::{CudaError, DeviceInfo, Result};
 
 /// Threads per block of the row kernels.
@@ -41,7 +42,9 @@ impl DeviceExpert {
     }
 }
 
-type Table = Vec<Vec<Option<Arc<DeviceExpert>>>>;
+/// One MoE layer's experts, by id.
+type LayerRow = Vec<Option<Arc<DeviceExpert>>>;
+type Table = Vec<LayerRow>;
 
 /// NCCL communicators, one per GPU, used only under the staging lock.
 struct Comms(Vec<Comm>);
@@ -75,23 +78,14 @@ impl std::fmt::Debug for CudaExperts {
     }
 }
 
-/// One GPU's share of a batch: its experts in ascending order, each with its first gathered row and row count.
-struct GpuPlan {
-    experts: Vec<(usize, Arc<DeviceExpert>, usize, usize)>,
-    /// Token of each gathered row.
-    gather: Vec<u32>,
-    /// Per token, its rows (in expert order) and their weights, CSR.
-    offsets: Vec<u32>,
-    slots: Vec<u32>,
-    weights: Vec<f32>,
-}
-
 impl CudaExperts {
     /// Opens the devices `ordinals` (compiling the kernels on each) and holds no expert yet.
     pub fn new(cfg: &ModelConfig, ordinals: &[usize]) -> Result<Self> {
         if ordinals.is_empty() {
             return Err(CudaError::InvalidInput("no CUDA device listed".into()));
         }
+        // Checks every device, and NCCL when there are several, before cudarc could panic over a missing library.
+        crate::probe(ordinals)?;
         let gpus = ordinals.iter().map(|&o| Gpu::open(o)).collect::<Result<Vec<_>>>()?;
         let comms = if gpus.len() > 1 {
             let streams = gpus.iter().map(|g| g.stream.clone()).collect();
@@ -146,10 +140,8 @@ impl CudaExperts {
                 None
             };
             let mut per_gpu: Vec<usize> = vec![0; self.gpus.len()];
-            for (e, slot) in self.read_table()[l].iter().enumerate() {
-                if let Some(x) = slot {
-                    per_gpu[x.gpu] += usize::from(e < ne);
-                }
+            for x in self.read_table()[l].iter().flatten() {
+                per_gpu[x.gpu] += 1;
             }
             for e in wanted {
                 let gpu = (0..self.gpus.len()).min_by_key(|&g| (per_gpu[g], g)).unwrap_or(0);
@@ -240,63 +232,19 @@ impl CudaExperts {
         self.staging.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Splits the batch by GPU; fails if an expert it routes to is not held.
-    fn plan(&self, layer: usize, routing: &Routing) -> Result<Vec<GpuPlan>> {
-        let ntok = routing.num_tokens();
-        let mut groups: Vec<Vec<(u32, f32)>> = vec![Vec::new(); self.num_experts];
-        for t in 0..ntok {
-            for (e, w) in routing.token(t) {
-                let group = groups.get_mut(e as usize).ok_or_else(|| {
-                    CudaError::InvalidInput(format!("expert {e} out of range (the model has {})", self.num_experts))
-                })?;
-                group.push((t as u32, w));
-            }
-        }
-        let table = self.read_table();
-        let row = table
-            .get(layer)
-            .filter(|r| !r.is_empty())
-            .ok_or_else(|| CudaError::InvalidInput(format!("layer {layer} is not a MoE layer")))?;
-        let mut plans: Vec<GpuPlan> = (0..self.gpus.len())
-            .map(|_| GpuPlan {
-                experts: Vec::new(),
-                gather: Vec::new(),
-                offsets: Vec::new(),
-                slots: Vec::new(),
-                weights: Vec::new(),
-            })
-            .collect();
-        let mut per_token: Vec<Vec<u32>> = vec![vec![0; ntok]; self.gpus.len()];
-        for (e, group) in groups.iter().enumerate().filter(|(_, g)| !g.is_empty()) {
-            let x = row[e].clone().ok_or_else(|| CudaError::InvalidInput(format!("expert {e} is not loaded here")))?;
-            let plan = &mut plans[x.gpu];
-            plan.experts.push((e, x.clone(), plan.gather.len(), group.len()));
-            for &(t, _) in group {
-                plan.gather.push(t);
-                per_token[x.gpu][t as usize] += 1;
-            }
-        }
-        drop(table);
-        for (plan, counts) in plans.iter_mut().zip(&per_token) {
-            plan.offsets = std::iter::once(0)
-                .chain(counts.iter().scan(0u32, |acc, &c| {
-                    *acc += c;
-                    Some(*acc)
-                }))
-                .collect();
-            let mut cursor: Vec<u32> = plan.offsets[..ntok].to_vec();
-            plan.slots = vec![0; plan.gather.len()];
-            plan.weights = vec![0.0; plan.gather.len()];
-            for (e, _, start, _) in &plan.experts {
-                for (r, &(t, w)) in groups[*e].iter().enumerate() {
-                    let c = &mut cursor[t as usize];
-                    plan.slots[*c as usize] = (start + r) as u32;
-                    plan.weights[*c as usize] = w;
-                    *c += 1;
-                }
-            }
-        }
-        Ok(plans)
+    /// Splits the batch by GPU; fails if an expert it routes to is not held. Returns the plans and the layer's
+    /// experts as they were (held by the pass, so that an unload meanwhile cannot free them).
+    fn plan(&self, layer: usize, routing: &Routing) -> Result<(Vec<RowPlan>, LayerRow)> {
+        let row = {
+            let table = self.read_table();
+            table
+                .get(layer)
+                .filter(|r| !r.is_empty())
+                .cloned()
+                .ok_or_else(|| CudaError::InvalidInput(format!("layer {layer} is not a MoE layer")))?
+        };
+        let plans = plan::split(routing, self.num_experts, self.gpus.len(), |e| row.get(e)?.as_ref().map(|x| x.gpu))?;
+        Ok((plans, row))
     }
 
     /// Computes the weighted sums into `out`.
@@ -311,14 +259,14 @@ impl CudaExperts {
         if ntok == 0 {
             return Ok(());
         }
-        let plans = self.plan(layer, routing)?;
+        let (plans, row) = self.plan(layer, routing)?;
         let mut staging = self.staging();
         let staging = &mut *staging;
         let input = pinned(&self.gpus[0], &mut staging.input, hidden.len())?;
         input[..hidden.len()].copy_from_slice(hidden);
         let mut partials = Vec::with_capacity(self.gpus.len());
         for (gpu, plan) in self.gpus.iter().zip(&plans) {
-            partials.push(self.partial_sums(gpu, plan, &input[..hidden.len()], ntok)?);
+            partials.push(self.partial_sums(gpu, plan, &row, &input[..hidden.len()], ntok)?);
         }
         let first = &self.gpus[0];
         let mut total;
@@ -345,7 +293,20 @@ impl CudaExperts {
     }
 
     /// One GPU's partial sums `[ntok, H]` for its experts (zeros where it has none).
-    fn partial_sums(&self, gpu: &Gpu, plan: &GpuPlan, input: &[f32], ntok: usize) -> Result<CudaSlice<f32>> {
+    fn partial_sums(
+        &self,
+        gpu: &Gpu,
+        plan: &RowPlan,
+        experts: &[Option<Arc<DeviceExpert>>],
+        input: &[f32],
+        ntok: usize,
+    ) -> Result<CudaSlice<f32>> {
+        let held = |e: usize| {
+            experts
+                .get(e)
+                .and_then(Option::as_ref)
+                .ok_or_else(|| CudaError::InvalidInput(format!("expert {e} is not loaded here")))
+        };
         let (h, i) = (self.hidden, self.inter);
         let s = &gpu.stream;
         let rows = plan.gather.len();
@@ -378,9 +339,9 @@ impl CudaExperts {
                 .launch(per_row(rows))
         }
         .map_err(driver)?;
-        for (_, expert, start, n) in &plan.experts {
-            // gu[start.., 2I] = xg[start.., H] · gate_upᵀ
-            gemm_bf16_f32(gpu, &expert.gate_up, &xg, *start * h, &mut gu, *start * 2 * i, 2 * i, *n, h)?;
+        for &(e, first, n) in &plan.experts {
+            // gu[first.., 2I] = xg[first.., H] · gate_upᵀ
+            gemm_bf16_f32(gpu, &held(e)?.gate_up, &xg, first * h, &mut gu, first * 2 * i, plan::linear(2 * i, n, h))?;
         }
         // SAFETY: as above, for swiglu_bf16.
         unsafe {
@@ -392,9 +353,9 @@ impl CudaExperts {
                 .launch(per_row(rows))
         }
         .map_err(driver)?;
-        for (_, expert, start, n) in &plan.experts {
-            // y[start.., H] = act[start.., I] · downᵀ
-            gemm_bf16_f32(gpu, &expert.down, &act, *start * i, &mut y, *start * h, h, *n, i)?;
+        for &(e, first, n) in &plan.experts {
+            // y[first.., H] = act[first.., I] · downᵀ
+            gemm_bf16_f32(gpu, &held(e)?.down, &act, first * i, &mut y, first * h, plan::linear(h, n, i))?;
         }
         // SAFETY: as above, for combine_rows; slots index rows of y, offsets has ntok + 1 entries.
         unsafe {
@@ -413,9 +374,8 @@ impl CudaExperts {
     }
 }
 
-/// `c[c_at.., m] (n rows) = b[b_at.., k] (n rows) · wᵀ` for a row-major bf16 weight `w` `[m, k]`: bf16 operands, fp32
-/// accumulation and output. In cuBLAS's column-major terms, `Cᵀ[m, n] = op_T(W)[m, k] · Bᵀ[k, n]`.
-#[allow(clippy::too_many_arguments)]
+/// `C = op(W) · op(B)` as `shape` says ([`plan::linear`] for a Linear layer), with `B` starting `b_at` elements and
+/// `C` `c_at` elements into their buffers: bf16 operands, fp32 accumulation and output (`cublasGemmEx`).
 pub(crate) fn gemm_bf16_f32(
     gpu: &Gpu,
     w: &CudaSlice<bf16>,
@@ -423,39 +383,50 @@ pub(crate) fn gemm_bf16_f32(
     b_at: usize,
     c: &mut CudaSlice<f32>,
     c_at: usize,
-    m: usize,
-    n: usize,
-    k: usize,
+    shape: GemmShape,
 ) -> Result<()> {
-    if w.len() != m * k || b.len() < b_at + n * k || c.len() < c_at + n * m {
-        return Err(CudaError::InvalidInput(format!("GEMM shapes: w {} for {m}×{k}, rows {n}", w.len())));
+    let GemmShape { transa, transb, m, n, k, lda, ldb, ldc } = shape;
+    // The last element each operand reaches, from the BLAS definition.
+    let (a_rows, a_cols) = if transa { (k, m) } else { (m, k) };
+    let (b_rows, b_cols) = if transb { (n, k) } else { (k, n) };
+    let reach = |rows: usize, cols: usize, ld: usize| if rows == 0 || cols == 0 { 0 } else { (cols - 1) * ld + rows };
+    if lda < a_rows
+        || ldb < b_rows
+        || ldc < m
+        || w.len() < reach(a_rows, a_cols, lda)
+        || b.len() < b_at + reach(b_rows, b_cols, ldb)
+        || c.len() < c_at + reach(m, n, ldc)
+    {
+        return Err(CudaError::InvalidInput(format!("GEMM {shape:?} does not fit its buffers")));
     }
-    let s: &std::sync::Arc<CudaStream> = &gpu.stream;
+    let op =
+        |t: bool| if t { blas_sys::cublasOperation_t::CUBLAS_OP_T } else { blas_sys::cublasOperation_t::CUBLAS_OP_N };
+    let s: &Arc<CudaStream> = &gpu.stream;
     let (w_ptr, _w) = w.device_ptr(s);
     let (b_ptr, _b) = b.device_ptr(s);
     let (c_ptr, _c) = c.device_ptr_mut(s);
     let (alpha, beta) = (1.0f32, 0.0f32);
-    // SAFETY: the pointers are live device buffers of this GPU, large enough for the shapes checked above; cuBLAS
+    // SAFETY: the pointers are live device buffers of this GPU, large enough for the shape as checked above; cuBLAS
     // runs on the same stream as the kernels around it.
     unsafe {
         blas::gemm_ex(
             *gpu.blas.handle(),
-            blas_sys::cublasOperation_t::CUBLAS_OP_T,
-            blas_sys::cublasOperation_t::CUBLAS_OP_N,
+            op(transa),
+            op(transb),
             m as i32,
             n as i32,
             k as i32,
             (&alpha as *const f32).cast::<c_void>(),
             w_ptr as *const c_void,
             blas_sys::cudaDataType_t::CUDA_R_16BF,
-            k as i32,
+            lda as i32,
             (b_ptr as *const bf16).add(b_at).cast::<c_void>(),
             blas_sys::cudaDataType_t::CUDA_R_16BF,
-            k as i32,
+            ldb as i32,
             (&beta as *const f32).cast::<c_void>(),
             (c_ptr as *mut f32).add(c_at).cast::<c_void>(),
             blas_sys::cudaDataType_t::CUDA_R_32F,
-            m as i32,
+            ldc as i32,
             blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
             blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
         )
@@ -466,10 +437,11 @@ pub(crate) fn gemm_bf16_f32(
 /// A pinned host buffer of at least `len` floats, (re)allocated when too small; returned as a slice.
 fn pinned<'a>(gpu: &Gpu, slot: &'a mut Option<PinnedHostSlice<f32>>, len: usize) -> Result<&'a mut [f32]> {
     if slot.as_ref().is_none_or(|p| p.len() < len) {
-        // Plain page-locked memory (not write-combined: the host reads the sums back). Grown by half again to
-        // avoid reallocating on every slightly larger batch.
+        // Page-locked for every context (portable: the activations go to each GPU from it), not write-combined (the
+        // host reads the sums back). Grown by half again to avoid reallocating on every slightly larger batch.
+        let flags = cudarc::driver::sys::CU_MEMHOSTALLOC_PORTABLE;
         // SAFETY: the buffer is written (input) or filled by a copy (output) before it is read.
-        *slot = Some(unsafe { gpu.ctx.alloc_pinned_with_flags::<f32>(len + len / 2, 0) }.map_err(driver)?);
+        *slot = Some(unsafe { gpu.ctx.alloc_pinned_with_flags::<f32>(len + len / 2, flags) }.map_err(driver)?);
     }
     match slot {
         Some(p) => p.as_mut_slice().map_err(driver),

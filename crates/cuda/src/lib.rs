@@ -17,6 +17,7 @@
 //!   the gated delta rule (recurrent and chunked) and attention over a paged KV cache.
 
 pub mod kernels;
+pub mod plan;
 
 #[cfg(feature = "cuda")]
 pub mod bench;
