@@ -198,6 +198,14 @@ impl ExpertNode {
         self.experts.devices()
     }
 
+    pub fn device_kind(&self) -> moe_proto::v1::DeviceKind {
+        if self.experts.device_memory().is_some() {
+            moe_proto::v1::DeviceKind::Cuda
+        } else {
+            moe_proto::v1::DeviceKind::Cpu
+        }
+    }
+
     /// Device memory free for experts when the devices opened (GPUs only).
     pub fn device_memory(&self) -> Option<u64> {
         self.experts.device_memory()

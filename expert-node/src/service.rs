@@ -135,7 +135,7 @@ impl ExpertService for Service {
         Ok(Response::new(StatusResponse {
             node_id: node.node_id.clone(),
             model: Some(node.info().clone()),
-            device: moe_proto::v1::DeviceKind::Cpu as i32,
+            device: node.device_kind() as i32,
             hosted: Some(node.hosted()),
             resident_bytes: node.resident_bytes(),
             epoch: node.epoch(),

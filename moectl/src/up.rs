@@ -57,6 +57,10 @@ pub struct Args {
     /// Name of the cluster in etcd (with --etcd).
     #[arg(long, env = "MOE_CLUSTER", default_value = "default")]
     cluster: String,
+    /// Where the routed experts compute: `cpu`, or `cuda[:0,1,...]` (given to every expert node as is, or to the
+    /// router with --expert-nodes 0); the binaries must be built with `--features cuda`.
+    #[arg(long, env = "MOE_DEVICE", default_value = "cpu")]
+    device: String,
 }
 
 /// Where the default model lives: `$MOE_MESH_CACHE`, else `$XDG_CACHE_HOME/moe-mesh`, else `~/.cache/moe-mesh`.
@@ -106,6 +110,8 @@ pub fn run(args: Args) -> Result<()> {
     if args.max_batch_tokens == 0 || args.micro_batches == 0 {
         bail!("--max-batch-tokens and --micro-batches must be positive");
     }
+    let device: moe_cuda::Device = args.device.parse()?;
+    let device_args = ["--device".to_owned(), device.to_string()];
     // Bind first: a taken port fails before anything loads.
     let addr = SocketAddr::new(args.host, args.port);
     let listener = std::net::TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
@@ -115,7 +121,9 @@ pub fn run(args: Args) -> Result<()> {
     let mut nodes = Vec::new();
     if let (Some(etcd), true) = (&args.etcd, args.expert_nodes > 0) {
         let bar = spinner(format!("starting {} expert nodes in cluster `{}`", args.expert_nodes, args.cluster));
-        let extra = ["--etcd".to_owned(), etcd.clone(), "--cluster".to_owned(), args.cluster.clone()];
+        let extra =
+            [&["--etcd".to_owned(), etcd.clone(), "--cluster".to_owned(), args.cluster.clone()][..], &device_args]
+                .concat();
         let started = (0..args.expert_nodes)
             .map(|_| LocalNode::start(&model, None, &extra, args.verbose))
             .collect::<Result<Vec<_>>>();
@@ -129,7 +137,7 @@ pub fn run(args: Args) -> Result<()> {
         let bar = spinner(format!("starting {} expert nodes (experts {})", args.expert_nodes, specs.join(" | ")));
         let started = specs
             .iter()
-            .map(|spec| LocalNode::start(&model, Some(spec), &[], args.verbose))
+            .map(|spec| LocalNode::start(&model, Some(spec), &device_args, args.verbose))
             .collect::<Result<Vec<_>>>();
         bar.finish_and_clear();
         nodes = started.context("starting the expert nodes")?;
@@ -161,7 +169,8 @@ pub fn run(args: Args) -> Result<()> {
         model: model.clone(),
         residency: Residency::Resident,
         experts,
-        device: moe_cuda::Device::Cpu,
+        // The router holds the experts only without expert nodes.
+        device: if nodes.is_empty() { device } else { moe_cuda::Device::Cpu },
         engine: EngineConfig {
             max_batch_tokens: args.max_batch_tokens,
             micro_batches: args.micro_batches,
