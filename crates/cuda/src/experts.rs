@@ -15,13 +15,15 @@
 //! buffer.
 
 use std::ffi::c_void;
-use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use cudarc::cublas::{result as blas, sys as blas_sys};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PinnedHostSlice, PushKernelArg};
 use cudarc::nccl::{Comm, ReduceOp};
 use half::bf16;
-use moe_model::{Checkpoint, Experts, ModelConfig, ModelError, PendingExperts, Ready, Routing, ShardChange};
+use moe_model::{
+    Checkpoint, ExpertSlots, Experts, ModelConfig, ModelError, PendingExperts, Ready, Routing, ShardChange,
+};
 
 use crate::gpu::{driver_error as driver, Gpu};
 use crate::plan::{self, GemmShape, RowPlan};
@@ -44,7 +46,6 @@ impl DeviceExpert {
 
 /// One MoE layer's experts, by id.
 type LayerRow = Vec<Option<Arc<DeviceExpert>>>;
-type Table = Vec<LayerRow>;
 
 /// NCCL communicators, one per GPU, used only under the staging lock.
 struct Comms(Vec<Comm>);
@@ -64,7 +65,7 @@ struct Staging {
 /// Routed experts held on one or more CUDA devices.
 pub struct CudaExperts {
     gpus: Vec<Gpu>,
-    table: RwLock<Table>,
+    slots: ExpertSlots<DeviceExpert>,
     staging: Mutex<Staging>,
     hidden: usize,
     inter: usize,
@@ -73,8 +74,7 @@ pub struct CudaExperts {
 
 impl std::fmt::Debug for CudaExperts {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let loaded: usize = self.read_table().iter().map(|l| l.iter().flatten().count()).sum();
-        f.debug_struct("CudaExperts").field("devices", &self.devices()).field("loaded", &loaded).finish()
+        f.debug_struct("CudaExperts").field("devices", &self.devices()).field("slots", &self.slots).finish()
     }
 }
 
@@ -93,12 +93,9 @@ impl CudaExperts {
         } else {
             None
         };
-        let table = (0..cfg.num_hidden_layers)
-            .map(|l| if cfg.is_moe_layer(l) { vec![None; cfg.num_experts] } else { Vec::new() })
-            .collect();
         Ok(CudaExperts {
             gpus,
-            table: RwLock::new(table),
+            slots: ExpertSlots::new(cfg),
             staging: Mutex::new(Staging { input: None, output: None, comms }),
             hidden: cfg.hidden_size,
             inter: cfg.moe_intermediate_size,
@@ -140,7 +137,7 @@ impl CudaExperts {
                 None
             };
             let mut per_gpu: Vec<usize> = vec![0; self.gpus.len()];
-            for x in self.read_table()[l].iter().flatten() {
+            for x in self.slots.layer(l).unwrap_or_default().iter().flatten() {
                 per_gpu[x.gpu] += 1;
             }
             for e in wanted {
@@ -164,9 +161,9 @@ impl CudaExperts {
                     }
                 };
                 per_gpu[gpu] += 1;
-                change.experts += 1;
-                change.bytes += expert.bytes();
-                self.write_table()[l][e] = Some(Arc::new(expert));
+                let added = self.slots.insert([(l, e, expert)]);
+                change.experts += added.len();
+                change.bytes += added.iter().map(|x| x.bytes()).sum::<usize>();
             }
         }
         for gpu in &self.gpus {
@@ -177,55 +174,30 @@ impl CudaExperts {
 
     /// Drops the selected experts; work already under way finishes first (it holds them).
     pub fn unload(&self, select: impl Fn(usize, usize) -> bool) -> ShardChange {
-        let mut table = self.write_table();
-        let mut change = ShardChange::default();
-        for (l, row) in table.iter_mut().enumerate() {
-            for (e, slot) in row.iter_mut().enumerate() {
-                if slot.is_some() && select(l, e) {
-                    if let Some(x) = slot.take() {
-                        change.experts += 1;
-                        change.bytes += x.bytes();
-                    }
-                }
-            }
-        }
-        change
+        ShardChange::of(&self.slots.remove(select), DeviceExpert::bytes)
     }
 
     pub fn is_loaded(&self, layer: usize, expert: usize) -> bool {
-        self.read_table().get(layer).and_then(|row| row.get(expert)).is_some_and(Option::is_some)
+        self.slots.is_loaded(layer, expert)
     }
 
     /// The experts held, per layer (layers without any left out), ascending.
     pub fn hosted(&self) -> Vec<(usize, Vec<u32>)> {
-        self.read_table()
-            .iter()
-            .enumerate()
-            .map(|(l, row)| (l, row.iter().enumerate().filter(|(_, m)| m.is_some()).map(|(e, _)| e as u32).collect()))
-            .filter(|(_, experts): &(usize, Vec<u32>)| !experts.is_empty())
-            .collect()
+        self.slots.hosted()
     }
 
     /// Bytes of expert weights held, on all GPUs together.
     pub fn resident_bytes(&self) -> usize {
-        self.read_table().iter().flatten().flatten().map(|x| x.bytes()).sum()
+        self.slots.all().iter().map(|x| x.bytes()).sum()
     }
 
     /// Bytes of expert weights held per GPU, in the order the devices were listed.
     pub fn resident_bytes_per_device(&self) -> Vec<usize> {
         let mut per = vec![0; self.gpus.len()];
-        for x in self.read_table().iter().flatten().flatten() {
+        for x in self.slots.all() {
             per[x.gpu] += x.bytes();
         }
         per
-    }
-
-    fn read_table(&self) -> RwLockReadGuard<'_, Table> {
-        self.table.read().unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    fn write_table(&self) -> RwLockWriteGuard<'_, Table> {
-        self.table.write().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn staging(&self) -> MutexGuard<'_, Staging> {
@@ -235,14 +207,10 @@ impl CudaExperts {
     /// Splits the batch by GPU; fails if an expert it routes to is not held. Returns the plans and the layer's
     /// experts as they were (held by the pass, so that an unload meanwhile cannot free them).
     fn plan(&self, layer: usize, routing: &Routing) -> Result<(Vec<RowPlan>, LayerRow)> {
-        let row = {
-            let table = self.read_table();
-            table
-                .get(layer)
-                .filter(|r| !r.is_empty())
-                .cloned()
-                .ok_or_else(|| CudaError::InvalidInput(format!("layer {layer} is not a MoE layer")))?
-        };
+        let row = self
+            .slots
+            .layer(layer)
+            .ok_or_else(|| CudaError::InvalidInput(format!("layer {layer} is not a MoE layer")))?;
         let plans = plan::split(routing, self.num_experts, self.gpus.len(), |e| row.get(e)?.as_ref().map(|x| x.gpu))?;
         Ok((plans, row))
     }

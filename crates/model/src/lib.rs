@@ -20,7 +20,7 @@ pub mod weights;
 pub use config::{Family, LayerKind, ModelConfig};
 pub use error::{ModelError, Result};
 pub use generate::{generate, FinishReason, GenerateOutput, GenerateRequest};
-pub use layers::moe::{Experts, LocalExperts, PendingExperts, Ready, Routing, ShardChange};
+pub use layers::moe::{ExpertSlots, Experts, LocalExperts, PendingExperts, Ready, Routing, ShardChange};
 pub use model::{LogitsFor, Model, Segment};
 pub use sampling::{Sampler, SamplingParams};
 pub use state::SequenceState;

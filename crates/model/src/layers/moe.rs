@@ -235,7 +235,93 @@ pub struct ExpertStats {
 type ExpertWork<'a> = (usize, Arc<SwiGlu>, &'a [(usize, f32)]);
 
 /// `table[layer][expert]`: `None` for dense layers and experts not held here.
-type ExpertTable = Vec<Vec<Option<Arc<SwiGlu>>>>;
+/// The experts a shard holds, one slot per (MoE layer, expert), changed slot by slot while serving. Shared by the
+/// shards of every backend (`T` is the backend's expert: its weights, wherever they live). Work takes `Arc`s of the
+/// slots it uses, so an expert unloaded meanwhile is freed when that work is done.
+pub struct ExpertSlots<T> {
+    table: RwLock<Vec<Vec<Option<Arc<T>>>>>,
+}
+
+impl<T> ExpertSlots<T> {
+    /// Empty slots for every expert of every MoE layer of `cfg` (other layers have none).
+    pub fn new(cfg: &ModelConfig) -> Self {
+        let table = (0..cfg.num_hidden_layers)
+            .map(|l| if cfg.is_moe_layer(l) { (0..cfg.num_experts).map(|_| None).collect() } else { Vec::new() })
+            .collect();
+        ExpertSlots { table: RwLock::new(table) }
+    }
+
+    pub fn is_loaded(&self, layer: usize, expert: usize) -> bool {
+        self.read().get(layer).and_then(|row| row.get(expert)).is_some_and(Option::is_some)
+    }
+
+    /// The experts held, per layer (layers without any are left out), ascending.
+    pub fn hosted(&self) -> Vec<(usize, Vec<u32>)> {
+        self.read()
+            .iter()
+            .enumerate()
+            .map(|(l, row)| (l, row.iter().enumerate().filter(|(_, m)| m.is_some()).map(|(e, _)| e as u32).collect()))
+            .filter(|(_, experts): &(usize, Vec<u32>)| !experts.is_empty())
+            .collect()
+    }
+
+    /// The slots of `layer` as they are now; `None` if it is not a MoE layer.
+    pub fn layer(&self, layer: usize) -> Option<Vec<Option<Arc<T>>>> {
+        self.read().get(layer).filter(|row| !row.is_empty()).cloned()
+    }
+
+    /// Fills the empty slots among `items`; returns those that were filled.
+    pub fn insert(&self, items: impl IntoIterator<Item = (usize, usize, T)>) -> Vec<Arc<T>> {
+        let mut table = self.write();
+        let mut added = Vec::new();
+        for (l, e, item) in items {
+            if let Some(slot) = table.get_mut(l).and_then(|row| row.get_mut(e)) {
+                if slot.is_none() {
+                    let item = Arc::new(item);
+                    added.push(Arc::clone(&item));
+                    *slot = Some(item);
+                }
+            }
+        }
+        added
+    }
+
+    /// Empties the held slots `(layer, expert)` for which `select` is true; returns what they held.
+    pub fn remove(&self, select: impl Fn(usize, usize) -> bool) -> Vec<Arc<T>> {
+        let mut table = self.write();
+        let mut removed = Vec::new();
+        for (l, row) in table.iter_mut().enumerate() {
+            for (e, slot) in row.iter_mut().enumerate() {
+                if slot.is_some() && select(l, e) {
+                    removed.extend(slot.take());
+                }
+            }
+        }
+        removed
+    }
+
+    /// Every expert held.
+    pub fn all(&self) -> Vec<Arc<T>> {
+        self.read().iter().flatten().flatten().cloned().collect()
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Vec<Vec<Option<Arc<T>>>>> {
+        // Slots are only ever replaced one by one, so a panic elsewhere cannot leave the table half-written.
+        self.table.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Vec<Vec<Option<Arc<T>>>>> {
+        self.table.write().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl<T> std::fmt::Debug for ExpertSlots<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let table = self.read();
+        let loaded: usize = table.iter().map(|l| l.iter().flatten().count()).sum();
+        f.debug_struct("ExpertSlots").field("layers", &table.len()).field("loaded", &loaded).finish()
+    }
+}
 
 /// What a call to [`LocalExperts::load_more`] or [`LocalExperts::unload`] changed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -246,10 +332,17 @@ pub struct ShardChange {
     pub bytes: usize,
 }
 
+impl ShardChange {
+    /// The change made by adding or removing `experts`, of `bytes` each.
+    pub fn of<T>(experts: &[Arc<T>], bytes: impl Fn(&T) -> usize) -> Self {
+        ShardChange { experts: experts.len(), bytes: experts.iter().map(|x| bytes(x)).sum() }
+    }
+}
+
 /// Routed experts held in this process: the experts selected at load time, changeable while serving with
 /// [`LocalExperts::load_more`] and [`LocalExperts::unload`].
 pub struct LocalExperts {
-    table: RwLock<ExpertTable>,
+    slots: ExpertSlots<SwiGlu>,
     hidden: usize,
     num_experts: usize,
     pub stats: ExpertStats,
@@ -258,11 +351,8 @@ pub struct LocalExperts {
 impl LocalExperts {
     /// Holds no expert yet (a router, or an expert node that is told what to load later).
     pub fn empty(cfg: &ModelConfig) -> Self {
-        let table = (0..cfg.num_hidden_layers)
-            .map(|l| if cfg.is_moe_layer(l) { vec![None; cfg.num_experts] } else { Vec::new() })
-            .collect();
         LocalExperts {
-            table: RwLock::new(table),
+            slots: ExpertSlots::new(cfg),
             hidden: cfg.hidden_size,
             num_experts: cfg.num_experts,
             stats: ExpertStats::default(),
@@ -323,54 +413,27 @@ impl LocalExperts {
             .collect::<Result<Vec<_>>>()?;
         // Later loads start a fresh arena region, so that unloading them can give their memory back.
         ckpt.seal_arena();
-        let mut table = self.write_table();
-        let mut change = ShardChange::default();
-        for (l, e, mlp) in loaded.into_iter().flatten() {
-            let slot = &mut table[l][e];
-            if slot.is_none() {
-                change.experts += 1;
-                change.bytes += mlp.bytes();
-                *slot = Some(Arc::new(mlp));
-            }
-        }
-        Ok(change)
+        Ok(ShardChange::of(&self.slots.insert(loaded.into_iter().flatten()), SwiGlu::bytes))
     }
 
     /// Drops the selected experts. Work already dispatched to them finishes; their memory goes back once it has.
     pub fn unload(&self, select: impl Fn(usize, usize) -> bool) -> ShardChange {
-        let mut table = self.write_table();
-        let mut change = ShardChange::default();
-        for (l, row) in table.iter_mut().enumerate() {
-            for (e, slot) in row.iter_mut().enumerate() {
-                if slot.is_some() && select(l, e) {
-                    if let Some(mlp) = slot.take() {
-                        change.experts += 1;
-                        change.bytes += mlp.bytes();
-                    }
-                }
-            }
-        }
-        change
+        ShardChange::of(&self.slots.remove(select), SwiGlu::bytes)
     }
 
     /// Returns whether expert `expert` of layer `layer` is held here.
     pub fn is_loaded(&self, layer: usize, expert: usize) -> bool {
-        self.read_table().get(layer).and_then(|row| row.get(expert)).is_some_and(Option::is_some)
+        self.slots.is_loaded(layer, expert)
     }
 
     /// The experts held here, per layer (layers without any are left out), ascending.
     pub fn hosted(&self) -> Vec<(usize, Vec<u32>)> {
-        self.read_table()
-            .iter()
-            .enumerate()
-            .map(|(l, row)| (l, row.iter().enumerate().filter(|(_, m)| m.is_some()).map(|(e, _)| e as u32).collect()))
-            .filter(|(_, experts): &(usize, Vec<u32>)| !experts.is_empty())
-            .collect()
+        self.slots.hosted()
     }
 
     /// Bytes of the weights of every expert held here.
     pub fn resident_bytes(&self) -> usize {
-        self.read_table().iter().flatten().flatten().map(|m| m.bytes()).sum()
+        self.slots.all().iter().map(|m| m.bytes()).sum()
     }
 
     /// Routed experts per MoE layer, as in config.json.
@@ -380,24 +443,13 @@ impl LocalExperts {
 
     /// Bytes of one expert of `layer` (0 if none is loaded there).
     pub fn expert_bytes(&self, layer: usize) -> usize {
-        self.read_table().get(layer).and_then(|l| l.iter().flatten().next().map(|m| m.bytes())).unwrap_or(0)
-    }
-
-    fn read_table(&self) -> std::sync::RwLockReadGuard<'_, ExpertTable> {
-        // The table is only ever replaced slot by slot, so a panic elsewhere cannot leave it half-written.
-        self.table.read().unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    fn write_table(&self) -> std::sync::RwLockWriteGuard<'_, ExpertTable> {
-        self.table.write().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.slots.layer(layer).and_then(|l| l.iter().flatten().next().map(|m| m.bytes())).unwrap_or(0)
     }
 }
 
 impl std::fmt::Debug for LocalExperts {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let table = self.read_table();
-        let loaded: usize = table.iter().map(|l| l.iter().flatten().count()).sum();
-        f.debug_struct("LocalExperts").field("layers", &table.len()).field("loaded", &loaded).finish_non_exhaustive()
+        f.debug_struct("LocalExperts").field("slots", &self.slots).finish_non_exhaustive()
     }
 }
 
@@ -437,10 +489,9 @@ impl LocalExperts {
             }
         }
         let work: Vec<ExpertWork<'_>> = {
-            let table = self.read_table();
-            let row = table
-                .get(layer)
-                .filter(|row| !row.is_empty())
+            let row = self
+                .slots
+                .layer(layer)
                 .ok_or_else(|| ModelError::Experts { layer, message: "not a MoE layer".into() })?;
             groups
                 .iter()
