@@ -30,7 +30,10 @@ run)
   exec > >(tee "$log") 2>&1
   # cudarc looks for unversioned or .so.12 names; CUDA 13 wheels ship only versioned ones: link them under the
   # names it tries (the driver and the 12.x ABI of these calls are compatible).
-  libs=$(mktemp -d)
+  work=$(mktemp -d)
+  trap 'rm -rf "$work"' EXIT
+  libs="$work/lib"
+  mkdir -p "$libs"
   for lib in libcublas libcublasLt libnvrtc libnvrtc-builtins libnccl; do
     if ! ldconfig -p | grep -q "$lib.so "; then
       found=$(find / -xdev \( -path /proc -o -path /sys \) -prune -o -name "$lib.so.*" -print 2>/dev/null | sort | tail -n 1)
@@ -45,7 +48,7 @@ run)
   echo "== GPU tests (moe-cuda)"
   MOE_FIXTURES="$PWD/tests/fixtures" .device/gpu-tests --test-threads 1 --nocapture || echo "GPU TESTS FAILED"
   echo "== bench-cuda"
-  model=$(mktemp -d)/bench
+  model="$work/bench"
   .device/moectl init-model --preset bench --out "$model" >/dev/null
   timeout 240 .device/moectl bench-cuda --model "$model" --with-router || echo "BENCH FAILED ($?)"
   ;;
