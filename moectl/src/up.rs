@@ -57,8 +57,8 @@ pub struct Args {
     /// Name of the cluster in etcd (with --etcd).
     #[arg(long, env = "MOE_CLUSTER", default_value = "default")]
     cluster: String,
-    /// Where the routed experts compute: `cpu`, or `cuda[:0,1,...]` (given to every expert node as is, or to the
-    /// router with --expert-nodes 0); the binaries must be built with `--features cuda`.
+    /// Where to compute: `cpu`, or `cuda[:0,1,...]`, given as is to the router and to every expert node; the
+    /// binaries must be built with `--features cuda`.
     #[arg(long, env = "MOE_DEVICE", default_value = "cpu")]
     device: String,
 }
@@ -169,8 +169,7 @@ pub fn run(args: Args) -> Result<()> {
         model: model.clone(),
         residency: Residency::Resident,
         experts,
-        // The router holds the experts only without expert nodes.
-        device: if nodes.is_empty() { device } else { moe_cuda::Device::Cpu },
+        device,
         engine: EngineConfig {
             max_batch_tokens: args.max_batch_tokens,
             micro_batches: args.micro_batches,

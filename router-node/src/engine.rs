@@ -7,7 +7,7 @@
 //!    preempted; the caches grow a page at a time, so a sequence holds at most what it reserved),
 //! 3. forms a batch under the token budget: one decode token for every running sequence that has finished its prompt,
 //!    then prompt chunks in arrival order with what is left,
-//! 4. runs it ([`Model::forward_pipelined`] with the configured micro-batches) and samples each sequence's next token.
+//! 4. runs it ([`Decoder::forward_pipelined`] with the configured micro-batches) and samples each sequence's next token.
 //!
 //! The kernels are batch-invariant, so a sequence's tokens do not depend on what else is in the batch: greedy output
 //! does not change with load.
@@ -18,7 +18,7 @@ use std::sync::{mpsc, Arc};
 use std::time::Instant;
 
 use moe_model::cpu::ops::log_softmax;
-use moe_model::{Experts, LayerKind, LogitsFor, Model, Sampler, SamplingParams, Segment, SequenceState};
+use moe_model::{Decoder, Experts, LayerKind, LogitsFor, Sampler, SamplingParams, Segment, SequenceState};
 use tokio::sync::mpsc::UnboundedSender;
 
 /// Tunables of the engine.
@@ -187,7 +187,7 @@ struct Footprint {
 }
 
 impl Footprint {
-    fn new(model: &Model, page_tokens: usize) -> Self {
+    fn new(model: &dyn Decoder, page_tokens: usize) -> Self {
         let cfg = model.config();
         let full = cfg.layer_types.iter().filter(|k| **k == LayerKind::Full).count() as u64;
         let per_token = full * 2 * (cfg.num_key_value_heads * cfg.head_dim) as u64 * 4;
@@ -214,13 +214,13 @@ struct Running {
 
 /// Starts the engine thread; it owns `model` and `experts` and stops when every handle is dropped.
 pub fn start(
-    model: Arc<Model>,
+    model: Arc<dyn Decoder>,
     experts: Arc<dyn Experts>,
     config: EngineConfig,
 ) -> std::io::Result<(EngineHandle, std::thread::JoinHandle<()>)> {
     let (tx, rx) = mpsc::channel();
     let stats = Arc::new(EngineStats::default());
-    let footprint = Footprint::new(&model, moe_model::state::KV_PAGE_TOKENS);
+    let footprint = Footprint::new(model.as_ref(), moe_model::state::KV_PAGE_TOKENS);
     let handle = EngineHandle {
         tx,
         stats: Arc::clone(&stats),
@@ -235,7 +235,7 @@ pub fn start(
 }
 
 struct Engine {
-    model: Arc<Model>,
+    model: Arc<dyn Decoder>,
     experts: Arc<dyn Experts>,
     config: EngineConfig,
     stats: Arc<EngineStats>,

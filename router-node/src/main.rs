@@ -76,8 +76,8 @@ struct Args {
     /// Context length limit [default: the model's max_position_embeddings].
     #[arg(long)]
     max_model_len: Option<usize>,
-    /// Where the routed experts held in this process (no --experts-at, no --etcd) are computed: `cpu`, or
-    /// `cuda[:0,1,...]` in builds with the CUDA backend (attention and the shared expert stay on the CPU).
+    /// Where the router's layers run: `cpu`, or `cuda[:0,1,...]` in builds with the CUDA backend (the first GPU
+    /// listed; without --experts-at and --etcd the routed experts go on every GPU listed).
     #[arg(long, env = "MOE_DEVICE", default_value = "cpu")]
     device: String,
     /// Serve weights from the file mapping instead of copying them into memory.

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use moe_model::{Experts, LoadedModel, Residency};
+use moe_model::{Decoder, Experts, LoadedModel, Residency};
 
 use crate::cluster::{model_shape, ClusterOptions};
 use crate::engine::{self, EngineConfig};
@@ -28,8 +28,8 @@ pub struct RouterOptions {
     pub model: PathBuf,
     pub residency: Residency,
     pub experts: ExpertsAt,
-    /// Where the routed experts held in this process are computed (with [`ExpertsAt::Local`]); the router's own
-    /// layers run on the CPU.
+    /// Where the router's layers run (`cuda:N,...`: on the first GPU listed), and with [`ExpertsAt::Local`] the
+    /// routed experts too (spread over every GPU listed).
     pub device: moe_cuda::Device,
     pub engine: EngineConfig,
     /// `model_name` empty: the model directory's name.
@@ -58,14 +58,9 @@ pub struct ClusterJoin {
 pub fn prepare(options: RouterOptions, progress: &(dyn Fn(u64, u64) + Sync)) -> Result<PreparedRouter, RouterError> {
     let local = matches!(options.experts, ExpertsAt::Local);
     let on_gpu = matches!(options.device, moe_cuda::Device::Cuda(_));
-    if on_gpu && !local {
-        return Err(RouterError::Placement(format!(
-            "--device {}: only the routed experts run on CUDA, and with expert nodes this router holds none \
-             (give the expert nodes --device cuda instead)",
-            options.device
-        )));
-    }
-    let lm = LoadedModel::load_selected(&options.model, options.residency, progress, &|_, _| local && !on_gpu)?;
+    // On a GPU the host copy of the model only serves the tokenizer and the configuration: leave it mapped.
+    let residency = if on_gpu { Residency::Mapped } else { options.residency };
+    let lm = LoadedModel::load_selected(&options.model, residency, progress, &|_, _| local && !on_gpu)?;
     let eos_ids = lm.eos_token_ids();
     let LoadedModel { model, experts: local_experts, tokenizer, chat_template, generation, fingerprint, .. } = lm;
     let config = model.config().clone();
@@ -103,7 +98,11 @@ pub fn prepare(options: RouterOptions, progress: &(dyn Fn(u64, u64) + Sync)) -> 
     if api.max_model_len == 0 || api.max_model_len > config.max_position_embeddings {
         api.max_model_len = config.max_position_embeddings;
     }
-    let (handle, engine) = engine::start(Arc::new(model), experts, options.engine).map_err(RouterError::Runtime)?;
+    let decoder: Arc<dyn Decoder> = match &options.device {
+        moe_cuda::Device::Cpu => Arc::new(model),
+        device => decoder_on_gpu(&options.model, &config, device, options.engine.state_budget_bytes as usize)?,
+    };
+    let (handle, engine) = engine::start(decoder, experts, options.engine).map_err(RouterError::Runtime)?;
     let mut state = AppState::new(
         handle,
         Arc::new(tokenizer),
@@ -134,6 +133,32 @@ fn local_on_gpu(
     let loaded = experts.load_more(&ckpt, config, |_, _| true)?;
     tracing::info!(experts = loaded.experts, gib = loaded.bytes as f64 / (1u64 << 30) as f64, "routed experts on CUDA");
     Ok(Arc::new(experts))
+}
+
+/// The router's layers on the first GPU of `device`, with KV pools of `kv_bytes`.
+#[cfg(feature = "cuda")]
+fn decoder_on_gpu(
+    dir: &std::path::Path,
+    config: &moe_model::ModelConfig,
+    device: &moe_cuda::Device,
+    kv_bytes: usize,
+) -> Result<Arc<dyn Decoder>, RouterError> {
+    let moe_cuda::Device::Cuda(ordinals) = device else {
+        return Err(RouterError::Placement(format!("--device {device}: not a CUDA device")));
+    };
+    let ckpt = moe_model::Checkpoint::open_with(dir, Residency::Mapped)?;
+    let first = ordinals.first().copied().unwrap_or(0);
+    Ok(Arc::new(moe_cuda::CudaModel::load(&ckpt, config.clone(), first, kv_bytes)?))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn decoder_on_gpu(
+    _dir: &std::path::Path,
+    _config: &moe_model::ModelConfig,
+    _device: &moe_cuda::Device,
+    _kv_bytes: usize,
+) -> Result<Arc<dyn Decoder>, RouterError> {
+    Err(moe_cuda::CudaError::NotBuilt.into())
 }
 
 #[cfg(not(feature = "cuda"))]

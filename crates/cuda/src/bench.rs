@@ -68,8 +68,17 @@ pub fn grouped_expert_gemm(
     let seconds = time(gpu, iters, || {
         for &(e, start, n) in &share {
             let (gate_up, down) = &weights[e];
-            gemm_bf16_f32(gpu, gate_up, &x, start * hidden, &mut gu, start * 2 * inter, linear(2 * inter, n, hidden))?;
-            gemm_bf16_f32(gpu, down, &act, start * inter, &mut y, start * hidden, linear(hidden, n, inter))?;
+            gemm_bf16_f32(
+                gpu,
+                gate_up,
+                &x,
+                start * hidden,
+                &mut gu,
+                start * 2 * inter,
+                linear(2 * inter, n, hidden),
+                false,
+            )?;
+            gemm_bf16_f32(gpu, down, &act, start * inter, &mut y, start * hidden, linear(hidden, n, inter), false)?;
         }
         Ok(())
     })?;
@@ -85,8 +94,8 @@ pub fn dense_gemm(gpu: &Gpu, rows: usize, hidden: usize, inter: usize, iters: us
     let mut gu = gpu.stream.alloc_zeros::<f32>(rows * 2 * inter).map_err(driver)?;
     let mut y = gpu.stream.alloc_zeros::<f32>(rows * hidden).map_err(driver)?;
     let seconds = time(gpu, iters, || {
-        gemm_bf16_f32(gpu, &gate_up, &x, 0, &mut gu, 0, linear(2 * inter, rows, hidden))?;
-        gemm_bf16_f32(gpu, &down, &act, 0, &mut y, 0, linear(hidden, rows, inter))
+        gemm_bf16_f32(gpu, &gate_up, &x, 0, &mut gu, 0, linear(2 * inter, rows, hidden), false)?;
+        gemm_bf16_f32(gpu, &down, &act, 0, &mut y, 0, linear(hidden, rows, inter), false)
     })?;
     let flops = 2.0 * rows as f64 * 3.0 * (hidden * inter) as f64;
     Ok(GemmTiming { rows, seconds, tflops: flops / seconds / 1e12 })
@@ -96,7 +105,7 @@ pub fn dense_gemm(gpu: &Gpu, rows: usize, hidden: usize, inter: usize, iters: us
 pub fn square_gemm(gpu: &Gpu, n: usize, iters: usize) -> Result<GemmTiming> {
     let (w, x) = (filled(gpu, n * n)?, filled(gpu, n * n)?);
     let mut c = gpu.stream.alloc_zeros::<f32>(n * n).map_err(driver)?;
-    let seconds = time(gpu, iters, || gemm_bf16_f32(gpu, &w, &x, 0, &mut c, 0, linear(n, n, n)))?;
+    let seconds = time(gpu, iters, || gemm_bf16_f32(gpu, &w, &x, 0, &mut c, 0, linear(n, n, n), false))?;
     Ok(GemmTiming { rows: n, seconds, tflops: 2.0 * (n as f64).powi(3) / seconds / 1e12 })
 }
 

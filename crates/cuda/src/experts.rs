@@ -309,7 +309,16 @@ impl CudaExperts {
         .map_err(driver)?;
         for &(e, first, n) in &plan.experts {
             // gu[first.., 2I] = xg[first.., H] · gate_upᵀ
-            gemm_bf16_f32(gpu, &held(e)?.gate_up, &xg, first * h, &mut gu, first * 2 * i, plan::linear(2 * i, n, h))?;
+            gemm_bf16_f32(
+                gpu,
+                &held(e)?.gate_up,
+                &xg,
+                first * h,
+                &mut gu,
+                first * 2 * i,
+                plan::linear(2 * i, n, h),
+                false,
+            )?;
         }
         // SAFETY: as above, for swiglu_bf16.
         unsafe {
@@ -323,7 +332,7 @@ impl CudaExperts {
         .map_err(driver)?;
         for &(e, first, n) in &plan.experts {
             // y[first.., H] = act[first.., I] · downᵀ
-            gemm_bf16_f32(gpu, &held(e)?.down, &act, first * i, &mut y, first * h, plan::linear(h, n, i))?;
+            gemm_bf16_f32(gpu, &held(e)?.down, &act, first * i, &mut y, first * h, plan::linear(h, n, i), false)?;
         }
         // SAFETY: as above, for combine_rows; slots index rows of y, offsets has ntok + 1 entries.
         unsafe {
@@ -342,8 +351,9 @@ impl CudaExperts {
     }
 }
 
-/// `C = op(W) · op(B)` as `shape` says ([`plan::linear`] for a Linear layer), with `B` starting `b_at` elements and
+/// `C = op(W) · op(B)` (`+ C` when `accumulate`) as `shape` says ([`plan::linear`] for a Linear layer), with `B` starting `b_at` elements and
 /// `C` `c_at` elements into their buffers: bf16 operands, fp32 accumulation and output (`cublasGemmEx`).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_bf16_f32(
     gpu: &Gpu,
     w: &CudaSlice<bf16>,
@@ -352,6 +362,7 @@ pub(crate) fn gemm_bf16_f32(
     c: &mut CudaSlice<f32>,
     c_at: usize,
     shape: GemmShape,
+    accumulate: bool,
 ) -> Result<()> {
     let GemmShape { transa, transb, m, n, k, lda, ldb, ldc } = shape;
     // The last element each operand reaches, from the BLAS definition.
@@ -373,7 +384,7 @@ pub(crate) fn gemm_bf16_f32(
     let (w_ptr, _w) = w.device_ptr(s);
     let (b_ptr, _b) = b.device_ptr(s);
     let (c_ptr, _c) = c.device_ptr_mut(s);
-    let (alpha, beta) = (1.0f32, 0.0f32);
+    let (alpha, beta) = (1.0f32, if accumulate { 1.0f32 } else { 0.0 });
     // SAFETY: the pointers are live device buffers of this GPU, large enough for the shape as checked above; cuBLAS
     // runs on the same stream as the kernels around it.
     unsafe {

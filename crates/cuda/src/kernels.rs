@@ -40,6 +40,11 @@ pub const SOURCES: &[KernelSource] = &[
         ],
     },
     KernelSource {
+        name: "model.cu",
+        source: include_str!("../kernels/model.cu"),
+        entries: &["embed_rows", "to_bf16", "gather_rows_f32", "moe_residual"],
+    },
+    KernelSource {
         name: "attention.cu",
         source: include_str!("../kernels/attention.cu"),
         entries: &["kv_append", "attention_paged"],

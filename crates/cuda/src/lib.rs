@@ -26,12 +26,16 @@ mod experts;
 #[cfg(feature = "cuda")]
 mod gpu;
 #[cfg(feature = "cuda")]
+mod model;
+#[cfg(feature = "cuda")]
 pub mod ops;
 
 #[cfg(feature = "cuda")]
 pub use experts::CudaExperts;
 #[cfg(feature = "cuda")]
 pub use gpu::Gpu;
+#[cfg(feature = "cuda")]
+pub use model::{CudaModel, GpuSequence};
 
 /// Where a process computes, as given to `--device`.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -3,7 +3,7 @@
 //! Shapes follow the CPU backend (`moe_model::cpu::ops` and the layers), all f32 and row-major; each function checks
 //! the lengths it is given and launches on the GPU's stream without synchronising.
 
-use cudarc::driver::{CudaSlice, DevicePtrMut, LaunchArgs, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtrMut, LaunchArgs, LaunchConfig, PushKernelArg};
 
 use crate::gpu::{driver_error as driver, Gpu};
 use crate::kernels::gdn_chunked_scratch;
@@ -11,7 +11,7 @@ use crate::{CudaError, Result};
 
 const THREADS: u32 = 256;
 
-fn blocks(n: usize, threads: u32, shared: usize) -> LaunchConfig {
+pub(crate) fn blocks(n: usize, threads: u32, shared: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: shared as u32 }
 }
 
@@ -23,7 +23,7 @@ fn check(what: &str, ok: bool) -> Result<()> {
     }
 }
 
-fn run(mut args: LaunchArgs<'_>, cfg: LaunchConfig) -> Result<()> {
+pub(crate) fn run(mut args: LaunchArgs<'_>, cfg: LaunchConfig) -> Result<()> {
     // SAFETY: every caller pushes the arguments of its kernel's signature, in order, with buffers checked against
     // the shape the kernel indexes.
     unsafe { args.launch(cfg) }.map(|_| ()).map_err(driver)
@@ -137,7 +137,7 @@ pub fn softmax_topk(
 pub fn causal_conv_silu(
     gpu: &Gpu,
     state: &CudaSlice<f32>,
-    inp: &CudaSlice<f32>,
+    inp: &CudaView<'_, f32>,
     w: &CudaSlice<f32>,
     channels: usize,
     kernel: usize,
@@ -185,8 +185,8 @@ pub struct GdnHeads {
 pub fn gdn_prepare(
     gpu: &Gpu,
     u: &CudaSlice<f32>,
-    b: &CudaSlice<f32>,
-    a_in: &CudaSlice<f32>,
+    b: &CudaView<'_, f32>,
+    a_in: &CudaView<'_, f32>,
     neg_a: &CudaSlice<f32>,
     dt_bias: &CudaSlice<f32>,
     d: GdnDims,
@@ -271,24 +271,23 @@ pub fn gated_delta_chunked(gpu: &Gpu, h: &GdnHeads, state: &mut CudaSlice<f32>, 
     Ok(out)
 }
 
-/// RMSNormGated of the delta rule's output o `[hv, n, dv]` with z `[n, hv·dv]`: returns y `[n, hv·dv]`.
+/// RMSNormGated of the delta rule's output o `[hv, n, dv]` with z `[n, hv·dv]`, into y `[n, hv·dv]`.
 pub fn gdn_output_norm(
     gpu: &Gpu,
     o: &CudaSlice<f64>,
-    z: &CudaSlice<f32>,
+    z: &CudaView<'_, f32>,
     w: &CudaSlice<f32>,
     hv: usize,
     eps: f32,
-) -> Result<CudaSlice<f32>> {
+    y: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
     let dv = w.len();
     let n = z.len() / (hv * dv).max(1);
-    check("gdn_output_norm", dv > 0 && z.len() == n * hv * dv && o.len() == z.len())?;
-    let mut y = zeros::<f32>(gpu, z.len())?;
+    check("gdn_output_norm", dv > 0 && z.len() == n * hv * dv && o.len() == z.len() && y.len() == z.len())?;
     let (n_i, hv_i, dv_i) = (n as i32, hv as i32, dv as i32);
     let mut a = gpu.stream.launch_builder(gpu.function("gdn_output_norm")?);
-    a.arg(o).arg(z).arg(w).arg(&mut y).arg(&n_i).arg(&hv_i).arg(&dv_i).arg(&eps);
-    run(a, blocks(n * hv, 128, 0))?;
-    Ok(y)
+    a.arg(o).arg(z).arg(w).arg(y).arg(&n_i).arg(&hv_i).arg(&dv_i).arg(&eps);
+    run(a, blocks(n * hv, 128, 0))
 }
 
 /// A paged KV cache pool of one layer: `pages` pages of `page_tokens` rows of width `nkv·hd`, keys and values.
@@ -309,7 +308,7 @@ impl KvPool {
         })
     }
 
-    fn pages(&self) -> usize {
+    pub fn pages(&self) -> usize {
         self.k.len() / (self.page_tokens * self.width).max(1)
     }
 }
@@ -320,8 +319,8 @@ pub fn kv_append(
     gpu: &Gpu,
     pool: &mut KvPool,
     table: &CudaSlice<i32>,
-    k_rows: &CudaSlice<f32>,
-    v_rows: &CudaSlice<f32>,
+    k_rows: &CudaView<'_, f32>,
+    v_rows: &CudaView<'_, f32>,
     pos0: usize,
 ) -> Result<()> {
     let n = k_rows.len() / pool.width.max(1);
@@ -341,18 +340,16 @@ pub fn kv_append(
 }
 
 /// Gated attention for `n` new tokens at positions `pos0..` over the cached keys and values (which must already
-/// include them): qg `[n, nh, 2·hd]` (q normed and rotated, then the gate); returns o `[n, nh·hd]`.
-#[allow(clippy::too_many_arguments)]
+/// include them): qg `[n, nh, 2·hd]` (q normed and rotated, then the gate); writes o `[n, nh·hd]`.
 pub fn attention_paged(
     gpu: &Gpu,
-    qg: &CudaSlice<f32>,
+    qg: &CudaView<'_, f32>,
     pool: &KvPool,
     table: &CudaSlice<i32>,
     pos0: usize,
-    nh: usize,
-    nkv: usize,
-    hd: usize,
-) -> Result<CudaSlice<f32>> {
+    (nh, nkv, hd): (usize, usize, usize),
+    o: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
     let n = qg.len() / (2 * nh * hd).max(1);
     check(
         "attention_paged",
@@ -363,16 +360,15 @@ pub fn attention_paged(
             && pool.width == nkv * hd
             && qg.len() == n * 2 * nh * hd
             && (pos0 + n).div_ceil(pool.page_tokens) <= table.len()
-            && pool.pages() > 0,
+            && pool.pages() > 0
+            && o.len() == n * nh * hd,
     )?;
-    let mut o = zeros::<f32>(gpu, n * nh * hd)?;
     let warps = 4usize;
     let scale = 1.0 / (hd as f32).sqrt();
     let (n_i, p, nh_i, nkv_i, hd_i, pt) =
         (n as i32, pos0 as i32, nh as i32, nkv as i32, hd as i32, pool.page_tokens as i32);
     let mut a = gpu.stream.launch_builder(gpu.function("attention_paged")?);
-    a.arg(qg).arg(&pool.k).arg(&pool.v).arg(table).arg(&mut o);
+    a.arg(qg).arg(&pool.k).arg(&pool.v).arg(table).arg(o);
     a.arg(&n_i).arg(&p).arg(&nh_i).arg(&nkv_i).arg(&hd_i).arg(&pt).arg(&scale);
-    run(a, blocks(n * nh, (warps * 32) as u32, warps * (2 + hd) * 4))?;
-    Ok(o)
+    run(a, blocks(n * nh, (warps * 32) as u32, warps * (2 + hd) * 4))
 }

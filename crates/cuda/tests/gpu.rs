@@ -277,7 +277,9 @@ fn gated_deltanet_kernels_agree() {
     let state0 = random(&mut rng, (kernel - 1) * c, 1.0);
     let inp = random(&mut rng, n * c, 1.0);
     let w = random(&mut rng, kernel * c, 0.5);
-    let (u, next) = ops::causal_conv_silu(&gpu, &up(&gpu, &state0), &up(&gpu, &inp), &up(&gpu, &w), c, kernel).unwrap();
+    let inp_d = up(&gpu, &inp);
+    let (u, next) =
+        ops::causal_conv_silu(&gpu, &up(&gpu, &state0), &inp_d.as_view(), &up(&gpu, &w), c, kernel).unwrap();
     let window: Vec<f32> = state0.iter().chain(&inp).copied().collect();
     let want: Vec<f32> = (0..n * c)
         .map(|i| {
@@ -293,8 +295,16 @@ fn gated_deltanet_kernels_agree() {
     let a = random(&mut rng, n * d.hv, 2.0);
     let neg_a: Vec<f32> = (0..d.hv).map(|j| -((j + 1) as f32).ln().exp()).collect();
     let dt_bias = random(&mut rng, d.hv, 0.5);
-    let heads =
-        ops::gdn_prepare(&gpu, &u, &up(&gpu, &b), &up(&gpu, &a), &up(&gpu, &neg_a), &up(&gpu, &dt_bias), d).unwrap();
+    let heads = ops::gdn_prepare(
+        &gpu,
+        &u,
+        &up(&gpu, &b).as_view(),
+        &up(&gpu, &a).as_view(),
+        &up(&gpu, &neg_a),
+        &up(&gpu, &dt_bias),
+        d,
+    )
+    .unwrap();
     let s0 = random(&mut rng, d.hv * d.dk * d.dv, 0.1);
     let (mut s_rec, mut s_chunk) = (up(&gpu, &s0), up(&gpu, &s0));
     let o_rec = down(&gpu, &ops::gated_delta_recurrent(&gpu, &heads, &mut s_rec, d).unwrap());
@@ -340,7 +350,10 @@ fn gated_deltanet_kernels_agree() {
     let z = random(&mut rng, n * d.hv * d.dv, 2.0);
     let wn = random(&mut rng, d.dv, 1.0);
     let o_dev = up(&gpu, &o_rec.iter().map(|&x| f64::from(x)).collect::<Vec<f64>>());
-    let y = down(&gpu, &ops::gdn_output_norm(&gpu, &o_dev, &up(&gpu, &z), &up(&gpu, &wn), d.hv, 1e-6).unwrap());
+    let mut y_dev = up(&gpu, &vec![0f32; z.len()]);
+    ops::gdn_output_norm(&gpu, &o_dev, &up(&gpu, &z).as_view(), &up(&gpu, &wn), d.hv, 1e-6, &mut y_dev.as_view_mut())
+        .unwrap();
+    let y = down(&gpu, &y_dev);
     for t in [0, n / 2, n - 1] {
         for j in 0..d.hv {
             let o = &o_rec[(j * n + t) * d.dv..(j * n + t + 1) * d.dv];
@@ -367,12 +380,37 @@ fn paged_attention_matches_a_direct_softmax() {
     let table_d = up(&gpu, &table);
     let keys = random(&mut rng, (ctx0 + n) * width, 1.0);
     let vals = random(&mut rng, (ctx0 + n) * width, 1.0);
-    ops::kv_append(&gpu, &mut pool, &table_d, &up(&gpu, &keys[..ctx0 * width]), &up(&gpu, &vals[..ctx0 * width]), 0)
-        .unwrap();
-    ops::kv_append(&gpu, &mut pool, &table_d, &up(&gpu, &keys[ctx0 * width..]), &up(&gpu, &vals[ctx0 * width..]), ctx0)
-        .unwrap();
+    ops::kv_append(
+        &gpu,
+        &mut pool,
+        &table_d,
+        &up(&gpu, &keys[..ctx0 * width]).as_view(),
+        &up(&gpu, &vals[..ctx0 * width]).as_view(),
+        0,
+    )
+    .unwrap();
+    ops::kv_append(
+        &gpu,
+        &mut pool,
+        &table_d,
+        &up(&gpu, &keys[ctx0 * width..]).as_view(),
+        &up(&gpu, &vals[ctx0 * width..]).as_view(),
+        ctx0,
+    )
+    .unwrap();
     let qg = random(&mut rng, n * nh * 2 * hd, 1.0);
-    let o = down(&gpu, &ops::attention_paged(&gpu, &up(&gpu, &qg), &pool, &table_d, ctx0, nh, nkv, hd).unwrap());
+    let mut o_dev = up(&gpu, &vec![0f32; n * nh * hd]);
+    ops::attention_paged(
+        &gpu,
+        &up(&gpu, &qg).as_view(),
+        &pool,
+        &table_d,
+        ctx0,
+        (nh, nkv, hd),
+        &mut o_dev.as_view_mut(),
+    )
+    .unwrap();
+    let o = down(&gpu, &o_dev);
     let scale = 1.0 / (hd as f32).sqrt();
     let mut want = vec![0f32; n * nh * hd];
     for t in 0..n {
@@ -418,4 +456,109 @@ fn probe_is_one_clear_line() {
             eprintln!("as expected without a GPU: {line}");
         }
     }
+}
+
+/// The decoder on the GPU (routed experts on the CPU, so that only the decoder differs): the fixture's echo log-probs
+/// within bf16 tolerance of transformers and of the CPU decoder; greedy tokens equal to the CPU's; prefill then
+/// decode equal to one pass; KV pages back in the pool when the states go.
+#[test]
+fn decoder_on_the_gpu_matches_the_reference() {
+    use moe_cuda::CudaModel;
+    use moe_model::Decoder;
+    if gpu().is_none() {
+        return;
+    }
+    let dir = fixture("qwen35");
+    let lm = LoadedModel::load(&dir).unwrap();
+    let cfg = lm.model.config().clone();
+    let ckpt = Checkpoint::open_with(&dir, Residency::Mapped).unwrap();
+    let model = CudaModel::load(&ckpt, cfg.clone(), 0, 64 << 20).unwrap();
+    let free = model.free_kv_pages();
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("qwen35.expected.json")).unwrap()).unwrap();
+    let (mut worst_ref, mut worst_cpu) = (0f32, 0f32);
+    for case in expected["echo"].as_array().unwrap() {
+        let prompt: Vec<u32> =
+            case["prompt_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let mut cpu_state = lm.model.new_state();
+        let cpu = lm
+            .model
+            .forward(&mut [Segment { state: &mut cpu_state, tokens: &prompt, logits: LogitsFor::All }], &lm.experts)
+            .unwrap()
+            .remove(0);
+        let mut state = Decoder::new_state(&model);
+        let gpu = model
+            .forward_pipelined(
+                &mut [Segment { state: &mut state, tokens: &prompt, logits: LogitsFor::All }],
+                &lm.experts,
+                1,
+            )
+            .unwrap()
+            .remove(0);
+        assert_eq!(state.position(), prompt.len());
+        for (pos, (rc, rg)) in cpu.chunks_exact(cfg.vocab_size).zip(gpu.chunks_exact(cfg.vocab_size)).enumerate() {
+            let (lc, lg) = (log_softmax(rc), log_softmax(rg));
+            for (j, id) in case["top_ids"][pos].as_array().unwrap().iter().enumerate() {
+                let id = id.as_u64().unwrap() as usize;
+                let want = case["top_logprobs"][pos][j].as_f64().unwrap() as f32;
+                worst_ref = worst_ref.max((lg[id] - want).abs());
+                worst_cpu = worst_cpu.max((lg[id] - lc[id]).abs());
+            }
+        }
+    }
+    eprintln!("decoder on the GPU: worst echo log-prob difference {worst_ref:.2e} to the reference, {worst_cpu:.2e} to the CPU decoder");
+    assert!(worst_ref < 1e-1 && worst_cpu < 1e-1, "{worst_ref} {worst_cpu}");
+    assert_eq!(model.free_kv_pages(), free, "every page back once the states are dropped");
+
+    // Prefill of 69 tokens (chunked rule, several KV pages) then one decode step, against one pass over all 70.
+    let prompt: Vec<u32> = (0..70u32).map(|i| (i * 37 + 11) % cfg.vocab_size as u32).collect();
+    let mut one = Decoder::new_state(&model);
+    let whole = model
+        .forward_pipelined(&mut [Segment { state: &mut one, tokens: &prompt, logits: LogitsFor::Last }], &lm.experts, 1)
+        .unwrap()
+        .remove(0);
+    let mut two = Decoder::new_state(&model);
+    model
+        .forward_pipelined(
+            &mut [Segment { state: &mut two, tokens: &prompt[..69], logits: LogitsFor::None }],
+            &lm.experts,
+            1,
+        )
+        .unwrap();
+    let step = model
+        .forward_pipelined(
+            &mut [Segment { state: &mut two, tokens: &prompt[69..], logits: LogitsFor::Last }],
+            &lm.experts,
+            1,
+        )
+        .unwrap()
+        .remove(0);
+    let err = rel_err(&step, &whole);
+    eprintln!("prefill + decode vs one pass: {err:.2e}");
+    assert!(err < 1e-2, "{err}");
+    // Two sequences in one batch give what each gives alone.
+    let mut a = Decoder::new_state(&model);
+    let mut b = Decoder::new_state(&model);
+    let both = model
+        .forward_pipelined(
+            &mut [
+                Segment { state: &mut a, tokens: &prompt[..5], logits: LogitsFor::Last },
+                Segment { state: &mut b, tokens: &prompt, logits: LogitsFor::Last },
+            ],
+            &lm.experts,
+            1,
+        )
+        .unwrap();
+    assert!(rel_err(&both[1], &whole) < 1e-2);
+    // A state from another decoder is refused.
+    let err = model
+        .forward_pipelined(
+            &mut [Segment { state: &mut lm.model.new_state(), tokens: &prompt[..1], logits: LogitsFor::Last }],
+            &lm.experts,
+            1,
+        )
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(err.contains("another model"), "{err}");
 }

@@ -21,9 +21,9 @@ pub use config::{Family, LayerKind, ModelConfig};
 pub use error::{ModelError, Result};
 pub use generate::{generate, FinishReason, GenerateOutput, GenerateRequest};
 pub use layers::moe::{ExpertSlots, Experts, LocalExperts, PendingExperts, Ready, Routing, ShardChange};
-pub use model::{LogitsFor, Model, Segment};
+pub use model::{Decoder, LogitsFor, Model, Segment};
 pub use sampling::{Sampler, SamplingParams};
-pub use state::SequenceState;
+pub use state::{new_decoder_id, DeviceState, SequenceState};
 pub use tokenizer::{ChatTemplate, GenerationConfig, Message, Tokenizer};
 pub use weights::{Checkpoint, Residency};
 

@@ -12,6 +12,43 @@ use crate::layers::gdn::GatedDeltaNet;
 use crate::layers::moe::{Experts, MoeBlock, MoeStep, SwiGlu};
 use crate::layers::Span;
 use crate::state::SequenceState;
+
+/// What serves the router side of a model for a batch: the CPU [`Model`], or a decoder on another device. The
+/// serving engine drives either through this.
+pub trait Decoder: Send + Sync + std::fmt::Debug {
+    fn config(&self) -> &ModelConfig;
+
+    /// A fresh state for a new sequence.
+    fn new_state(&self) -> SequenceState;
+
+    /// Runs every segment's new tokens, appending to their states; returns the logits each segment asked for
+    /// (see [`Model::forward_pipelined`]).
+    fn forward_pipelined(
+        &self,
+        batch: &mut [Segment<'_>],
+        experts: &dyn Experts,
+        micro_batches: usize,
+    ) -> Result<Vec<Vec<f32>>>;
+}
+
+impl Decoder for Model {
+    fn config(&self) -> &ModelConfig {
+        Model::config(self)
+    }
+
+    fn new_state(&self) -> SequenceState {
+        Model::new_state(self)
+    }
+
+    fn forward_pipelined(
+        &self,
+        batch: &mut [Segment<'_>],
+        experts: &dyn Experts,
+        micro_batches: usize,
+    ) -> Result<Vec<Vec<f32>>> {
+        Model::forward_pipelined(self, batch, experts, micro_batches)
+    }
+}
 use crate::weights::{Checkpoint, Mat};
 
 #[derive(Debug)]
@@ -107,9 +144,8 @@ impl Model {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         Ok(Model {
-            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            id: crate::state::new_decoder_id(),
             rope: Rope::new(config.rotary_dim(), config.rope_theta),
             final_norm: ckpt.vector("norm.weight", &[h])?,
             config,

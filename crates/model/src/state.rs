@@ -70,13 +70,28 @@ pub(crate) enum LayerState {
     },
 }
 
+/// A sequence's state held by a decoder outside this crate (on a GPU, say): whatever that decoder keeps, found again
+/// with [`SequenceState::device_mut`].
+pub trait DeviceState: std::any::Any + Send + std::fmt::Debug {
+    /// Bytes of (device) memory the state holds now.
+    fn bytes(&self) -> usize;
+}
+
 /// Everything the model remembers about one sequence between forward calls.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct SequenceState {
     pub(crate) layers: Vec<LayerState>,
     pub(crate) position: usize,
-    /// The [`crate::Model`] instance this state belongs to; a state is meaningless to any other model.
+    /// The decoder instance this state belongs to; a state is meaningless to any other.
     pub(crate) model_id: u64,
+    /// The state itself when it lives with another decoder (then `layers` is empty).
+    device: Option<Box<dyn DeviceState>>,
+}
+
+/// A fresh id for a decoder instance (states carry it, so that a state cannot be fed to another decoder).
+pub fn new_decoder_id() -> u64 {
+    static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 impl SequenceState {
@@ -95,7 +110,28 @@ impl SequenceState {
                 },
             })
             .collect();
-        SequenceState { layers, position: 0, model_id }
+        SequenceState { layers, position: 0, model_id, device: None }
+    }
+
+    /// A state kept by another decoder (id from [`new_decoder_id`]).
+    pub fn on_device(decoder_id: u64, device: Box<dyn DeviceState>) -> Self {
+        SequenceState { layers: Vec::new(), position: 0, model_id: decoder_id, device: Some(device) }
+    }
+
+    /// The id of the decoder this state belongs to.
+    pub fn decoder_id(&self) -> u64 {
+        self.model_id
+    }
+
+    /// The state kept by another decoder, if it is of type `T`.
+    pub fn device_mut<T: DeviceState>(&mut self) -> Option<&mut T> {
+        let any: &mut dyn std::any::Any = self.device.as_deref_mut()?;
+        any.downcast_mut::<T>()
+    }
+
+    /// Moves the position on by `tokens` (for decoders outside this crate, once they have consumed them).
+    pub fn advance(&mut self, tokens: usize) {
+        self.position += tokens;
     }
 
     /// Number of tokens the state has consumed (the position of the next token).
@@ -105,12 +141,14 @@ impl SequenceState {
 
     /// Bytes of memory the state holds now (whole KV pages).
     pub fn bytes(&self) -> usize {
-        self.layers
-            .iter()
-            .map(|l| match l {
-                LayerState::Attention { k, v } => k.bytes() + v.bytes(),
-                LayerState::Linear { conv, s } => (conv.len() + s.len()) * 4,
-            })
-            .sum()
+        self.device.as_ref().map_or(0, |d| d.bytes())
+            + self
+                .layers
+                .iter()
+                .map(|l| match l {
+                    LayerState::Attention { k, v } => k.bytes() + v.bytes(),
+                    LayerState::Linear { conv, s } => (conv.len() + s.len()) * 4,
+                })
+                .sum::<usize>()
     }
 }
