@@ -52,25 +52,36 @@ run)
   MOE_FIXTURES="$PWD/tests/fixtures" .device/gpu-tests --test-threads 1 --nocapture || echo "GPU TESTS FAILED"
   dev="${MOE_CHECK_DEVICE:-cuda:0}"
   fixture="$PWD/tests/fixtures/qwen35"
-  echo "== an expert node on the GPU serving moectl generate (greedy, 24 tokens, log-probs next to the CPU's)"
+  echo "== moectl generate (greedy, 24 tokens, top-4 log-probs with the prompt's) next to the CPU"
   .device/expert-node --model "$fixture" --listen 127.0.0.1:0 --device "$dev" >"$work/node.out" 2>"$work/node.err" &
   node=$!
   for _ in $(seq 100); do grep -q "listening on" "$work/node.out" && break; sleep 0.2; done
   addr=$(sed -n 's/^listening on //p' "$work/node.out")
-  gen=(generate --model "$fixture" --prompt-ids 5,17,33,2,90,41,8 --max-tokens 24 --temperature 0 --json --logprobs 4)
+  gen=(generate --model "$fixture" --prompt-ids 5,17,33,2,90,41,8 --max-tokens 24 --temperature 0 --json --logprobs 4 --echo)
   .device/moectl "${gen[@]}" >"$work/cpu.json"
-  if [ -n "$addr" ] && .device/moectl "${gen[@]}" --experts-at "$addr" >"$work/gpu.json"; then
-    python3 - "$work/cpu.json" "$work/gpu.json" <<'PY'
+  compare() {
+    python3 - "$work/cpu.json" "$1" "$2" <<'PY'
 import json, sys
-cpu, gpu = (json.load(open(p)) for p in sys.argv[1:3])
-worst = max(abs(a[1] - b[1]) for pa, pb in zip(cpu["logprobs"], gpu["logprobs"]) for a, b in zip(pa, pb) if a[0] == b[0])
-print(f"tokens equal: {cpu['output_ids'] == gpu['output_ids']}; worst log-prob difference {worst:.2e}")
+cpu, other = (json.load(open(p)) for p in sys.argv[1:3])
+worst = max(abs(a[1] - b[1]) for pa, pb in zip(cpu["logprobs"], other["logprobs"]) for a, b in zip(pa, pb) if a[0] == b[0])
+print(f"{sys.argv[3]}: tokens equal to the CPU's: {cpu['output_ids'] == other['output_ids']}; worst log-prob difference {worst:.2e}")
 PY
-  else
-    echo "EXPERT NODE ON GPU FAILED"; tail -5 "$work/node.err"
-  fi
+  }
+  run_case() {
+    local name=$1
+    shift
+    if .device/moectl "${gen[@]}" "$@" >"$work/case.json" 2>"$work/case.err"; then
+      compare "$work/case.json" "$name"
+    else
+      echo "$name: FAILED"; tail -3 "$work/case.err"
+    fi
+  }
+  [ -n "$addr" ] || { echo "the expert node did not start:"; tail -5 "$work/node.err"; }
+  run_case "experts on an expert node ($dev)" --experts-at "$addr"
+  run_case "everything in moectl on $dev" --device "$dev"
+  run_case "layers on $dev, experts on the expert node" --device "$dev" --experts-at "$addr"
   kill "$node" 2>/dev/null || true
-  echo "== router-node with its experts on the GPU"
+  echo "== router-node on $dev answering a completion"
   .device/router-node --model "$fixture" --port 0 --device "$dev" >"$work/router.out" 2>"$work/router.err" &
   router=$!
   for _ in $(seq 100); do grep -q "listening on" "$work/router.out" && break; sleep 0.2; done
@@ -86,7 +97,7 @@ PY
   echo "== bench-cuda"
   model="$work/bench"
   .device/moectl init-model --preset bench --out "$model" >/dev/null
-  timeout 240 .device/moectl bench-cuda --model "$model" --with-router || echo "BENCH FAILED ($?)"
+  timeout 240 .device/moectl bench-cuda --model "$model" || echo "BENCH FAILED ($?)"
   ;;
 *)
   echo "usage: $0 build|run" >&2

@@ -30,9 +30,6 @@ pub struct Args {
     /// Timed repetitions of each measurement.
     #[arg(long, default_value_t = 20)]
     iters: usize,
-    /// Also time whole decode steps with the router's layers on this machine's CPU and the experts on the GPU.
-    #[arg(long)]
-    with_router: bool,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -158,44 +155,57 @@ fn decode_steps(dir: &std::path::Path, args: &Args, bandwidth: f64) -> Result<()
             floor / seconds
         );
     }
-    if args.with_router {
-        whole_steps(dir, args, &experts)?;
-    }
-    Ok(())
+    whole_steps(dir, args, &experts, bandwidth)
 }
 
-/// Whole decode steps: the router's layers on the CPU (this machine's cores), the routed experts on the GPU.
-fn whole_steps(dir: &std::path::Path, args: &Args, experts: &moe_cuda::CudaExperts) -> Result<()> {
-    let lm = crate::load_model(dir, false, false)?;
-    let vocab = lm.model.config().vocab_size;
+/// Whole decode steps on the GPU: the router's layers ([`moe_cuda::CudaModel`]) and the routed experts, next to the
+/// time to read the weights a step needs once (the layers' and, under uniform routing, the experts expected to be
+/// touched).
+fn whole_steps(dir: &std::path::Path, args: &Args, experts: &moe_cuda::CudaExperts, bandwidth: f64) -> Result<()> {
+    use moe_model::Decoder;
+    let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+    let ckpt = Checkpoint::open_with(dir, Residency::Mapped)?;
+    let model = moe_cuda::CudaModel::load(&ckpt, cfg.clone(), args.device, 4 << 30)?;
+    let (ne, k) = (cfg.num_experts as f64, cfg.num_experts_per_tok as f64);
+    let moe_layers = (0..cfg.num_hidden_layers).filter(|&l| cfg.is_moe_layer(l)).count() as f64;
+    let expert_bytes = (3 * cfg.hidden_size * cfg.moe_intermediate_size * 2) as f64;
     println!(
-        "whole decode steps: router layers on {} CPU threads, routed experts on the GPU",
-        rayon::current_num_threads()
+        "whole decode steps on the GPU (16-token prompts first); layers read {:.0} MB per step",
+        model.weight_bytes() as f64 / 1e6
     );
-    println!("{:>6} {:>9} {:>9}", "batch", "step ms", "tok/s");
+    println!("{:>6} {:>9} {:>9} {:>10} {:>11}", "batch", "step ms", "tok/s", "floor ms", "floor/step");
     for &batch in &args.batch {
-        let mut states: Vec<_> = (0..batch).map(|_| lm.model.new_state()).collect();
-        let prompts: Vec<Vec<u32>> = (0..batch).map(|b| crate::bench_model::tokens(16, b as u64, vocab)).collect();
+        let mut states: Vec<_> = (0..batch).map(|_| model.new_state()).collect();
+        let prompts: Vec<Vec<u32>> =
+            (0..batch).map(|b| crate::bench_model::tokens(16, b as u64, cfg.vocab_size)).collect();
         let mut segs: Vec<Segment<'_>> = states
             .iter_mut()
             .zip(&prompts)
             .map(|(state, p)| Segment { state, tokens: p, logits: LogitsFor::Last })
             .collect();
-        lm.model.forward(&mut segs, experts)?;
+        model.forward_pipelined(&mut segs, experts, 1)?;
         drop(segs);
-        let steps = 3usize;
+        let steps = 5usize;
         let t = Instant::now();
         for step in 0..steps {
-            let next: Vec<[u32; 1]> = (0..batch).map(|b| [((b * 31 + step * 7) % vocab) as u32]).collect();
+            let next: Vec<[u32; 1]> = (0..batch).map(|b| [((b * 31 + step * 7) % cfg.vocab_size) as u32]).collect();
             let mut segs: Vec<Segment<'_>> = states
                 .iter_mut()
                 .zip(&next)
                 .map(|(state, tok)| Segment { state, tokens: tok, logits: LogitsFor::Last })
                 .collect();
-            lm.model.forward(&mut segs, experts)?;
+            model.forward_pipelined(&mut segs, experts, 1)?;
         }
         let seconds = t.elapsed().as_secs_f64() / steps as f64;
-        println!("{batch:>6} {:>9.1} {:>9.1}", seconds * 1e3, batch as f64 / seconds);
+        let touched = moe_layers * ne * (1.0 - (1.0 - k / ne).powi(batch as i32));
+        let floor = (model.weight_bytes() as f64 + touched * expert_bytes) / (bandwidth / 2.0);
+        println!(
+            "{batch:>6} {:>9.2} {:>9.1} {:>10.3} {:>11.2}",
+            seconds * 1e3,
+            batch as f64 / seconds,
+            floor * 1e3,
+            floor / seconds
+        );
     }
     Ok(())
 }

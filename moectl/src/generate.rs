@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use moe_model::{generate, GenerateRequest, Message, SamplingParams};
+use moe_model::{generate, Decoder, Experts, GenerateRequest, Message, SamplingParams};
 use serde_json::json;
 
 #[derive(Debug, clap::Args)]
@@ -54,15 +54,71 @@ pub struct Args {
     json: bool,
     #[command(flatten)]
     remote: crate::remote::RemoteArgs,
+    /// Where to compute: `cpu`, or `cuda[:0,1,...]` in builds with `--features cuda` (the model's layers on the
+    /// first GPU listed; without --experts-at the routed experts on every GPU listed).
+    #[arg(long, env = "MOE_DEVICE", default_value = "cpu")]
+    device: String,
+}
+
+/// The model's layers on a GPU, and the routed experts when they are not remote.
+type OnGpu = (Box<dyn Decoder>, Option<Box<dyn Experts>>);
+
+/// The model's layers, and the routed experts unless they are remote, on the GPUs of `device`.
+#[cfg(feature = "cuda")]
+fn on_gpu(
+    dir: &std::path::Path,
+    config: &moe_model::ModelConfig,
+    ordinals: &[usize],
+    with_experts: bool,
+) -> Result<OnGpu> {
+    let ckpt = moe_model::Checkpoint::open_with(dir, moe_model::Residency::Mapped)?;
+    let first = ordinals.first().copied().unwrap_or(0);
+    let decoder = moe_cuda::CudaModel::load(&ckpt, config.clone(), first, 1 << 30)?;
+    let experts: Option<Box<dyn Experts>> = if with_experts {
+        let experts = moe_cuda::CudaExperts::new(config, ordinals)?;
+        experts.load_more(&ckpt, config, |_, _| true)?;
+        Some(Box::new(experts))
+    } else {
+        None
+    };
+    Ok((Box::new(decoder), experts))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn on_gpu(
+    _dir: &std::path::Path,
+    _config: &moe_model::ModelConfig,
+    _ordinals: &[usize],
+    _with_experts: bool,
+) -> Result<OnGpu> {
+    Err(moe_cuda::CudaError::NotBuilt.into())
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let lm = crate::load_model(&args.model, args.mapped, !args.remote.is_remote())?;
-    let experts = if args.remote.is_remote() {
-        crate::remote::ExpertsIn::Remote(Box::new(args.remote.connect(&lm)?))
-    } else {
-        crate::remote::ExpertsIn::Local(&lm)
+    let device: moe_cuda::Device = args.device.parse()?;
+    let gpus = match &device {
+        moe_cuda::Device::Cpu => None,
+        moe_cuda::Device::Cuda(ordinals) => {
+            moe_cuda::probe(ordinals).with_context(|| format!("--device {device}"))?;
+            Some(ordinals.clone())
+        }
     };
+    let remote = args.remote.is_remote();
+    // On a GPU the host copy of the model serves the tokenizer and configuration only: leave it mapped.
+    let lm = crate::load_model(&args.model, args.mapped || gpus.is_some(), !remote && gpus.is_none())?;
+    let (gpu_decoder, gpu_experts) = match &gpus {
+        Some(ordinals) => {
+            let (d, e) = on_gpu(&args.model, lm.model.config(), ordinals, !remote)?;
+            (Some(d), e)
+        }
+        None => (None, None),
+    };
+    let experts = match (remote, gpu_experts) {
+        (true, _) => crate::remote::ExpertsIn::Remote(Box::new(args.remote.connect(&lm)?)),
+        (false, Some(on_gpu)) => crate::remote::ExpertsIn::Boxed(on_gpu),
+        (false, None) => crate::remote::ExpertsIn::Local(&lm),
+    };
+    let decoder: &dyn Decoder = gpu_decoder.as_deref().unwrap_or(&lm.model);
     let cfg = lm.model.config();
 
     let prompt = match (&args.prompt, &args.prompt_ids) {
@@ -122,7 +178,7 @@ pub fn run(args: Args) -> Result<()> {
     let mut produced: Vec<u32> = Vec::new();
     let mut printed = 0usize;
     let mut stdout = std::io::stdout().lock();
-    let out = generate(&lm.model, experts.as_dyn(), &req, |tok| {
+    let out = generate(decoder, experts.as_dyn(), &req, |tok| {
         first_token.get_or_insert_with(|| gen_started.elapsed());
         if args.json {
             return;

@@ -56,6 +56,8 @@ impl RemoteArgs {
 pub enum ExpertsIn<'a> {
     Local(&'a LoadedModel),
     Remote(Box<RemoteExperts>),
+    /// Elsewhere in this process (on GPUs).
+    Boxed(Box<dyn Experts>),
 }
 
 impl ExpertsIn<'_> {
@@ -63,6 +65,7 @@ impl ExpertsIn<'_> {
         match self {
             ExpertsIn::Local(lm) => &lm.experts,
             ExpertsIn::Remote(r) => r.as_ref(),
+            ExpertsIn::Boxed(e) => e.as_ref(),
         }
     }
 }

@@ -234,6 +234,21 @@ impl CudaModel {
         })
     }
 
+    /// Bytes of weights one decode step reads here: every layer's projections, the router, the shared expert and the
+    /// LM head (the embedding row is negligible).
+    pub fn weight_bytes(&self) -> usize {
+        let mut bytes = self.lm_head.as_ref().unwrap_or(&self.embed).len() * 2;
+        for l in &self.layers {
+            bytes += match &l.mixer {
+                Mixer::Attention(a) => a.q.len() + a.k.len() + a.v.len() + a.o.len(),
+                Mixer::DeltaNet(g) => g.qkv.len() + g.z.len() + g.b.len() + g.a.len() + g.out.len(),
+            } * 2;
+            let m = &l.moe;
+            bytes += (m.router.len() + m.shared_gate_up.len() + m.shared_down.len() + m.shared_gate.len()) * 2;
+        }
+        bytes
+    }
+
     /// KV pages not held by any sequence.
     pub fn free_kv_pages(&self) -> usize {
         self.free.lock().unwrap_or_else(|p| p.into_inner()).len()

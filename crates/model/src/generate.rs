@@ -3,7 +3,7 @@
 
 use crate::error::{ModelError, Result};
 use crate::layers::moe::Experts;
-use crate::model::{LogitsFor, Model, Segment};
+use crate::model::{Decoder, LogitsFor, Segment};
 use crate::sampling::{top_logprobs, Sampler, SamplingParams};
 
 /// Prompt tokens per prefill forward; bounds activation memory on long prompts.
@@ -53,7 +53,7 @@ pub struct GenerateOutput {
 
 /// Runs one generation; `on_token` sees each new token as it is chosen.
 pub fn generate(
-    model: &Model,
+    model: &dyn Decoder,
     experts: &dyn Experts,
     req: &GenerateRequest,
     mut on_token: impl FnMut(u32),
@@ -77,7 +77,7 @@ pub fn generate(
             LogitsFor::None
         };
         let mut batch = [Segment { state: &mut state, tokens: chunk, logits: want }];
-        let out = model.forward(&mut batch, experts)?;
+        let out = model.forward_pipelined(&mut batch, experts, 1)?;
         let rows = &out[0];
         if want == LogitsFor::All {
             for row in rows.chunks_exact(vocab) {
@@ -103,7 +103,7 @@ pub fn generate(
         if more || (req.echo && req.logprobs > 0) {
             let mut batch =
                 [Segment { state: &mut state, tokens: std::slice::from_ref(&token), logits: LogitsFor::Last }];
-            last = model.forward(&mut batch, experts)?.swap_remove(0);
+            last = model.forward_pipelined(&mut batch, experts, 1)?.swap_remove(0);
             if req.echo && req.logprobs > 0 {
                 logprobs.push(top_logprobs(&last, req.logprobs));
             }
