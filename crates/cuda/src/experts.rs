@@ -378,6 +378,9 @@ pub(crate) fn gemm_bf16_f32(
     {
         return Err(CudaError::InvalidInput(format!("GEMM {shape:?} does not fit its buffers")));
     }
+    // cuBLAS works on the calling thread's current context: make it this GPU's (the engine thread, or another GPU
+    // of the same node, may have left another one current).
+    gpu.ctx.bind_to_thread().map_err(driver)?;
     let op =
         |t: bool| if t { blas_sys::cublasOperation_t::CUBLAS_OP_T } else { blas_sys::cublasOperation_t::CUBLAS_OP_N };
     let s: &Arc<CudaStream> = &gpu.stream;
