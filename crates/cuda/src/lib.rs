@@ -1,4 +1,4 @@
-//! The CUDA backend: routed experts on the GPUs of an expert node, and the kernels of the rest of the model.
+//! The CUDA backend: routed experts on the GPUs of an expert node, and the router's layers on a GPU.
 //!
 //! Everything that touches CUDA sits behind the `cuda` feature and is written with cudarc, which loads the driver,
 //! cuBLAS, NVRTC and NCCL only when they are first used. A build with the feature therefore needs no toolkit, and a
@@ -15,6 +15,10 @@
 //!   SwiGLU and the weighted combine as kernels, and on several GPUs an NCCL reduction to one partial sum per token.
 //! - `ops` (feature `cuda`) launches the other kernels: both RMSNorms, partial RoPE, softmax/top-k, the causal conv,
 //!   the gated delta rule (recurrent and chunked) and attention over a paged KV cache.
+//! - `CudaModel` (feature `cuda`) is a [`moe_model::Decoder`]: the router's layers, their weights and every
+//!   sequence's state on one GPU, with the routed experts behind the same seam as on the CPU.
+//! - [`plan`] is the host side of a grouped expert pass (row split, combine lists, GEMM layout), in plain Rust so that
+//!   it is tested everywhere; `bench` (feature `cuda`) holds the measurements of `moectl bench-cuda`.
 
 pub mod kernels;
 pub mod plan;
