@@ -66,3 +66,72 @@ extern "C" __global__ void attention_paged(const float* __restrict__ qg, const f
         o[((size_t)t * nh + h) * hd + d] = x / total * sigmoid_f(gate[d]);
     }
 }
+
+// Decode steps of B sequences at once, one token each: token b is row rows[b] of the batch, at position pos[b], with
+// its page table at tables + b·max_pages.
+
+// Appends each token's key or value row (rows[b] of `src`, [ntok, width]) at its position.
+extern "C" __global__ void kv_append_multi(const float* __restrict__ src, const unsigned int* __restrict__ rows,
+                                           const int* __restrict__ pos, const int* __restrict__ tables, int max_pages,
+                                           float* __restrict__ cache, int B, int width, int page_tokens) {
+    const int b = blockIdx.x;
+    if (b >= B) return;
+    const int p = pos[b];
+    const int page = tables[(size_t)b * max_pages + p / page_tokens];
+    float* dst = cache + ((size_t)page * page_tokens + p % page_tokens) * width;
+    for (int c = threadIdx.x; c < width; c += blockDim.x) dst[c] = src[(size_t)rows[b] * width + c];
+}
+
+// attention_paged for one token of each of B sequences: block (b, h) reads qg row rows[b] and writes o row rows[b].
+extern "C" __global__ void attention_paged_multi(const float* __restrict__ qg, const float* __restrict__ k_cache,
+                                                 const float* __restrict__ v_cache,
+                                                 const unsigned int* __restrict__ rows, const int* __restrict__ pos,
+                                                 const int* __restrict__ tables, int max_pages, float* __restrict__ o,
+                                                 int B, int nh, int nkv, int hd, int page_tokens, float scale) {
+    extern __shared__ float part[];
+    const int b = blockIdx.x / nh, h = blockIdx.x % nh;
+    if (b >= B) return;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+    const int g = h / (nh / nkv), per_lane = hd / 32, width = nkv * hd;
+    const int t = (int)rows[b];
+    const int* pages = tables + (size_t)b * max_pages;
+    const float* qrow = qg + ((size_t)t * nh + h) * 2 * hd;
+    float qv[ATT_MAX_LANE_DIMS], acc[ATT_MAX_LANE_DIMS];
+    for (int m = 0; m < per_lane; ++m) {
+        qv[m] = qrow[lane + 32 * m];
+        acc[m] = 0.0f;
+    }
+    float mx = -MOE_INF, sum = 0.0f;
+    const int ctx = pos[b] + 1;
+    for (int p = warp; p < ctx; p += nw) {
+        const size_t at = ((size_t)pages[p / page_tokens] * page_tokens + p % page_tokens) * width + (size_t)g * hd;
+        float s = 0.0f;
+        for (int m = 0; m < per_lane; ++m) s += qv[m] * k_cache[at + lane + 32 * m];
+        for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+        s *= scale;
+        const float next = fmaxf(mx, s);
+        const float corr = expf(mx - next), e = expf(s - next);
+        sum = sum * corr + e;
+        for (int m = 0; m < per_lane; ++m) acc[m] = acc[m] * corr + e * v_cache[at + lane + 32 * m];
+        mx = next;
+    }
+    float* wm = part;
+    float* ws = part + nw;
+    float* wa = part + 2 * nw;
+    if (lane == 0) {
+        wm[warp] = mx;
+        ws[warp] = sum;
+    }
+    for (int m = 0; m < per_lane; ++m) wa[warp * hd + lane + 32 * m] = acc[m];
+    __syncthreads();
+    float big = -MOE_INF;
+    for (int w = 0; w < nw; ++w) big = fmaxf(big, wm[w]);
+    float total = 0.0f;
+    for (int w = 0; w < nw; ++w) total += ws[w] * expf(wm[w] - big);
+    const float* gate = qrow + hd;
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float x = 0.0f;
+        for (int w = 0; w < nw; ++w) x += wa[w * hd + d] * expf(wm[w] - big);
+        o[((size_t)t * nh + h) * hd + d] = x / total * sigmoid_f(gate[d]);
+    }
+}

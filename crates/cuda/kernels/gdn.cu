@@ -227,3 +227,55 @@ extern "C" __global__ void gdn_output_norm(const double* __restrict__ o, const f
     const size_t at = ((size_t)t * hv + j) * dv;
     for (int c = threadIdx.x; c < dv; c += blockDim.x) y[at + c] = w[c] * ((float)orow[c] * inv) * silu_f(z[at + c]);
 }
+
+// Decode steps of B sequences at once, one token each (the serving engine's common case): their states are found
+// through per-sequence pointer tables, so that one launch serves the whole batch.
+
+// The causal conv for one token per sequence, updating each state [K−1, C] in place: token b's pre-conv row is
+// qkv[rows[b], :]; u[b, :] is its output. One thread per (sequence, channel), which owns that state column.
+extern "C" __global__ void conv_step_multi(float* const* __restrict__ states, const float* __restrict__ qkv,
+                                           const unsigned int* __restrict__ rows, const float* __restrict__ w,
+                                           float* __restrict__ u, int B, int c, int k) {
+    const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (size_t)B * c) return;
+    const int b = (int)(idx / c), ch = (int)(idx % c);
+    float* st = states[b];
+    const float x = qkv[(size_t)rows[b] * c + ch];
+    float acc = w[(size_t)(k - 1) * c + ch] * x;
+    for (int j = 0; j < k - 1; ++j) acc += w[(size_t)j * c + ch] * st[(size_t)j * c + ch];
+    u[idx] = silu_f(acc);
+    for (int j = 0; j + 1 < k - 1; ++j) st[(size_t)j * c + ch] = st[(size_t)(j + 1) * c + ch];
+    if (k >= 2) st[(size_t)(k - 2) * c + ch] = x;
+}
+
+// One recurrent step for each of B sequences (q, k, v, beta, g laid out [hv, B, ...] as gdn_prepare writes them for
+// n = B), sequence b's state [hv, dk, dv] at states[b]. Grid (hv, ⌈dv/blockDim⌉, B); 2·dk doubles of shared memory.
+extern "C" __global__ void gated_delta_step_multi(const double* __restrict__ q, const double* __restrict__ k,
+                                                  const double* __restrict__ v, const double* __restrict__ beta,
+                                                  const double* __restrict__ g, float* const* __restrict__ states,
+                                                  double* __restrict__ out, int B, int dk, int dv) {
+    extern __shared__ double qk[];
+    double* qs = qk;
+    double* ks = qk + dk;
+    const int j = blockIdx.x, b = blockIdx.z;
+    const int c = blockIdx.y * blockDim.x + threadIdx.x;
+    const size_t row = (size_t)j * B + b;
+    for (int i = threadIdx.x; i < dk; i += blockDim.x) {
+        qs[i] = q[row * dk + i];
+        ks[i] = k[row * dk + i];
+    }
+    __syncthreads();
+    if (c >= dv) return;
+    float* s = states[b] + (size_t)j * dk * dv;
+    const double alpha = exp(g[row]);
+    double e = v[row * dv + c];
+    for (int i = 0; i < dk; ++i) e -= ks[i] * alpha * (double)s[(size_t)i * dv + c];
+    e *= beta[row];
+    double o = 0.0;
+    for (int i = 0; i < dk; ++i) {
+        const double updated = alpha * (double)s[(size_t)i * dv + c] + ks[i] * e;
+        o += qs[i] * updated;
+        s[(size_t)i * dv + c] = (float)updated;
+    }
+    out[row * dv + c] = o;
+}

@@ -36,3 +36,11 @@ extern "C" __global__ void moe_residual(float* __restrict__ x, const float* __re
         x[i] += routed[i] + g * shared[i];
     }
 }
+
+// dst[rows[r], :] = src[r, :] (f32). One block per row.
+extern "C" __global__ void scatter_rows_f32(const float* __restrict__ src, const unsigned int* __restrict__ rows,
+                                            float* __restrict__ dst, int n_rows, int h) {
+    const int r = blockIdx.x;
+    if (r >= n_rows) return;
+    for (int c = threadIdx.x; c < h; c += blockDim.x) dst[(size_t)rows[r] * h + c] = src[(size_t)r * h + c];
+}

@@ -37,17 +37,19 @@ pub const SOURCES: &[KernelSource] = &[
             "gated_delta_recurrent",
             "gated_delta_chunked",
             "gdn_output_norm",
+            "conv_step_multi",
+            "gated_delta_step_multi",
         ],
     },
     KernelSource {
         name: "model.cu",
         source: include_str!("../kernels/model.cu"),
-        entries: &["embed_rows", "to_bf16", "gather_rows_f32", "moe_residual"],
+        entries: &["embed_rows", "to_bf16", "gather_rows_f32", "moe_residual", "scatter_rows_f32"],
     },
     KernelSource {
         name: "attention.cu",
         source: include_str!("../kernels/attention.cu"),
-        entries: &["kv_append", "attention_paged"],
+        entries: &["kv_append", "attention_paged", "kv_append_multi", "attention_paged_multi"],
     },
 ];
 

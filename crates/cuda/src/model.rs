@@ -300,15 +300,42 @@ impl CudaModel {
         Ok(out)
     }
 
+    /// Rows `rows` of `x` (`[_, width]`), in that order.
+    fn gather(&self, x: &CudaSlice<f32>, rows: &CudaSlice<u32>, width: usize) -> Result<CudaSlice<f32>> {
+        let n = rows.len();
+        let mut out = self.zeros(n * width)?;
+        let (n_i, w_i) = (n as i32, width as i32);
+        let mut l = self.gpu.stream.launch_builder(self.gpu.function("gather_rows_f32")?);
+        l.arg(x).arg(rows).arg(&mut out).arg(&n_i).arg(&w_i);
+        run(l, blocks(n, THREADS, 0))?;
+        Ok(out)
+    }
+
+    /// `dst[rows[r]] = src[r]` for rows of `width`.
+    fn scatter(
+        &self,
+        src: &CudaSlice<f32>,
+        rows: &CudaSlice<u32>,
+        dst: &mut CudaSlice<f32>,
+        width: usize,
+    ) -> Result<()> {
+        let n = rows.len();
+        let (n_i, w_i) = (n as i32, width as i32);
+        let mut l = self.gpu.stream.launch_builder(self.gpu.function("scatter_rows_f32")?);
+        l.arg(src).arg(rows).arg(dst).arg(&n_i).arg(&w_i);
+        run(l, blocks(n, THREADS, 0))
+    }
+
     fn attention(
         &self,
         w: &AttentionWeights,
         xn: &CudaSlice<f32>,
         spans: &[Span],
         seqs: &mut [&mut GpuSequence],
-        positions: &CudaSlice<i32>,
+        step: &Step,
         x: &mut CudaSlice<f32>,
     ) -> Result<()> {
+        let positions = &step.positions;
         let cfg = &self.config;
         let (gpu, ntok, h) = (&self.gpu, xn.len() / cfg.hidden_size, cfg.hidden_size);
         let (nh, nkv, hd, eps) =
@@ -327,7 +354,12 @@ impl CudaModel {
             let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
             let pool =
                 pools.get_mut(w.pool).ok_or_else(|| CudaError::InvalidInput(format!("no KV pool {}", w.pool)))?;
-            for (span, seq) in spans.iter().zip(seqs.iter()) {
+            if let Some(decode) = &step.decode {
+                let at = decode.rows();
+                ops::kv_append_multi(gpu, pool, &k, &v, &at)?;
+                ops::attention_paged_multi(gpu, &qg, pool, &at, (nh, nkv, hd), &mut o)?;
+            }
+            for (span, seq) in spans.iter().zip(seqs.iter()).filter(|(span, _)| !step.batched(span)) {
                 let table = gpu.stream.clone_htod(&seq.pages).map_err(driver)?;
                 let (a, b) = (span.start * nkv * hd, (span.start + span.len) * nkv * hd);
                 ops::kv_append(gpu, pool, &table, &k.slice(a..b), &v.slice(a..b), span.pos)?;
@@ -354,6 +386,7 @@ impl CudaModel {
         xn: &CudaSlice<f32>,
         spans: &[Span],
         seqs: &mut [&mut GpuSequence],
+        step: &Step,
         x: &mut CudaSlice<f32>,
     ) -> Result<()> {
         let cfg = &self.config;
@@ -372,7 +405,7 @@ impl CudaModel {
         let b = self.project(&w.b, &xb, ntok, d.hv)?;
         let a = self.project(&w.a, &xb, ntok, d.hv)?;
         let mut y = self.zeros(ntok * d.hv * d.dv)?;
-        for (span, seq) in spans.iter().zip(seqs.iter_mut()) {
+        for seq in seqs.iter_mut() {
             let slot = seq
                 .linear
                 .get_mut(w.slot)
@@ -380,6 +413,34 @@ impl CudaModel {
             if slot.is_none() {
                 *slot = Some((self.zeros((kk - 1) * c)?, self.zeros(d.hv * d.dk * d.dv)?));
             }
+        }
+        if let Some(decode) = &step.decode {
+            // One launch per kernel for every single-token sequence, their states found through pointer tables.
+            let (mut convs, mut recs) = (Vec::new(), Vec::new());
+            for (span, seq) in spans.iter().zip(seqs.iter_mut()) {
+                if let (true, Some(Some((conv, rec)))) = (step.batched(span), seq.linear.get_mut(w.slot)) {
+                    convs.push(conv);
+                    recs.push(rec);
+                }
+            }
+            let conv_table = ops::pointer_table(gpu, &mut convs)?;
+            let rec_table = ops::pointer_table(gpu, &mut recs)?;
+            let n = decode.len();
+            let u = ops::conv_step_multi(gpu, &conv_table, &qkv, &decode.rows, &w.conv, c, kk)?;
+            let b_rows = self.gather(&b, &decode.rows, d.hv)?;
+            let a_rows = self.gather(&a, &decode.rows, d.hv)?;
+            let z_rows = self.gather(&z, &decode.rows, d.hv * d.dv)?;
+            let heads = ops::gdn_prepare(gpu, &u, &b_rows.as_view(), &a_rows.as_view(), &w.neg_a, &w.dt_bias, d)?;
+            let o = ops::gated_delta_step_multi(gpu, &heads, &rec_table, d)?;
+            let mut y_rows = self.zeros(n * d.hv * d.dv)?;
+            ops::gdn_output_norm(gpu, &o, &z_rows.as_view(), &w.norm, d.hv, eps, &mut y_rows.as_view_mut())?;
+            self.scatter(&y_rows, &decode.rows, &mut y, d.hv * d.dv)?;
+        }
+        for (span, seq) in spans.iter().zip(seqs.iter_mut()).filter(|(span, _)| !step.batched(span)) {
+            let slot = seq
+                .linear
+                .get_mut(w.slot)
+                .ok_or_else(|| CudaError::InvalidInput("sequence state without this layer".into()))?;
             let Some((conv, rec)) = slot.as_mut() else { continue };
             let (s0, s1) = (span.start, span.start + span.len);
             let (u, next) = ops::causal_conv_silu(gpu, conv, &qkv.slice(s0 * c..s1 * c), &w.conv, c, kk)?;
@@ -494,7 +555,7 @@ impl CudaModel {
         }
 
         let ids_dev = gpu.stream.clone_htod(&ids).map_err(driver)?;
-        let positions = gpu.stream.clone_htod(&positions).map_err(driver)?;
+        let step = Step::new(gpu, &spans, &seqs, &positions)?;
         let mut x = self.zeros(ntok * h)?;
         let (n_i, h_i) = (ntok as i32, h as i32);
         let mut l = gpu.stream.launch_builder(gpu.function("embed_rows")?);
@@ -504,8 +565,8 @@ impl CudaModel {
         for (i, layer) in self.layers.iter().enumerate() {
             ops::rms_norm_offset(gpu, &x, h, &layer.input_norm, &mut xn, h, ntok, eps)?;
             match &layer.mixer {
-                Mixer::Attention(w) => self.attention(w, &xn, &spans, &mut seqs, &positions, &mut x)?,
-                Mixer::DeltaNet(w) => self.delta_net(w, &xn, &spans, &mut seqs, &mut x)?,
+                Mixer::Attention(w) => self.attention(w, &xn, &spans, &mut seqs, &step, &mut x)?,
+                Mixer::DeltaNet(w) => self.delta_net(w, &xn, &spans, &mut seqs, &step, &mut x)?,
             }
             ops::rms_norm_offset(gpu, &x, h, &layer.post_norm, &mut xn, h, ntok, eps)?;
             self.moe(i, &layer.moe, &xn, experts, &mut x)?;
@@ -551,6 +612,61 @@ impl CudaModel {
             seg.state.advance(span.len);
         }
         Ok(out)
+    }
+}
+
+/// What every layer of one forward call shares: the tokens' positions, and the single-token sequences that go
+/// through the batched decode kernels together.
+struct Step {
+    positions: CudaSlice<i32>,
+    decode: Option<DecodeBatch>,
+}
+
+/// The single-token sequences of a batch: their rows, positions and page tables (`[B, max_pages]`, zero-padded).
+struct DecodeBatch {
+    rows: CudaSlice<u32>,
+    pos: CudaSlice<i32>,
+    tables: CudaSlice<i32>,
+    max_pages: usize,
+}
+
+impl DecodeBatch {
+    fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    fn rows(&self) -> ops::DecodeRows<'_> {
+        ops::DecodeRows { rows: &self.rows, pos: &self.pos, tables: &self.tables, max_pages: self.max_pages }
+    }
+}
+
+impl Step {
+    fn new(gpu: &Gpu, spans: &[Span], seqs: &[&mut GpuSequence], positions: &[i32]) -> Result<Self> {
+        let positions = gpu.stream.clone_htod(positions).map_err(driver)?;
+        let single: Vec<usize> = (0..spans.len()).filter(|&i| spans[i].len == 1).collect();
+        let decode = if single.is_empty() {
+            None
+        } else {
+            let max_pages = single.iter().map(|&i| seqs[i].pages.len()).max().unwrap_or(1).max(1);
+            let mut tables = vec![0i32; single.len() * max_pages];
+            for (r, &i) in single.iter().enumerate() {
+                tables[r * max_pages..r * max_pages + seqs[i].pages.len()].copy_from_slice(&seqs[i].pages);
+            }
+            let rows: Vec<u32> = single.iter().map(|&i| spans[i].start as u32).collect();
+            let pos: Vec<i32> = single.iter().map(|&i| spans[i].pos as i32).collect();
+            Some(DecodeBatch {
+                rows: gpu.stream.clone_htod(&rows).map_err(driver)?,
+                pos: gpu.stream.clone_htod(&pos).map_err(driver)?,
+                tables: gpu.stream.clone_htod(&tables).map_err(driver)?,
+                max_pages,
+            })
+        };
+        Ok(Step { positions, decode })
+    }
+
+    /// Whether `span` goes through the batched decode kernels.
+    fn batched(&self, span: &Span) -> bool {
+        span.len == 1 && self.decode.is_some()
     }
 }
 

@@ -372,3 +372,128 @@ pub fn attention_paged(
     a.arg(&n_i).arg(&p).arg(&nh_i).arg(&nkv_i).arg(&hd_i).arg(&pt).arg(&scale);
     run(a, blocks(n * nh, (warps * 32) as u32, warps * (2 + hd) * 4))
 }
+
+/// The device addresses of per-sequence buffers, as the `*_multi` kernels take them (`float* const*`).
+pub fn pointer_table(gpu: &Gpu, buffers: &mut [&mut CudaSlice<f32>]) -> Result<CudaSlice<u64>> {
+    let ptrs: Vec<u64> = buffers
+        .iter_mut()
+        .map(|b| {
+            let (ptr, _sync) = b.device_ptr_mut(&gpu.stream);
+            ptr
+        })
+        .collect();
+    gpu.stream.clone_htod(&ptrs).map_err(driver)
+}
+
+/// The conv for one token of each of B sequences: token b is row `rows[b]` of `qkv` `[ntok, C]`, its state
+/// `[K−1, C]` at `states[b]` (updated in place). Returns u `[B, C]`.
+pub fn conv_step_multi(
+    gpu: &Gpu,
+    states: &CudaSlice<u64>,
+    qkv: &CudaSlice<f32>,
+    rows: &CudaSlice<u32>,
+    w: &CudaSlice<f32>,
+    channels: usize,
+    kernel: usize,
+) -> Result<CudaSlice<f32>> {
+    let b = rows.len();
+    check(
+        "conv_step_multi",
+        states.len() == b && w.len() == kernel * channels && qkv.len().is_multiple_of(channels.max(1)),
+    )?;
+    let mut u = zeros::<f32>(gpu, b * channels)?;
+    let (b_i, c, k) = (b as i32, channels as i32, kernel as i32);
+    let mut a = gpu.stream.launch_builder(gpu.function("conv_step_multi")?);
+    a.arg(states).arg(qkv).arg(rows).arg(w).arg(&mut u).arg(&b_i).arg(&c).arg(&k);
+    run(a, blocks((b * channels).div_ceil(THREADS as usize), THREADS, 0))?;
+    Ok(u)
+}
+
+/// One recurrent step for each of the `h.n` sequences of `h`, sequence b's state `[hv, dk, dv]` at `states[b]`.
+/// Returns o `[hv, B, dv]`.
+pub fn gated_delta_step_multi(gpu: &Gpu, h: &GdnHeads, states: &CudaSlice<u64>, d: GdnDims) -> Result<CudaSlice<f64>> {
+    let b = h.n;
+    check(
+        "gated_delta_step_multi",
+        states.len() == b && h.q.len() == d.hv * b * d.dk && h.v.len() == d.hv * b * d.dv && h.beta.len() == d.hv * b,
+    )?;
+    let mut out = zeros::<f64>(gpu, d.hv * b * d.dv)?;
+    let (b_i, dk, dv) = (b as i32, d.dk as i32, d.dv as i32);
+    let mut a = gpu.stream.launch_builder(gpu.function("gated_delta_step_multi")?);
+    a.arg(&h.q).arg(&h.k).arg(&h.v).arg(&h.beta).arg(&h.g).arg(states).arg(&mut out).arg(&b_i).arg(&dk).arg(&dv);
+    let threads = 128u32;
+    let cfg = LaunchConfig {
+        grid_dim: (d.hv as u32, d.dv.div_ceil(threads as usize) as u32, b as u32),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: (2 * d.dk * 8) as u32,
+    };
+    run(a, cfg)?;
+    Ok(out)
+}
+
+/// One new token for each of B sequences: token b is row `rows[b]` of the batch, at position `pos[b]`, with its page
+/// table in row b of `tables` `[B, max_pages]` (which must cover the position).
+pub struct DecodeRows<'a> {
+    pub rows: &'a CudaSlice<u32>,
+    pub pos: &'a CudaSlice<i32>,
+    pub tables: &'a CudaSlice<i32>,
+    pub max_pages: usize,
+}
+
+impl DecodeRows<'_> {
+    fn check(&self, what: &str) -> Result<usize> {
+        let b = self.rows.len();
+        check(what, self.pos.len() == b && self.tables.len() == b * self.max_pages)?;
+        Ok(b)
+    }
+}
+
+/// Appends the key and value rows of the decode tokens (rows of `k_all` / `v_all`, `[ntok, width]`).
+pub fn kv_append_multi(
+    gpu: &Gpu,
+    pool: &mut KvPool,
+    k_all: &CudaSlice<f32>,
+    v_all: &CudaSlice<f32>,
+    at: &DecodeRows<'_>,
+) -> Result<()> {
+    let b = at.check("kv_append_multi")?;
+    check("kv_append_multi", k_all.len() == v_all.len() && k_all.len().is_multiple_of(pool.width.max(1)))?;
+    let (mp, b_i, w, pt) = (at.max_pages as i32, b as i32, pool.width as i32, pool.page_tokens as i32);
+    for (src, cache) in [(k_all, &mut pool.k), (v_all, &mut pool.v)] {
+        let mut a = gpu.stream.launch_builder(gpu.function("kv_append_multi")?);
+        a.arg(src).arg(at.rows).arg(at.pos).arg(at.tables).arg(&mp).arg(cache).arg(&b_i).arg(&w).arg(&pt);
+        run(a, blocks(b, THREADS, 0))?;
+    }
+    Ok(())
+}
+
+/// [`attention_paged`] for the decode tokens: reads their rows of `qg` `[ntok, nh, 2·hd]`, writes their rows of `o`
+/// `[ntok, nh·hd]`.
+pub fn attention_paged_multi(
+    gpu: &Gpu,
+    qg: &CudaSlice<f32>,
+    pool: &KvPool,
+    at: &DecodeRows<'_>,
+    (nh, nkv, hd): (usize, usize, usize),
+    o: &mut CudaSlice<f32>,
+) -> Result<()> {
+    let b = at.check("attention_paged_multi")?;
+    check(
+        "attention_paged_multi",
+        hd.is_multiple_of(32)
+            && hd <= 256
+            && nkv > 0
+            && nh.is_multiple_of(nkv)
+            && pool.width == nkv * hd
+            && qg.len().is_multiple_of(2 * nh * hd)
+            && o.len() / (nh * hd) == qg.len() / (2 * nh * hd),
+    )?;
+    let warps = 4usize;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let (mp, b_i, nh_i, nkv_i, hd_i, pt) =
+        (at.max_pages as i32, b as i32, nh as i32, nkv as i32, hd as i32, pool.page_tokens as i32);
+    let mut a = gpu.stream.launch_builder(gpu.function("attention_paged_multi")?);
+    a.arg(qg).arg(&pool.k).arg(&pool.v).arg(at.rows).arg(at.pos).arg(at.tables).arg(&mp).arg(o);
+    a.arg(&b_i).arg(&nh_i).arg(&nkv_i).arg(&hd_i).arg(&pt).arg(&scale);
+    run(a, blocks(b * nh, (warps * 32) as u32, warps * (2 + hd) * 4))
+}

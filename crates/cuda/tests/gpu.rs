@@ -550,6 +550,34 @@ fn decoder_on_the_gpu_matches_the_reference() {
         )
         .unwrap();
     assert!(rel_err(&both[1], &whole) < 1e-2);
+    // A decode step of several sequences at once (the batched kernels) against the CPU decoder doing the same.
+    let lens = [5usize, 17, 69];
+    let mut gpu_states: Vec<_> = lens.iter().map(|_| Decoder::new_state(&model)).collect();
+    let mut cpu_states: Vec<_> = lens.iter().map(|_| lm.model.new_state()).collect();
+    for ((gs, cs), &len) in gpu_states.iter_mut().zip(cpu_states.iter_mut()).zip(&lens) {
+        let seg = |state| Segment { state, tokens: &prompt[..len], logits: LogitsFor::None };
+        model.forward_pipelined(&mut [seg(gs)], &lm.experts, 1).unwrap();
+        lm.model.forward(&mut [seg(cs)], &lm.experts).unwrap();
+    }
+    for step in 0..3 {
+        let next: Vec<[u32; 1]> = lens.iter().map(|&l| [prompt[(l + step) % prompt.len()]]).collect();
+        let mut segs: Vec<Segment<'_>> = gpu_states
+            .iter_mut()
+            .zip(&next)
+            .map(|(state, t)| Segment { state, tokens: t, logits: LogitsFor::Last })
+            .collect();
+        let gpu_out = model.forward_pipelined(&mut segs, &lm.experts, 1).unwrap();
+        let mut segs: Vec<Segment<'_>> = cpu_states
+            .iter_mut()
+            .zip(&next)
+            .map(|(state, t)| Segment { state, tokens: t, logits: LogitsFor::Last })
+            .collect();
+        let cpu_out = lm.model.forward(&mut segs, &lm.experts).unwrap();
+        for (g, c) in gpu_out.iter().zip(&cpu_out) {
+            let err = rel_err(g, c);
+            assert!(err < 2e-2, "decode step {step}: {err}");
+        }
+    }
     // A state from another decoder is refused.
     let err = model
         .forward_pipelined(
