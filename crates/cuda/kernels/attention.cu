@@ -13,27 +13,21 @@ extern "C" __global__ void kv_append(const float* __restrict__ rows, const int* 
 
 #define ATT_MAX_LANE_DIMS 8  // head_dim ≤ 256
 
-// o[t, h, :] = sigmoid(gate) ⊙ softmax(q·Kᵀ · scale) V over the positions 0..=pos0+t, for q and gate laid out per
-// head as [q (hd) | gate (hd)] in qg [n, nh, 2·hd] (q already normed and rotated). One block per (token, head), its
-// warps splitting the keys with an online softmax each, merged at the end (flash-decoding within a block).
-// Dynamic shared memory: (2 + hd) floats per warp.
-extern "C" __global__ void attention_paged(const float* __restrict__ qg, const float* __restrict__ k_cache,
-                                           const float* __restrict__ v_cache, const int* __restrict__ pages,
-                                           float* __restrict__ o, int n, int pos0, int nh, int nkv, int hd,
-                                           int page_tokens, float scale) {
-    extern __shared__ float part[];
-    const int t = blockIdx.x / nh, h = blockIdx.x % nh;
-    if (t >= n) return;
+// The body of both attention kernels, for one (token, head) per block: writes out[d] = sigmoid(gate[d]) ·
+// (softmax(q·Kᵀ · scale) V)[d] over positions 0..ctx−1 of the sequence whose pages are `pages`, reading key/value head
+// g. The block's warps split the keys, each with an online softmax, merged at the end (flash-decoding within a
+// block). `part` is (2 + hd) floats of shared memory per warp.
+__device__ void attend(const float* __restrict__ qrow, const float* __restrict__ k_cache,
+                       const float* __restrict__ v_cache, const int* __restrict__ pages, int ctx, int g, int nkv,
+                       int hd, int page_tokens, float scale, float* part, float* __restrict__ out) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
-    const int g = h / (nh / nkv), per_lane = hd / 32, width = nkv * hd;
-    const float* qrow = qg + ((size_t)t * nh + h) * 2 * hd;
+    const int per_lane = hd / 32, width = nkv * hd;
     float qv[ATT_MAX_LANE_DIMS], acc[ATT_MAX_LANE_DIMS];
     for (int m = 0; m < per_lane; ++m) {
         qv[m] = qrow[lane + 32 * m];
         acc[m] = 0.0f;
     }
     float mx = -MOE_INF, sum = 0.0f;
-    const int ctx = pos0 + t + 1;
     for (int p = warp; p < ctx; p += nw) {
         const size_t at = ((size_t)pages[p / page_tokens] * page_tokens + p % page_tokens) * width + (size_t)g * hd;
         float s = 0.0f;
@@ -63,8 +57,22 @@ extern "C" __global__ void attention_paged(const float* __restrict__ qg, const f
     for (int d = threadIdx.x; d < hd; d += blockDim.x) {
         float x = 0.0f;
         for (int w = 0; w < nw; ++w) x += wa[w * hd + d] * expf(wm[w] - big);
-        o[((size_t)t * nh + h) * hd + d] = x / total * sigmoid_f(gate[d]);
+        out[d] = x / total * sigmoid_f(gate[d]);
     }
+}
+
+// o[t, h, :] for the n new tokens at positions pos0.. of one sequence, with q and gate laid out per head as
+// [q (hd) | gate (hd)] in qg [n, nh, 2·hd] (q already normed and rotated). One block per (token, head); dynamic
+// shared memory: (2 + hd) floats per warp.
+extern "C" __global__ void attention_paged(const float* __restrict__ qg, const float* __restrict__ k_cache,
+                                           const float* __restrict__ v_cache, const int* __restrict__ pages,
+                                           float* __restrict__ o, int n, int pos0, int nh, int nkv, int hd,
+                                           int page_tokens, float scale) {
+    extern __shared__ float part[];
+    const int t = blockIdx.x / nh, h = blockIdx.x % nh;
+    if (t >= n) return;
+    attend(qg + ((size_t)t * nh + h) * 2 * hd, k_cache, v_cache, pages, pos0 + t + 1, h / (nh / nkv), nkv, hd,
+           page_tokens, scale, part, o + ((size_t)t * nh + h) * hd);
 }
 
 // Decode steps of B sequences at once, one token each: token b is row rows[b] of the batch, at position pos[b], with
@@ -91,47 +99,7 @@ extern "C" __global__ void attention_paged_multi(const float* __restrict__ qg, c
     extern __shared__ float part[];
     const int b = blockIdx.x / nh, h = blockIdx.x % nh;
     if (b >= B) return;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
-    const int g = h / (nh / nkv), per_lane = hd / 32, width = nkv * hd;
-    const int t = (int)rows[b];
-    const int* pages = tables + (size_t)b * max_pages;
-    const float* qrow = qg + ((size_t)t * nh + h) * 2 * hd;
-    float qv[ATT_MAX_LANE_DIMS], acc[ATT_MAX_LANE_DIMS];
-    for (int m = 0; m < per_lane; ++m) {
-        qv[m] = qrow[lane + 32 * m];
-        acc[m] = 0.0f;
-    }
-    float mx = -MOE_INF, sum = 0.0f;
-    const int ctx = pos[b] + 1;
-    for (int p = warp; p < ctx; p += nw) {
-        const size_t at = ((size_t)pages[p / page_tokens] * page_tokens + p % page_tokens) * width + (size_t)g * hd;
-        float s = 0.0f;
-        for (int m = 0; m < per_lane; ++m) s += qv[m] * k_cache[at + lane + 32 * m];
-        for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-        s *= scale;
-        const float next = fmaxf(mx, s);
-        const float corr = expf(mx - next), e = expf(s - next);
-        sum = sum * corr + e;
-        for (int m = 0; m < per_lane; ++m) acc[m] = acc[m] * corr + e * v_cache[at + lane + 32 * m];
-        mx = next;
-    }
-    float* wm = part;
-    float* ws = part + nw;
-    float* wa = part + 2 * nw;
-    if (lane == 0) {
-        wm[warp] = mx;
-        ws[warp] = sum;
-    }
-    for (int m = 0; m < per_lane; ++m) wa[warp * hd + lane + 32 * m] = acc[m];
-    __syncthreads();
-    float big = -MOE_INF;
-    for (int w = 0; w < nw; ++w) big = fmaxf(big, wm[w]);
-    float total = 0.0f;
-    for (int w = 0; w < nw; ++w) total += ws[w] * expf(wm[w] - big);
-    const float* gate = qrow + hd;
-    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
-        float x = 0.0f;
-        for (int w = 0; w < nw; ++w) x += wa[w * hd + d] * expf(wm[w] - big);
-        o[((size_t)t * nh + h) * hd + d] = x / total * sigmoid_f(gate[d]);
-    }
+    const size_t t = rows[b];
+    attend(qg + (t * nh + h) * 2 * hd, k_cache, v_cache, tables + (size_t)b * max_pages, pos[b] + 1, h / (nh / nkv),
+           nkv, hd, page_tokens, scale, part, o + (t * nh + h) * hd);
 }

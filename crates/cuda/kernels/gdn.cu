@@ -67,6 +67,33 @@ extern "C" __global__ void gdn_prepare(const float* __restrict__ u, const float*
     }
 }
 
+// One token of the recurrent rule for state column c of one head (state s [dk, dv]): the token's q and k (row `row`)
+// are staged in `qk` (2·dk doubles of shared memory) by the whole block, then thread c updates its column and writes
+// o[row, c]. Every thread of the block must call it.
+__device__ void delta_step(const double* __restrict__ q, const double* __restrict__ k, const double* __restrict__ v,
+                           const double* __restrict__ beta, const double* __restrict__ g, size_t row, float* s,
+                           double* __restrict__ out, int dk, int dv, int c, double* qk) {
+    double* qs = qk;
+    double* ks = qk + dk;
+    for (int i = threadIdx.x; i < dk; i += blockDim.x) {
+        qs[i] = q[row * dk + i];
+        ks[i] = k[row * dk + i];
+    }
+    __syncthreads();
+    if (c >= dv) return;
+    const double alpha = exp(g[row]);
+    double e = v[row * dv + c];
+    for (int i = 0; i < dk; ++i) e -= ks[i] * alpha * (double)s[(size_t)i * dv + c];
+    e *= beta[row];
+    double o = 0.0;
+    for (int i = 0; i < dk; ++i) {
+        const double updated = alpha * (double)s[(size_t)i * dv + c] + ks[i] * e;
+        o += qs[i] * updated;
+        s[(size_t)i * dv + c] = (float)updated;
+    }
+    out[row * dv + c] = o;
+}
+
 // The recurrent rule, token by token: S ← αS + k ⊗ β(v − (αS)ᵀk), o = Sᵀq, with the state rounded to f32 after each
 // token. Every state column is independent, so thread c owns column c of its head's state [dk, dv]: grid (hv,
 // ⌈dv/blockDim⌉), 2·dk doubles of dynamic shared memory for the token's q and k. out is [hv, n, dv].
@@ -75,31 +102,11 @@ extern "C" __global__ void gated_delta_recurrent(const double* __restrict__ q, c
                                                  const double* __restrict__ g, float* __restrict__ state,
                                                  double* __restrict__ out, int n, int dk, int dv) {
     extern __shared__ double qk[];
-    double* qs = qk;
-    double* ks = qk + dk;
     const int j = blockIdx.x;
     const int c = blockIdx.y * blockDim.x + threadIdx.x;
     float* s = state + (size_t)j * dk * dv;
     for (int t = 0; t < n; ++t) {
-        const size_t row = (size_t)j * n + t;
-        for (int i = threadIdx.x; i < dk; i += blockDim.x) {
-            qs[i] = q[row * dk + i];
-            ks[i] = k[row * dk + i];
-        }
-        __syncthreads();
-        if (c < dv) {
-            const double alpha = exp(g[row]);
-            double e = v[row * dv + c];
-            for (int i = 0; i < dk; ++i) e -= ks[i] * alpha * (double)s[(size_t)i * dv + c];
-            e *= beta[row];
-            double o = 0.0;
-            for (int i = 0; i < dk; ++i) {
-                const double updated = alpha * (double)s[(size_t)i * dv + c] + ks[i] * e;
-                o += qs[i] * updated;
-                s[(size_t)i * dv + c] = (float)updated;
-            }
-            out[row * dv + c] = o;
-        }
+        delta_step(q, k, v, beta, g, (size_t)j * n + t, s, out, dk, dv, c, qk);
         __syncthreads();
     }
 }
@@ -255,27 +262,7 @@ extern "C" __global__ void gated_delta_step_multi(const double* __restrict__ q, 
                                                   const double* __restrict__ g, float* const* __restrict__ states,
                                                   double* __restrict__ out, int B, int dk, int dv) {
     extern __shared__ double qk[];
-    double* qs = qk;
-    double* ks = qk + dk;
     const int j = blockIdx.x, b = blockIdx.z;
     const int c = blockIdx.y * blockDim.x + threadIdx.x;
-    const size_t row = (size_t)j * B + b;
-    for (int i = threadIdx.x; i < dk; i += blockDim.x) {
-        qs[i] = q[row * dk + i];
-        ks[i] = k[row * dk + i];
-    }
-    __syncthreads();
-    if (c >= dv) return;
-    float* s = states[b] + (size_t)j * dk * dv;
-    const double alpha = exp(g[row]);
-    double e = v[row * dv + c];
-    for (int i = 0; i < dk; ++i) e -= ks[i] * alpha * (double)s[(size_t)i * dv + c];
-    e *= beta[row];
-    double o = 0.0;
-    for (int i = 0; i < dk; ++i) {
-        const double updated = alpha * (double)s[(size_t)i * dv + c] + ks[i] * e;
-        o += qs[i] * updated;
-        s[(size_t)i * dv + c] = (float)updated;
-    }
-    out[row * dv + c] = o;
+    delta_step(q, k, v, beta, g, (size_t)j * B + b, states[b] + (size_t)j * dk * dv, out, dk, dv, c, qk);
 }
