@@ -141,6 +141,36 @@ fn experts_over_two_gpus_reduce_through_nccl() {
     check_experts(&[0, 1]);
 }
 
+/// Runs every echo case of the qwen35 fixture through the CPU model and through `on_gpu` (prompt → logits of every
+/// position); returns the worst log-prob difference of the GPU run to the transformers reference and to the CPU.
+fn echo_differences(lm: &LoadedModel, on_gpu: impl Fn(&[u32]) -> Vec<f32>) -> (f32, f32) {
+    let vocab = lm.model.config().vocab_size;
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("qwen35.expected.json")).unwrap()).unwrap();
+    let (mut worst_ref, mut worst_cpu) = (0f32, 0f32);
+    for case in expected["echo"].as_array().unwrap() {
+        let prompt: Vec<u32> =
+            case["prompt_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let mut state = lm.model.new_state();
+        let cpu = lm
+            .model
+            .forward(&mut [Segment { state: &mut state, tokens: &prompt, logits: LogitsFor::All }], &lm.experts)
+            .unwrap()
+            .remove(0);
+        let gpu = on_gpu(&prompt);
+        for (pos, (rc, rg)) in cpu.chunks_exact(vocab).zip(gpu.chunks_exact(vocab)).enumerate() {
+            let (lc, lg) = (log_softmax(rc), log_softmax(rg));
+            for (j, id) in case["top_ids"][pos].as_array().unwrap().iter().enumerate() {
+                let id = id.as_u64().unwrap() as usize;
+                let want = case["top_logprobs"][pos][j].as_f64().unwrap() as f32;
+                worst_ref = worst_ref.max((lg[id] - want).abs());
+                worst_cpu = worst_cpu.max((lg[id] - lc[id]).abs());
+            }
+        }
+    }
+    (worst_ref, worst_cpu)
+}
+
 /// The fixture's echo log-probs with the routed experts on the GPU: within bf16 tolerance of the reference and of
 /// the CPU backend.
 #[test]
@@ -154,30 +184,13 @@ fn fixture_logprobs_with_experts_on_the_gpu() {
     let ckpt = Checkpoint::open_with(&dir, Residency::Mapped).unwrap();
     let on_gpu = CudaExperts::new(&cfg, &[0]).unwrap();
     on_gpu.load_more(&ckpt, &cfg, |_, _| true).unwrap();
-    let expected: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture("qwen35.expected.json")).unwrap()).unwrap();
-    let (mut worst_ref, mut worst_cpu) = (0f32, 0f32);
-    for case in expected["echo"].as_array().unwrap() {
-        let prompt: Vec<u32> =
-            case["prompt_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
-        let run = |experts: &dyn Experts| {
-            let mut state = lm.model.new_state();
-            lm.model
-                .forward(&mut [Segment { state: &mut state, tokens: &prompt, logits: LogitsFor::All }], experts)
-                .unwrap()
-                .remove(0)
-        };
-        let (cpu, gpu) = (run(&lm.experts), run(&on_gpu));
-        for (pos, (rc, rg)) in cpu.chunks_exact(cfg.vocab_size).zip(gpu.chunks_exact(cfg.vocab_size)).enumerate() {
-            let (lc, lg) = (log_softmax(rc), log_softmax(rg));
-            for (j, id) in case["top_ids"][pos].as_array().unwrap().iter().enumerate() {
-                let id = id.as_u64().unwrap() as usize;
-                let want = case["top_logprobs"][pos][j].as_f64().unwrap() as f32;
-                worst_ref = worst_ref.max((lg[id] - want).abs());
-                worst_cpu = worst_cpu.max((lg[id] - lc[id]).abs());
-            }
-        }
-    }
+    let (worst_ref, worst_cpu) = echo_differences(&lm, |prompt| {
+        let mut state = lm.model.new_state();
+        lm.model
+            .forward(&mut [Segment { state: &mut state, tokens: prompt, logits: LogitsFor::All }], &on_gpu)
+            .unwrap()
+            .remove(0)
+    });
     eprintln!("experts on the GPU: worst echo log-prob difference {worst_ref:.2e} to the reference, {worst_cpu:.2e} to the CPU backend");
     assert!(worst_ref < 5e-2 && worst_cpu < 5e-2, "{worst_ref} {worst_cpu}");
 }
@@ -474,38 +487,19 @@ fn decoder_on_the_gpu_matches_the_reference() {
     let ckpt = Checkpoint::open_with(&dir, Residency::Mapped).unwrap();
     let model = CudaModel::load(&ckpt, cfg.clone(), 0, 64 << 20).unwrap();
     let free = model.free_kv_pages();
-    let expected: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture("qwen35.expected.json")).unwrap()).unwrap();
-    let (mut worst_ref, mut worst_cpu) = (0f32, 0f32);
-    for case in expected["echo"].as_array().unwrap() {
-        let prompt: Vec<u32> =
-            case["prompt_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
-        let mut cpu_state = lm.model.new_state();
-        let cpu = lm
-            .model
-            .forward(&mut [Segment { state: &mut cpu_state, tokens: &prompt, logits: LogitsFor::All }], &lm.experts)
-            .unwrap()
-            .remove(0);
+    let (worst_ref, worst_cpu) = echo_differences(&lm, |prompt| {
         let mut state = Decoder::new_state(&model);
-        let gpu = model
+        let out = model
             .forward_pipelined(
-                &mut [Segment { state: &mut state, tokens: &prompt, logits: LogitsFor::All }],
+                &mut [Segment { state: &mut state, tokens: prompt, logits: LogitsFor::All }],
                 &lm.experts,
                 1,
             )
             .unwrap()
             .remove(0);
         assert_eq!(state.position(), prompt.len());
-        for (pos, (rc, rg)) in cpu.chunks_exact(cfg.vocab_size).zip(gpu.chunks_exact(cfg.vocab_size)).enumerate() {
-            let (lc, lg) = (log_softmax(rc), log_softmax(rg));
-            for (j, id) in case["top_ids"][pos].as_array().unwrap().iter().enumerate() {
-                let id = id.as_u64().unwrap() as usize;
-                let want = case["top_logprobs"][pos][j].as_f64().unwrap() as f32;
-                worst_ref = worst_ref.max((lg[id] - want).abs());
-                worst_cpu = worst_cpu.max((lg[id] - lc[id]).abs());
-            }
-        }
-    }
+        out
+    });
     eprintln!("decoder on the GPU: worst echo log-prob difference {worst_ref:.2e} to the reference, {worst_cpu:.2e} to the CPU decoder");
     assert!(worst_ref < 1e-1 && worst_cpu < 1e-1, "{worst_ref} {worst_cpu}");
     assert_eq!(model.free_kv_pages(), free, "every page back once the states are dropped");
