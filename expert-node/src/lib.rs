@@ -1,9 +1,10 @@
 //! The expert node: hosts a shard of the routed experts and computes them for batches of token activations that
 //! routers stream to it over gRPC (`ExpertService` in moe-proto).
 //!
-//! [`ExpertNode`] holds the model's expert shard (changeable while serving), checks every request and computes on a
-//! single compute thread whose matmuls spread over all cores; [`serve`] runs the gRPC server with the standard health
-//! service next to it.
+//! [`ExpertNode`] holds the model's expert shard (changeable while serving) in host memory or, with the `cuda` feature
+//! and `--device cuda:0,1,...`, on the node's GPUs ([`Shard`]); it checks every request and computes on a single
+//! compute thread (whose matmuls spread over all cores on the CPU); [`serve`] runs the gRPC server with the standard
+//! health service next to it.
 
 pub mod agent;
 pub mod node;
