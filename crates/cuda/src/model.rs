@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex};
 use cudarc::driver::{CudaSlice, PushKernelArg};
 use half::bf16;
 use moe_model::{
-    new_decoder_id, Checkpoint, Decoder, DeviceState, Experts, Family, LayerKind, LogitsFor, ModelConfig, ModelError,
-    Routing, Segment, SequenceState,
+    new_decoder_id, Checkpoint, Decoder, DeviceState, Experts, Family, LayerKind, ModelConfig, ModelError, Routing,
+    Segment, SequenceState,
 };
 
 use crate::experts::gemm_bf16_f32;
@@ -576,11 +576,7 @@ impl CudaModel {
         // The rows whose logits were asked for, then one LM-head GEMM over them.
         let mut rows: Vec<u32> = Vec::new();
         for (seg, span) in batch.iter().zip(&spans) {
-            match seg.logits {
-                LogitsFor::Last => rows.push((span.start + span.len - 1) as u32),
-                LogitsFor::All => rows.extend((span.start..span.start + span.len).map(|r| r as u32)),
-                LogitsFor::None => {}
-            }
+            rows.extend(seg.logits.rows(span.start, span.len).map(|r| r as u32));
         }
         let mut logits = Vec::new();
         if !rows.is_empty() {
@@ -602,11 +598,7 @@ impl CudaModel {
         let mut out = Vec::with_capacity(batch.len());
         let mut offset = 0;
         for (seg, span) in batch.iter_mut().zip(&spans) {
-            let n = match seg.logits {
-                LogitsFor::Last => 1,
-                LogitsFor::All => span.len,
-                LogitsFor::None => 0,
-            };
+            let n = seg.logits.rows(span.start, span.len).len();
             out.push(logits[offset * vocab..(offset + n) * vocab].to_vec());
             offset += n;
             seg.state.advance(span.len);

@@ -83,6 +83,17 @@ pub enum LogitsFor {
     None,
 }
 
+impl LogitsFor {
+    /// The rows, of a segment whose tokens are batch rows `start..start + len`, whose logits are wanted.
+    pub fn rows(self, start: usize, len: usize) -> std::ops::Range<usize> {
+        match self {
+            LogitsFor::Last => start + len.max(1) - 1..start + len,
+            LogitsFor::All => start..start + len,
+            LogitsFor::None => start..start,
+        }
+    }
+}
+
 /// One sequence's part of a batch: new tokens appended to its state.
 #[derive(Debug)]
 pub struct Segment<'a> {
@@ -329,11 +340,7 @@ impl<'s, 'b, 'e> MicroBatch<'s, 'b, 'e> {
         // Gather the rows whose logits were asked for, then one LM-head matmul over all of them.
         let mut rows = Vec::new();
         for (seg, span) in self.segments.iter().zip(&self.spans) {
-            match seg.logits {
-                LogitsFor::Last => rows.push(span.start + span.len - 1),
-                LogitsFor::All => rows.extend(span.start..span.start + span.len),
-                LogitsFor::None => {}
-            }
+            rows.extend(seg.logits.rows(span.start, span.len));
         }
         let mut hs = Vec::with_capacity(rows.len() * h);
         for &r in &rows {
@@ -345,11 +352,7 @@ impl<'s, 'b, 'e> MicroBatch<'s, 'b, 'e> {
         let mut out = Vec::with_capacity(self.segments.len());
         let mut offset = 0;
         for (seg, span) in self.segments.iter().zip(&self.spans) {
-            let n = match seg.logits {
-                LogitsFor::Last => 1,
-                LogitsFor::All => span.len,
-                LogitsFor::None => 0,
-            };
+            let n = seg.logits.rows(span.start, span.len).len();
             out.push(logits[offset * vocab..(offset + n) * vocab].to_vec());
             offset += n;
         }
