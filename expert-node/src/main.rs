@@ -68,9 +68,8 @@ struct Args {
     /// Seconds to go on answering requests already received after SIGTERM / Ctrl-C before exiting.
     #[arg(long, default_value_t = 1.0)]
     shutdown_grace_secs: f64,
-    /// Compute threads [default: all cores].
-    #[arg(long)]
-    threads: Option<usize>,
+    #[command(flatten)]
+    cpu: moe_model::cpu::CpuArgs,
 }
 
 fn main() -> ExitCode {
@@ -95,9 +94,13 @@ fn run(args: Args) -> Result<()> {
     if args.max_message_mib == 0 || args.max_message_mib > 1024 {
         bail!("--max-message-mib {}: must be between 1 and 1024", args.max_message_mib);
     }
-    if let Some(threads) = args.threads {
-        rayon_threads(threads)?;
-    }
+    let selection = args.cpu.apply()?;
+    tracing::info!(
+        threads = moe_model::cpu::threads(),
+        kernel = selection.kernel.name(),
+        precision = selection.precision.name(),
+        "CPU compute"
+    );
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("expert-io")
@@ -167,13 +170,6 @@ fn run(args: Args) -> Result<()> {
         tracing::info!("stopped");
         Ok(())
     })
-}
-
-fn rayon_threads(threads: usize) -> Result<()> {
-    if threads == 0 {
-        bail!("--threads 0: need at least one");
-    }
-    moe_model::cpu::set_threads(threads).context("setting the compute threads")
 }
 
 /// Serves as a member of the cluster in etcd until drained (SIGTERM, or `moectl placement drain`).

@@ -1,11 +1,13 @@
 //! `moectl bench-model`: decode and prefill throughput of one model in this process, printed next to the machine's
-//! memory bandwidth and f32 FMA peak as measured by the same run (ratios survive noisy, shared machines).
+//! memory bandwidth, f32 FMA peak and matmul-kernel peak as measured by the same run (ratios survive noisy, shared
+//! machines), with the time of each stage of the step ([`moe_model::cpu::profile`]).
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
+use moe_model::cpu::profile::{self, Stage, StageTotals};
 use moe_model::cpu::{matmul, probe};
 use moe_model::{LogitsFor, Segment, SequenceState};
 use serde_json::json;
@@ -37,6 +39,8 @@ pub struct Args {
     /// Print the results as one JSON object.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    cpu: moe_model::cpu::CpuArgs,
 }
 
 /// `n` pseudo-random token ids below `vocab`, the same for the same seed (the benchmarks' inputs).
@@ -56,13 +60,21 @@ pub fn run(args: Args) -> Result<()> {
     if args.decode_steps == 0 || args.rounds == 0 || args.prompt_len == 0 || args.batch.contains(&0) {
         bail!("--decode-steps, --rounds, --prompt-len and every --batch must be positive");
     }
+    let selection = args.cpu.apply()?;
     let threads = rayon::current_num_threads();
-    eprintln!("measuring memory bandwidth ({:.1} GiB buffer) and FMA peak on {threads} threads...", args.bandwidth_gib);
+    eprintln!(
+        "measuring memory bandwidth ({:.1} GiB buffer), FMA peak and the {} {} matmul peak on {threads} threads...",
+        args.bandwidth_gib,
+        selection.kernel.name(),
+        selection.precision.name()
+    );
     // Shared machines are noisy: the bandwidth probe runs before every measurement and the best figure of the run
     // is the denominator, so ratios err on the low side.
     let probe_bytes = (args.bandwidth_gib * (1u64 << 30) as f64) as usize;
     let mut bandwidth = probe::memory_bandwidth(probe_bytes, 5);
     let peak = probe::fma_peak();
+    let kernel_peak = probe::matmul_peak();
+    profile::enable(true);
 
     let t0 = Instant::now();
     let lm = crate::load_model(&args.model, args.mapped, true)?;
@@ -80,14 +92,17 @@ pub fn run(args: Args) -> Result<()> {
     let mut prefill_s = f64::MAX;
     let mut expert_flops = 0u64;
     let mut expert_s = 0f64;
+    let mut prefill_stages = [StageTotals::default(); 5];
     for round in 0..2 {
         let mut st = model.new_state();
+        let p0 = profile::snapshot();
         let f0 = experts.stats.flops.load(Ordering::Relaxed);
         let n0 = experts.stats.nanos.load(Ordering::Relaxed);
         let t = Instant::now();
         forward(&mut [Segment { state: &mut st, tokens: &prompt, logits: LogitsFor::Last }])?;
         let secs = t.elapsed().as_secs_f64();
         if round == 1 {
+            prefill_stages = profile::delta(&p0, &profile::snapshot());
             prefill_s = secs;
             expert_flops = experts.stats.flops.load(Ordering::Relaxed) - f0;
             expert_s = (experts.stats.nanos.load(Ordering::Relaxed) - n0) as f64 * 1e-9;
@@ -120,13 +135,21 @@ pub fn run(args: Args) -> Result<()> {
         // Each round probes the bandwidth right before its timed steps, so that each ratio compares two figures taken
         // under the same load from other tenants; the median round is reported.
         let mut rounds = Vec::with_capacity(args.rounds);
+        let mut stage_sum = [StageTotals::default(); 5];
         for round in 0..args.rounds {
             let probe_now = probe::memory_bandwidth(probe_bytes, 2);
             bandwidth = bandwidth.max(probe_now);
             let b0 = experts.stats.weight_bytes.load(Ordering::Relaxed);
+            let p0 = profile::snapshot();
             let t = Instant::now();
             for i in 0..args.decode_steps {
                 step(2 + round * args.decode_steps + i)?;
+            }
+            let d = profile::delta(&p0, &profile::snapshot());
+            for (sum, x) in stage_sum.iter_mut().zip(&d) {
+                sum.nanos += x.nanos;
+                sum.flops += x.flops;
+                sum.weight_bytes += x.weight_bytes;
             }
             let step_s = t.elapsed().as_secs_f64() / args.decode_steps as f64;
             let expert_bytes =
@@ -147,7 +170,18 @@ pub fn run(args: Args) -> Result<()> {
             "bandwidth_probe_gbps": probe_now / 1e9,
             "fraction_of_paired_probe": bytes_per_step / step_s / probe_now,
             "fraction_of_paired_probe_rounds": ratios,
+            "stages": stages_json(&stage_sum, step_s * (args.rounds * args.decode_steps) as f64, kernel_peak, bandwidth),
+            "stage_seconds_are": "per step",
         }));
+        // Per step, as the other decode figures.
+        let n = (args.rounds * args.decode_steps) as f64;
+        if let Some(stages) = decode.last_mut().and_then(|d| d["stages"].as_object_mut()) {
+            for v in stages.values_mut() {
+                if let Some(secs) = v["seconds"].as_f64() {
+                    v["seconds"] = json!(secs / n);
+                }
+            }
+        }
     }
     bandwidth = bandwidth.max(probe::memory_bandwidth(probe_bytes, 3));
     for d in decode.iter_mut() {
@@ -161,6 +195,8 @@ pub fn run(args: Args) -> Result<()> {
         "kernel": matmul::kernel_name(),
         "memory_bandwidth_gbps": bandwidth / 1e9,
         "fma_peak_gflops": peak / 1e9,
+        "matmul_precision": selection.precision.name(),
+        "matmul_kernel_peak_gflops": kernel_peak / 1e9,
         "load_s": load_s,
         "prefill": {
             "prompt_tokens": args.prompt_len,
@@ -169,6 +205,7 @@ pub fn run(args: Args) -> Result<()> {
             "expert_gflops": expert_flops as f64 / expert_s.max(1e-12) / 1e9,
             "expert_fraction_of_fma_peak": expert_flops as f64 / expert_s.max(1e-12) / peak,
             "expert_share_of_time": expert_s / prefill_s,
+            "stages": stages_json(&prefill_stages, prefill_s, kernel_peak, bandwidth),
         },
         "decode": decode,
     });
@@ -191,6 +228,13 @@ pub fn run(args: Args) -> Result<()> {
         100.0 * expert_flops as f64 / expert_s.max(1e-12) / peak,
         100.0 * expert_s / prefill_s
     );
+    println!(
+        "matmul kernel {} ({} precision): {:.1} GFLOP/s on expert-shaped work in cache (the kernel peak below)",
+        selection.kernel.name(),
+        selection.precision.name(),
+        kernel_peak / 1e9
+    );
+    print_stages(&format!("prefill {} tokens", args.prompt_len), &report["prefill"]["stages"]);
     for d in &decode {
         let f = |k: &str| d[k].as_f64().unwrap_or(0.0);
         let range = |k: &str| {
@@ -215,5 +259,64 @@ pub fn run(args: Args) -> Result<()> {
             100.0 * f("fraction_of_best_probe"),
         );
     }
+    for d in &decode {
+        print_stages(&format!("decode batch {}, per step", d["batch"]), &d["stages"]);
+    }
     Ok(())
+}
+
+/// The stages of a phase that took `total_s`, as JSON: seconds, share, FLOP/s against the kernel peak and weight
+/// bytes/s against the memory bandwidth, and the remainder as `rest`.
+fn stages_json(stages: &[StageTotals; 5], total_s: f64, kernel_peak: f64, bandwidth: f64) -> serde_json::Value {
+    let mut out = serde_json::Map::new();
+    let mut accounted = 0f64;
+    for (stage, t) in Stage::ALL.iter().zip(stages) {
+        let secs = t.nanos as f64 * 1e-9;
+        accounted += secs;
+        let rate = |x: u64| if secs > 0.0 { x as f64 / secs } else { 0.0 };
+        out.insert(
+            stage.name().into(),
+            json!({
+                "seconds": secs,
+                "share": secs / total_s,
+                "gflops": rate(t.flops) / 1e9,
+                "fraction_of_kernel_peak": rate(t.flops) / kernel_peak,
+                "weight_gbps": rate(t.weight_bytes) / 1e9,
+                "fraction_of_bandwidth": rate(t.weight_bytes) / bandwidth,
+            }),
+        );
+    }
+    let rest = (total_s - accounted).max(0.0);
+    out.insert("rest".into(), json!({ "seconds": rest, "share": rest / total_s }));
+    serde_json::Value::Object(out)
+}
+
+fn print_stages(title: &str, stages: &serde_json::Value) {
+    println!("  {title}:");
+    println!(
+        "    {:<20} {:>10} {:>6} {:>9} {:>11} {:>9} {:>10}",
+        "stage", "ms", "share", "GFLOP/s", "of peak", "GB/s", "of bw"
+    );
+    let names = Stage::ALL.iter().map(|s| s.name()).chain(["rest"]);
+    for name in names {
+        let v = &stages[name];
+        let f = |k: &str| v[k].as_f64().unwrap_or(0.0);
+        if name == "rest" {
+            println!("    {:<20} {:>10.2} {:>5.0}%", name, f("seconds") * 1e3, 100.0 * f("share"));
+            continue;
+        }
+        let weights = if f("weight_gbps") > 0.0 {
+            format!("{:>9.1} {:>9.0}%", f("weight_gbps"), 100.0 * f("fraction_of_bandwidth"))
+        } else {
+            format!("{:>9} {:>10}", "-", "-")
+        };
+        println!(
+            "    {:<20} {:>10.2} {:>5.0}% {:>9.1} {:>10.0}% {weights}",
+            name,
+            f("seconds") * 1e3,
+            100.0 * f("share"),
+            f("gflops"),
+            100.0 * f("fraction_of_kernel_peak"),
+        );
+    }
 }

@@ -54,6 +54,8 @@ pub struct Args {
     json: bool,
     #[command(flatten)]
     remote: crate::remote::RemoteArgs,
+    #[command(flatten)]
+    cpu: moe_model::cpu::CpuArgs,
     /// Where to compute: `cpu`, or `cuda[:0,1,...]` in builds with `--features cuda` (the model's layers on the
     /// first GPU listed; without --experts-at the routed experts on every GPU listed).
     #[arg(long, env = "MOE_DEVICE", default_value = "cpu")]
@@ -95,6 +97,7 @@ fn on_gpu(
 }
 
 pub fn run(args: Args) -> Result<()> {
+    args.cpu.apply()?;
     let device: moe_cuda::Device = args.device.parse()?;
     let gpus = match &device {
         moe_cuda::Device::Cpu => None,

@@ -61,6 +61,25 @@ pub struct Args {
     /// binaries must be built with `--features cuda`.
     #[arg(long, env = "MOE_DEVICE", default_value = "cpu")]
     device: String,
+    /// `--threads` is the cores the whole cluster uses, split between the router and the expert nodes (see the
+    /// line `up` prints); the kernel and precision go to every process, so that they agree bit for bit.
+    #[command(flatten)]
+    cpu: moe_model::cpu::CpuArgs,
+}
+
+/// Compute threads of the router and of each expert node when `total` cores are shared by `nodes` expert nodes.
+///
+/// Without micro-batches the router and the nodes take turns (the router waits while a layer's experts compute, and
+/// the nodes wait while the router runs attention), so the router gets every core and the nodes split them: no more
+/// threads compute at once than there are cores. With micro-batches the two overlap, so each side gets half.
+pub(crate) fn split_threads(total: usize, nodes: usize, micro_batches: usize) -> (usize, usize) {
+    let total = total.max(1);
+    if nodes == 0 {
+        return (total, 0);
+    }
+    let router = if micro_batches > 1 { total.div_ceil(2) } else { total };
+    let for_nodes = if micro_batches > 1 { total - router } else { total };
+    (router, (for_nodes / nodes).max(1))
 }
 
 /// Where the default model lives: `$MOE_MESH_CACHE`, else `$XDG_CACHE_HOME/moe-mesh`, else `~/.cache/moe-mesh`.
@@ -111,7 +130,33 @@ pub fn run(args: Args) -> Result<()> {
         bail!("--max-batch-tokens and --micro-batches must be positive");
     }
     let device: moe_cuda::Device = args.device.parse()?;
-    let device_args = ["--device".to_owned(), device.to_string()];
+    let cpu = args.cpu.options()?;
+    let total = match cpu.threads {
+        Some(0) => bail!("--threads 0: need at least one"),
+        Some(t) => t,
+        None => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+    };
+    let (router_threads, node_threads) = split_threads(total, args.expert_nodes, args.micro_batches);
+    let selection = moe_model::cpu::CpuOptions { threads: Some(router_threads), ..cpu.clone() }.apply()?;
+    if args.expert_nodes > 0 {
+        eprintln!(
+            "{total} cores: the router computes on {router_threads} threads, each of {} expert nodes on {node_threads} ({}); matmul kernel {}, precision {}",
+            args.expert_nodes,
+            if args.micro_batches > 1 { "micro-batches overlap them, so each side has half" } else { "they take turns: a layer's experts run while the router waits" },
+            selection.kernel.name(),
+            selection.precision.name(),
+        );
+    }
+    let device_args = [
+        "--device".to_owned(),
+        device.to_string(),
+        "--threads".to_owned(),
+        node_threads.to_string(),
+        "--matmul-precision".to_owned(),
+        selection.precision.name().to_owned(),
+        "--matmul-kernel".to_owned(),
+        selection.kernel.name().to_owned(),
+    ];
     // Bind first: a taken port fails before anything loads.
     let addr = SocketAddr::new(args.host, args.port);
     let listener = std::net::TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
@@ -122,7 +167,7 @@ pub fn run(args: Args) -> Result<()> {
     if let (Some(etcd), true) = (&args.etcd, args.expert_nodes > 0) {
         let bar = spinner(format!("starting {} expert nodes in cluster `{}`", args.expert_nodes, args.cluster));
         let extra =
-            [&["--etcd".to_owned(), etcd.clone(), "--cluster".to_owned(), args.cluster.clone()][..], &device_args]
+            [&["--etcd".to_owned(), etcd.clone(), "--cluster".to_owned(), args.cluster.clone()][..], &device_args[..]]
                 .concat();
         let started = (0..args.expert_nodes)
             .map(|_| LocalNode::start(&model, None, &extra, args.verbose))
@@ -229,4 +274,18 @@ pub fn run(args: Args) -> Result<()> {
     drop(nodes);
     eprintln!("stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_threads;
+
+    #[test]
+    fn threads_split_without_oversubscribing() {
+        assert_eq!(split_threads(2, 2, 1), (2, 1), "turns: the router takes all, the nodes share");
+        assert_eq!(split_threads(16, 4, 1), (16, 4));
+        assert_eq!(split_threads(16, 4, 2), (8, 2), "overlap: half each");
+        assert_eq!(split_threads(2, 3, 1), (2, 1), "every node gets at least one");
+        assert_eq!(split_threads(8, 0, 1), (8, 0));
+    }
 }

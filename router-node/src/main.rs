@@ -83,6 +83,8 @@ struct Args {
     /// Serve weights from the file mapping instead of copying them into memory.
     #[arg(long)]
     mapped: bool,
+    #[command(flatten)]
+    cpu: moe_model::cpu::CpuArgs,
 }
 
 fn main() -> ExitCode {
@@ -101,6 +103,13 @@ fn run(mut args: Args) -> Result<()> {
         args.listen.set_port(port);
     }
     let options = options(&args)?;
+    let selection = args.cpu.apply()?;
+    tracing::info!(
+        threads = moe_model::cpu::threads(),
+        kernel = selection.kernel.name(),
+        precision = selection.precision.name(),
+        "CPU compute"
+    );
     // Bind before loading, so that a taken port fails at once.
     let listener =
         std::net::TcpListener::bind(args.listen).with_context(|| format!("cannot listen on {}", args.listen))?;

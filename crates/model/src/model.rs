@@ -4,7 +4,7 @@
 use rayon::prelude::*;
 
 use crate::config::{LayerKind, ModelConfig};
-use crate::cpu::matmul::{matmul, widen};
+use crate::cpu::matmul::widen;
 use crate::cpu::ops::{rms_norm_offset, rms_norm_offset_into, Rope};
 use crate::error::{ModelError, Result};
 use crate::layers::attention::Attention;
@@ -129,7 +129,7 @@ impl Model {
     /// Loads the non-expert weights of the model described by `config` from `ckpt`.
     pub fn load(ckpt: &Checkpoint, config: ModelConfig) -> Result<Self> {
         let (v, h) = (config.vocab_size, config.hidden_size);
-        let embed = ckpt.matrix("embed_tokens.weight", &[v, h])?;
+        let embed = ckpt.matrix_row_major("embed_tokens.weight", &[v, h])?;
         let lm_head = if config.tie_word_embeddings && !ckpt.contains("lm_head.weight") {
             embed.clone()
         } else {
@@ -322,7 +322,7 @@ impl<'s, 'b, 'e> MicroBatch<'s, 'b, 'e> {
         match &layer.mlp {
             Mlp::Moe(m) => self.pending = Some(m.start(i, &self.xn, self.ntok, experts)?),
             Mlp::Dense(d) => {
-                let out = d.forward(&self.xn, self.ntok, true);
+                let out = d.forward_dense(&self.xn, self.ntok);
                 for (a, b) in self.x.iter_mut().zip(&out) {
                     *a += b;
                 }
@@ -348,7 +348,7 @@ impl<'s, 'b, 'e> MicroBatch<'s, 'b, 'e> {
         }
         rms_norm_offset(&mut hs, &model.final_norm, model.config.rms_norm_eps as f32);
         let mut logits = vec![0f32; rows.len() * vocab];
-        matmul(&hs, rows.len(), &model.lm_head, &mut logits);
+        crate::cpu::profile::dense_matmul(&hs, rows.len(), &model.lm_head, &mut logits);
         let mut out = Vec::with_capacity(self.segments.len());
         let mut offset = 0;
         for (seg, span) in self.segments.iter().zip(&self.spans) {

@@ -119,9 +119,19 @@ impl Arena {
         Ok(Arc::new(Storage::Region(memmap2::MmapRaw::from(map))))
     }
 
-    /// Copies `src` into the arena and returns the region and the element offset where it now lives.
-    fn copy(&self, src: &[bf16]) -> std::io::Result<(Arc<Storage>, usize)> {
-        let bytes = src.len() * 2;
+    /// Copies the row-major `rows × cols` matrix `src` into the arena in `layout` and returns the region and the
+    /// element offset where it now lives.
+    fn copy(
+        &self,
+        src: &[bf16],
+        (rows, cols): (usize, usize),
+        layout: Layout,
+    ) -> std::io::Result<(Arc<Storage>, usize)> {
+        let len = match layout {
+            Layout::RowMajor => src.len(),
+            Layout::Packed { group } => crate::cpu::matmul::packed_len(rows, cols, group),
+        };
+        let bytes = len * 2;
         let (region, byte_offset) = if bytes > ARENA_CHUNK / 4 {
             (Self::region(bytes)?, 0)
         } else {
@@ -138,43 +148,100 @@ impl Arena {
         let Storage::Region(map) = &*region else { unreachable!("arena storages are regions") };
         assert!(byte_offset + bytes <= map.len());
         // SAFETY: `byte_offset..byte_offset + bytes` was handed out once under the lock (or is a fresh region), so no
-        // other thread writes or reads it; the source is a distinct allocation.
-        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr().cast::<u8>(), map.as_mut_ptr().add(byte_offset), bytes) };
+        // other thread writes or reads it; the source is a distinct allocation; the region is aligned for bf16.
+        let dst = unsafe { std::slice::from_raw_parts_mut(map.as_mut_ptr().add(byte_offset).cast::<bf16>(), len) };
+        match layout {
+            Layout::RowMajor => dst.copy_from_slice(src),
+            Layout::Packed { group } => crate::cpu::matmul::pack(src, cols, (0, rows), group, dst),
+        }
         Ok((region, byte_offset / 2))
     }
 }
 
-/// A row-major bf16 matrix `[rows, cols]` (a torch Linear weight is `[out, in]`), or a view of rows of one.
+/// How a matrix's values are ordered in its storage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Layout {
+    /// `[rows][cols]`, as in the checkpoint.
+    #[default]
+    RowMajor,
+    /// Re-laid for the bf16 matmul kernels: `[row group][32-column chunk][row in group][32]`, zero-padded
+    /// ([`crate::cpu::matmul::pack`]).
+    Packed { group: usize },
+}
+
+/// A bf16 matrix `[rows, cols]` (a torch Linear weight is `[out, in]`), or a view of rows of one; row-major unless it
+/// was re-laid for the matmul kernel when made resident.
 #[derive(Debug, Clone)]
 pub struct Mat {
     storage: Arc<Storage>,
     /// Offset of the first element inside the storage.
     offset: usize,
+    layout: Layout,
     pub rows: usize,
     pub cols: usize,
 }
 
 impl Mat {
     /// Returns the elements, `rows * cols` of them, row-major.
+    ///
+    /// # Panics
+    /// If the matrix was packed for the matmul kernel (only resident weights that are matmul operands are; they
+    /// are read through [`crate::cpu::matmul`]).
     pub fn data(&self) -> &[bf16] {
-        self.storage.slice(self.offset, self.rows * self.cols)
+        self.row_major().expect("Mat::data on a matrix packed for the matmul kernel")
     }
 
-    /// Returns the view of rows `start..end`.
+    /// The elements row-major, unless the matrix is packed.
+    pub fn row_major(&self) -> Option<&[bf16]> {
+        (self.layout == Layout::RowMajor).then(|| self.storage.slice(self.offset, self.rows * self.cols))
+    }
+
+    /// The stored values in the matrix's layout.
+    pub(crate) fn stored(&self) -> &[bf16] {
+        self.storage.slice(self.offset, self.stored_len())
+    }
+
+    fn stored_len(&self) -> usize {
+        match self.layout {
+            Layout::RowMajor => self.rows * self.cols,
+            Layout::Packed { group } => crate::cpu::matmul::packed_len(self.rows, self.cols, group),
+        }
+    }
+
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    /// Returns the view of rows `start..end` of a row-major matrix.
     pub fn rows(&self, start: usize, end: usize) -> Mat {
         assert!(start <= end && end <= self.rows, "row range {start}..{end} of a {}-row matrix", self.rows);
+        assert_eq!(self.layout, Layout::RowMajor, "row views are taken before packing");
         Mat {
             storage: Arc::clone(&self.storage),
             offset: self.offset + start * self.cols,
+            layout: Layout::RowMajor,
             rows: end - start,
             cols: self.cols,
         }
     }
 
-    /// Builds an owned matrix (used by tests and by synthetic models).
+    /// Builds an owned row-major matrix (used by tests and by synthetic models).
     pub fn from_vec(rows: usize, cols: usize, data: Vec<bf16>) -> Mat {
         assert_eq!(data.len(), rows * cols);
-        Mat { storage: Arc::new(Storage::Owned(data)), offset: 0, rows, cols }
+        Mat { storage: Arc::new(Storage::Owned(data)), offset: 0, layout: Layout::RowMajor, rows, cols }
+    }
+
+    /// An owned copy of a row-major matrix packed in groups of `group` rows.
+    pub fn packed_copy(&self, group: usize) -> Mat {
+        let mut packed = vec![bf16::ZERO; crate::cpu::matmul::packed_len(self.rows, self.cols, group)];
+        crate::cpu::matmul::pack(self.data(), self.cols, (0, self.rows), group, &mut packed);
+        Mat {
+            storage: Arc::new(Storage::Owned(packed)),
+            offset: 0,
+            layout: Layout::Packed { group },
+            rows: self.rows,
+            cols: self.cols,
+        }
     }
 
     /// Bytes of weights this matrix holds (what a full pass over it reads).
@@ -344,8 +411,8 @@ impl Checkpoint {
         Ok((full, entry))
     }
 
-    /// Loads a tensor of exactly `shape` as a bf16 matrix `[shape[0], product of the rest]`, resident or mapped as
-    /// the checkpoint was opened.
+    /// Loads a tensor of exactly `shape` as a bf16 matmul weight `[shape[0], product of the rest]`, resident (and
+    /// re-laid for the matmul kernel) or mapped as the checkpoint was opened.
     pub fn matrix(&self, name: &str, shape: &[usize]) -> Result<Mat> {
         let mat = self.matrix_view(name, shape)?;
         self.settle(&mat)
@@ -389,16 +456,35 @@ impl Checkpoint {
         *self.arena.current.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = None;
     }
 
-    /// Applies the checkpoint's residency to a matrix or view (a copy when resident, the view itself when mapped).
+    /// Applies the checkpoint's residency to a matmul weight or a view of one: when resident, a copy re-laid for
+    /// this process's matmul kernel ([`crate::cpu::matmul`]); when mapped, the view itself.
     pub fn settle(&self, mat: &Mat) -> Result<Mat> {
+        self.settle_as(mat, crate::cpu::matmul::resident_layout())
+    }
+
+    fn settle_as(&self, mat: &Mat, layout: Layout) -> Result<Mat> {
         self.loaded.fetch_add(mat.bytes() as u64, std::sync::atomic::Ordering::Relaxed);
         match (self.residency, &*mat.storage) {
             (Residency::Resident, Storage::Mapped { file, .. }) => {
-                let (storage, offset) = self.arena.copy(mat.data()).map_err(|e| ModelError::io(&file.path, e))?;
-                Ok(Mat { storage, offset, rows: mat.rows, cols: mat.cols })
+                let (storage, offset) = self
+                    .arena
+                    .copy(mat.data(), (mat.rows, mat.cols), layout)
+                    .map_err(|e| ModelError::io(&file.path, e))?;
+                Ok(Mat { storage, offset, layout, rows: mat.rows, cols: mat.cols })
+            }
+            (Residency::Resident, Storage::Owned(_)) if layout != Layout::RowMajor => {
+                let Layout::Packed { group } = layout else { unreachable!("checked just above") };
+                Ok(mat.packed_copy(group))
             }
             _ => Ok(mat.clone()),
         }
+    }
+
+    /// Loads a tensor as [`Checkpoint::matrix`] does but always row-major (for tables read by row, such as the
+    /// embedding).
+    pub fn matrix_row_major(&self, name: &str, shape: &[usize]) -> Result<Mat> {
+        let mat = self.matrix_view(name, shape)?;
+        self.settle_as(&mat, Layout::RowMajor)
     }
 
     /// Loads a tensor as [`Checkpoint::matrix`] does but always as a view of the map (for 3-D expert tensors
@@ -439,7 +525,7 @@ impl Checkpoint {
                 })
             }
         };
-        let mat = Mat { storage: Arc::new(storage), offset: 0, rows, cols };
+        let mat = Mat { storage: Arc::new(storage), offset: 0, layout: Layout::RowMajor, rows, cols };
         debug_assert_eq!(mat.data().len(), numel);
         Ok(mat)
     }

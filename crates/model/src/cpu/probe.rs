@@ -106,3 +106,34 @@ mod x86 {
         std::hint::black_box(acc);
     }
 }
+
+/// Returns the FLOP/s of this process's matmul kernel on work that stays in cache: one 512 × 2048 expert-shaped
+/// matrix and 64 tokens per thread, each thread on its own (as the routed experts run in prefill). This is the
+/// kernel's practical peak, against which stages' rates are read.
+pub fn matmul_peak() -> f64 {
+    use crate::cpu::matmul::matmul_serial;
+    use crate::weights::Mat;
+    let (rows, cols, ntok) = (512, 2048, 64);
+    let threads = rayon::current_num_threads().max(1);
+    let w = crate::cpu::matmul::resident_copy(&Mat::from_vec(
+        rows,
+        cols,
+        (0..rows * cols).map(|i| half::bf16::from_f32(((i % 13) as f32 - 6.0) * 0.01)).collect(),
+    ));
+    let x: Vec<f32> = (0..ntok * cols).map(|i| ((i % 7) as f32 - 3.0) * 0.1).collect();
+    let reps = 8;
+    let mut best = 0f64;
+    for _ in 0..3 {
+        let start = Instant::now();
+        (0..threads).into_par_iter().for_each(|_| {
+            let mut y = vec![0f32; ntok * rows];
+            for _ in 0..reps {
+                matmul_serial(&x, ntok, &w, &mut y);
+            }
+            std::hint::black_box(&y);
+        });
+        let flops = 2.0 * (rows * cols * ntok * reps * threads) as f64;
+        best = best.max(flops / start.elapsed().as_secs_f64());
+    }
+    best
+}

@@ -4,8 +4,8 @@
 use rayon::prelude::*;
 
 use crate::config::ModelConfig;
-use crate::cpu::matmul::matmul;
 use crate::cpu::ops::{dot, rms_norm_offset, sigmoid, Rope};
+use crate::cpu::profile::{self, dense_matmul as matmul, Stage};
 use crate::error::Result;
 use crate::layers::{split_rows, Span};
 use crate::state::{LayerState, PagedRows};
@@ -63,16 +63,20 @@ impl Attention {
         // Per-span slices, so that spans run in parallel, each owning its rows and its state.
         let qg_parts = split_rows(&mut qg, spans, 2 * nh * hd);
         let o_parts = split_rows(&mut o, spans, nh * hd);
-        spans.par_iter().zip(states.par_iter_mut()).zip(qg_parts.into_par_iter().zip(o_parts)).for_each(
-            |((span, state), (qg_span, o_span))| {
-                let LayerState::Attention { k: k_cache, v: v_cache } = &mut **state else {
-                    unreachable!("layer kinds of state and model agree: both come from layer_types");
-                };
-                let rows = span.start * nkv * hd..(span.start + span.len) * nkv * hd;
-                let new_kv = (&k[rows.clone()], &v[rows]);
-                self.attend(qg_span, new_kv, span, k_cache, v_cache, rope, o_span);
-            },
-        );
+        // Scores and weighted values: 4·hd FLOPs per (query head, context position).
+        let ctx: usize = spans.iter().map(|s| s.len * s.pos + s.len * (s.len + 1) / 2).sum();
+        profile::time(Stage::AttentionCore, (4 * nh * hd * ctx) as u64, 0, || {
+            spans.par_iter().zip(states.par_iter_mut()).zip(qg_parts.into_par_iter().zip(o_parts)).for_each(
+                |((span, state), (qg_span, o_span))| {
+                    let LayerState::Attention { k: k_cache, v: v_cache } = &mut **state else {
+                        unreachable!("layer kinds of state and model agree: both come from layer_types");
+                    };
+                    let rows = span.start * nkv * hd..(span.start + span.len) * nkv * hd;
+                    let new_kv = (&k[rows.clone()], &v[rows]);
+                    self.attend(qg_span, new_kv, span, k_cache, v_cache, rope, o_span);
+                },
+            )
+        });
 
         let mut out = vec![0f32; ntok * self.o_proj.rows];
         matmul(&o, ntok, &self.o_proj, &mut out);

@@ -16,8 +16,8 @@
 use rayon::prelude::*;
 
 use crate::config::{Family, ModelConfig};
-use crate::cpu::matmul::matmul;
 use crate::cpu::ops::{dot64 as dot, inv_rms, l2_norm_scaled, sigmoid, silu, softplus};
+use crate::cpu::profile::{self, dense_matmul as matmul, Stage};
 use crate::error::Result;
 use crate::layers::{split_rows, Span};
 use crate::state::LayerState;
@@ -102,6 +102,24 @@ impl GatedDeltaNet {
         proj + self.out_proj.bytes()
     }
 
+    /// FLOPs of the delta rule over `spans` (the conv and norms are small beside it): 7·dk·dv per head and token
+    /// for the recurrence; per chunk of l tokens about l²·(3dk + 2dv) + 6·l·dk·dv for the chunked form.
+    fn rule_flops(&self, spans: &[Span]) -> u64 {
+        let (dk, dv) = (self.dk, self.dv);
+        let per_head: usize = spans
+            .iter()
+            .map(|s| {
+                if s.len == 1 {
+                    return 7 * dk * dv;
+                }
+                let (full, rest) = (s.len / CHUNK, s.len % CHUNK);
+                let chunk = |l: usize| l * l * (3 * dk + 2 * dv) + 6 * l * dk * dv;
+                full * chunk(CHUNK) + if rest > 0 { chunk(rest) } else { 0 }
+            })
+            .sum();
+        (per_head * self.hv) as u64
+    }
+
     fn channels(&self) -> usize {
         2 * self.hk * self.dk + self.hv * self.dv
     }
@@ -156,18 +174,22 @@ impl GatedDeltaNet {
         let (c, hv, dv) = (self.channels(), self.hv, self.dv);
         let mut y = vec![0f32; ntok * hv * dv];
         let y_parts = split_rows(&mut y, spans, hv * dv);
-        spans.par_iter().zip(states.par_iter_mut()).zip(y_parts).for_each(|((span, state), y_span)| {
-            let LayerState::Linear { conv, s } = &mut **state else {
-                unreachable!("layer kinds of state and model agree: both come from layer_types");
-            };
-            let rows = span.start..span.start + span.len;
-            let inputs = SpanInputs {
-                m: &m[rows.start * c..rows.end * c],
-                z: &z[rows.start * hv * dv..rows.end * hv * dv],
-                b: &b[rows.start * hv..rows.end * hv],
-                a: &a[rows.start * hv..rows.end * hv],
-            };
-            self.span(span.len, inputs, conv, s, y_span);
+        let chunked = spans.iter().any(|s| s.len > 1);
+        let stage = if chunked { Stage::DeltaChunked } else { Stage::DeltaRecurrent };
+        profile::time(stage, self.rule_flops(spans), 0, || {
+            spans.par_iter().zip(states.par_iter_mut()).zip(y_parts).for_each(|((span, state), y_span)| {
+                let LayerState::Linear { conv, s } = &mut **state else {
+                    unreachable!("layer kinds of state and model agree: both come from layer_types");
+                };
+                let rows = span.start..span.start + span.len;
+                let inputs = SpanInputs {
+                    m: &m[rows.start * c..rows.end * c],
+                    z: &z[rows.start * hv * dv..rows.end * hv * dv],
+                    b: &b[rows.start * hv..rows.end * hv],
+                    a: &a[rows.start * hv..rows.end * hv],
+                };
+                self.span(span.len, inputs, conv, s, y_span);
+            })
         });
         let mut out = vec![0f32; ntok * self.out_proj.rows];
         matmul(&y, ntok, &self.out_proj, &mut out);

@@ -16,6 +16,7 @@ use rayon::prelude::*;
 use crate::config::ModelConfig;
 use crate::cpu::matmul::{matmul, matmul_serial};
 use crate::cpu::ops::{sigmoid, silu, softmax};
+use crate::cpu::profile::{self, dense_matmul, Stage};
 use crate::error::{ModelError, Result};
 use crate::weights::{Checkpoint, Mat};
 
@@ -104,6 +105,12 @@ impl SwiGlu {
         y
     }
 
+    /// [`SwiGlu::forward`] in parallel, timed as [`Stage::Dense`] (the shared expert, dense MLPs).
+    pub(crate) fn forward_dense(&self, x: &[f32], ntok: usize) -> Vec<f32> {
+        let bytes = self.bytes() as u64;
+        profile::time(Stage::Dense, bytes * ntok as u64, bytes, || self.forward(x, ntok, true))
+    }
+
     pub fn bytes(&self) -> usize {
         self.gate.bytes() + self.up.bytes() + self.down.bytes()
     }
@@ -149,7 +156,7 @@ impl MoeBlock {
     pub(crate) fn route(&self, x: &[f32], ntok: usize) -> Routing {
         let e = self.router.rows;
         let mut logits = vec![0f32; ntok * e];
-        matmul(x, ntok, &self.router, &mut logits);
+        dense_matmul(x, ntok, &self.router, &mut logits);
         let mut routing = Routing {
             offsets: Vec::with_capacity(ntok + 1),
             experts: Vec::with_capacity(ntok * self.top_k),
@@ -186,9 +193,9 @@ impl MoeBlock {
     ) -> Result<MoeStep<'e>> {
         let routing = self.route(x, ntok);
         let routed = experts.dispatch(layer, x, &routing)?;
-        let shared = self.shared.forward(x, ntok, true);
+        let shared = self.shared.forward_dense(x, ntok);
         let mut gate = vec![0f32; ntok];
-        matmul(x, ntok, &self.shared_gate, &mut gate);
+        dense_matmul(x, ntok, &self.shared_gate, &mut gate);
         Ok(MoeStep { routed, shared, gate })
     }
 
@@ -530,7 +537,11 @@ impl LocalExperts {
         }
         self.stats.flops.fetch_add(flops, Ordering::Relaxed);
         self.stats.weight_bytes.fetch_add(bytes, Ordering::Relaxed);
-        self.stats.nanos.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        let nanos = started.elapsed().as_nanos() as u64;
+        self.stats.nanos.fetch_add(nanos, Ordering::Relaxed);
+        if profile::enabled() {
+            profile::record(Stage::Experts, nanos, flops, bytes);
+        }
         Ok(())
     }
 }

@@ -1,0 +1,495 @@
+//! The AMX kernel: `TDPBF16PS` on tiles, C (16 weight rows × 16 tokens, f32) += A (16 rows × 32 bf16 of K) ·
+//! B (16 K-pairs × 16 tokens × 2 bf16).
+//!
+//! The weights are the A operand, so a packed group of [`GROUP`] rows is exactly a sequence of 1 KiB A tiles, one
+//! per 32-column chunk, loaded with a 64-byte stride; the activations become B tiles in the pair ("VNNI") layout
+//! when they are converted ([`prepare`]), which is free since they are converted anyway. The output tile is
+//! `yᵀ` for 16 rows × 16 tokens and is transposed on the way out.
+//!
+//! Registers: tmm0–tmm3 accumulate up to 64 tokens (four token tiles), tmm4 holds the weight tile, tmm5 and tmm6 the
+//! high and low activation tiles. For each chunk every accumulator gets the high part, then the low part: the same
+//! sequence for every element whatever the number of tokens (a lone token rides in a tile of zeros), which keeps the
+//! results batch-invariant.
+//!
+//! The tile instructions are written as inline assembly (Rust has no stable AMX intrinsics) behind the [`TileUnit`]
+//! trait, whose other implementation, [`Emulated`], does the same operations in plain Rust as the Intel SDM defines
+//! them. The tests run the kernel's whole data flow (packing, B layout, tile offsets, transposition) through the
+//! emulation on every machine; on a CPU with AMX, the hardware is also checked against the emulation once, when the
+//! kernel is first asked for, and refused (with the reason) if they disagree.
+
+use half::bf16;
+
+use super::{Out, Weights, CHUNK};
+
+/// Rows per packed group: one A tile's rows.
+pub(crate) const GROUP: usize = 16;
+/// Tokens per B tile.
+const TILE_TOKENS: usize = 16;
+/// Token tiles accumulated at once (tmm0–tmm3).
+const TOKEN_TILES: usize = 4;
+/// u16 values per tile (1 KiB).
+const TILE: usize = 512;
+
+/// Converts `ntok × k` activations into B tiles: `[token tile][chunk][K pair][token][2]`, zero-padded in tokens and
+/// columns; `(hi, lo)`, `lo` empty unless `split`.
+pub(crate) fn prepare(x: &[f32], ntok: usize, k: usize, split: bool) -> (Vec<u16>, Vec<u16>) {
+    let chunks = k.div_ceil(CHUNK);
+    let tiles = ntok.div_ceil(TILE_TOKENS);
+    let mut hi = vec![0u16; tiles * chunks * TILE];
+    let mut lo = if split { vec![0u16; tiles * chunks * TILE] } else { Vec::new() };
+    for t in 0..ntok {
+        let (tt, ti) = (t / TILE_TOKENS, t % TILE_TOKENS);
+        for (c0, v) in x[t * k..(t + 1) * k].iter().enumerate() {
+            let (c, kk, p) = (c0 / CHUNK, (c0 % CHUNK) / 2, c0 % 2);
+            let at = (tt * chunks + c) * TILE + kk * 2 * TILE_TOKENS + ti * 2 + p;
+            if split {
+                (hi[at], lo[at]) = super::split_bf16(*v);
+            } else {
+                hi[at] = super::round_bf16(*v);
+            }
+        }
+    }
+    (hi, lo)
+}
+
+/// The tile operations the kernel uses, with the register as a const parameter.
+///
+/// # Safety
+/// Implementations may execute AMX instructions: callers hold the tile state configured by [`TileUnit::config`]
+/// between it and [`TileUnit::release`], and pass pointers to 16 rows of 64 readable (or writable) bytes at `stride`.
+pub(crate) unsafe trait TileUnit {
+    /// Configures tmm0–tmm6 as 16 rows × 64 bytes.
+    unsafe fn config(&mut self);
+    unsafe fn zero<const T: u8>(&mut self);
+    unsafe fn load<const T: u8>(&mut self, p: *const u16, stride: usize);
+    /// `tmm[C] += tmm4 · tmm[B]` (bf16 pairs, f32 accumulation).
+    unsafe fn dp<const C: u8, const B: u8>(&mut self);
+    unsafe fn store<const T: u8>(&mut self, p: *mut f32, stride: usize);
+    unsafe fn release(&mut self);
+}
+
+/// Writes output columns `r0..r1` of every token on the hardware tile unit.
+///
+/// # Safety
+/// AMX is available ([`available`] returned `Ok`); `y` points to `ntok × w.rows` values, no other thread writes
+/// columns `r0..r1` meanwhile, `r0` is a multiple of [`GROUP`], and `hi` (and `lo`) come from [`prepare`] with
+/// `w.cols` columns.
+pub(super) unsafe fn matmul_rows(
+    w: &Weights<'_>,
+    hi: &[u16],
+    lo: Option<&[u16]>,
+    ntok: usize,
+    rows: (usize, usize),
+    y: Out,
+) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        rows_on(&mut x86::Hardware, w, hi, lo, ntok, rows, y)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("AMX is only selected on x86-64 ({}, {}, {:?}, {ntok}, {rows:?}, {:p})", w.rows, hi.len(), lo, y.0);
+}
+
+/// The kernel's loop on any tile unit.
+///
+/// # Safety
+/// As [`matmul_rows`], with `unit` usable (the emulation always is).
+pub(crate) unsafe fn rows_on<U: TileUnit>(
+    unit: &mut U,
+    w: &Weights<'_>,
+    hi: &[u16],
+    lo: Option<&[u16]>,
+    ntok: usize,
+    (r0, r1): (usize, usize),
+    y: Out,
+) {
+    let chunks = w.chunks;
+    let tiles = ntok.div_ceil(TILE_TOKENS);
+    assert!(hi.len() >= tiles * chunks * TILE && lo.is_none_or(|l| l.len() >= tiles * chunks * TILE));
+    let mut buf: Vec<bf16> = Vec::new();
+    let mut c_out = [0f32; GROUP * TILE_TOKENS];
+    // SAFETY: between config and release; every pointer below addresses a whole tile inside its slice (asserted
+    // sizes: the panel holds chunks × GROUP × CHUNK values, hi/lo tiles × chunks × TILE).
+    unsafe {
+        unit.config();
+        for t0 in (0..tiles).step_by(TOKEN_TILES) {
+            let nb = (tiles - t0).min(TOKEN_TILES);
+            for g in r0 / GROUP..r1.div_ceil(GROUP) {
+                let panel = w.group(g, GROUP, &mut buf).as_ptr().cast::<u16>();
+                unit.zero::<0>();
+                unit.zero::<1>();
+                unit.zero::<2>();
+                unit.zero::<3>();
+                for c in 0..chunks {
+                    unit.load::<4>(panel.add(c * TILE), 64);
+                    macro_rules! token_tile {
+                        ($j:literal) => {
+                            if $j < nb {
+                                let at = ((t0 + $j) * chunks + c) * TILE;
+                                unit.load::<5>(hi.as_ptr().add(at), 64);
+                                unit.dp::<$j, 5>();
+                                if let Some(lo) = lo {
+                                    unit.load::<6>(lo.as_ptr().add(at), 64);
+                                    unit.dp::<$j, 6>();
+                                }
+                            }
+                        };
+                    }
+                    token_tile!(0);
+                    token_tile!(1);
+                    token_tile!(2);
+                    token_tile!(3);
+                }
+                let rows_here = (r1 - g * GROUP).min(GROUP);
+                for j in 0..nb {
+                    let p = c_out.as_mut_ptr();
+                    match j {
+                        0 => unit.store::<0>(p, 64),
+                        1 => unit.store::<1>(p, 64),
+                        2 => unit.store::<2>(p, 64),
+                        _ => unit.store::<3>(p, 64),
+                    }
+                    let first = (t0 + j) * TILE_TOKENS;
+                    for ti in 0..(ntok - first).min(TILE_TOKENS) {
+                        for n in 0..rows_here {
+                            // SAFETY: (first+ti, g·GROUP+n) is inside y and the column belongs to this call.
+                            *y.0.add((first + ti) * w.rows + g * GROUP + n) = c_out[n * TILE_TOKENS + ti];
+                        }
+                    }
+                }
+            }
+        }
+        unit.release();
+    }
+}
+
+/// The tile unit in plain Rust, as the SDM defines `TDPBF16PS` (per element: for each K pair, the even product then
+/// the odd one added in f32, round to nearest even; bf16 products are exact in f32).
+pub(crate) struct Emulated {
+    tiles: [[u16; TILE]; 7],
+}
+
+impl Emulated {
+    pub(crate) fn new() -> Self {
+        Emulated { tiles: [[0; TILE]; 7] }
+    }
+
+    fn f32_at(&self, t: usize, i: usize) -> f32 {
+        f32::from_bits(u32::from(self.tiles[t][2 * i]) | (u32::from(self.tiles[t][2 * i + 1]) << 16))
+    }
+
+    fn set_f32(&mut self, t: usize, i: usize, v: f32) {
+        let b = v.to_bits();
+        self.tiles[t][2 * i] = b as u16;
+        self.tiles[t][2 * i + 1] = (b >> 16) as u16;
+    }
+}
+
+fn widen(v: u16) -> f32 {
+    f32::from_bits(u32::from(v) << 16)
+}
+
+// SAFETY: the emulation touches only its own arrays and the pointers the trait's contract describes.
+unsafe impl TileUnit for Emulated {
+    unsafe fn config(&mut self) {
+        self.tiles = [[0; TILE]; 7];
+    }
+
+    unsafe fn zero<const T: u8>(&mut self) {
+        self.tiles[T as usize] = [0; TILE];
+    }
+
+    unsafe fn load<const T: u8>(&mut self, p: *const u16, stride: usize) {
+        for r in 0..16 {
+            for i in 0..32 {
+                // SAFETY: the caller points at 16 rows of 64 readable bytes at `stride`.
+                self.tiles[T as usize][r * 32 + i] = unsafe { *p.cast::<u8>().add(r * stride).cast::<u16>().add(i) };
+            }
+        }
+    }
+
+    unsafe fn dp<const C: u8, const B: u8>(&mut self) {
+        for m in 0..16 {
+            for n in 0..16 {
+                let mut acc = self.f32_at(C as usize, m * 16 + n);
+                for k in 0..16 {
+                    let a = &self.tiles[4][m * 32 + 2 * k..m * 32 + 2 * k + 2];
+                    let b = &self.tiles[B as usize][k * 32 + 2 * n..k * 32 + 2 * n + 2];
+                    acc += widen(a[0]) * widen(b[0]);
+                    acc += widen(a[1]) * widen(b[1]);
+                }
+                self.set_f32(C as usize, m * 16 + n, acc);
+            }
+        }
+    }
+
+    unsafe fn store<const T: u8>(&mut self, p: *mut f32, stride: usize) {
+        for r in 0..16 {
+            for i in 0..16 {
+                // SAFETY: the caller points at 16 rows of 64 writable bytes at `stride`.
+                unsafe { *p.cast::<u8>().add(r * stride).cast::<f32>().add(i) = self.f32_at(T as usize, r * 16 + i) };
+            }
+        }
+    }
+
+    unsafe fn release(&mut self) {}
+}
+
+/// Whether CPUID reports AMX-TILE and AMX-BF16 (what the OS allows is checked by [`available`]).
+pub(super) fn cpu_claims_amx() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::__cpuid_count;
+        // Leaf 7 is read only when the maximum leaf (leaf 0) includes it.
+        if __cpuid_count(0, 0).eax < 7 {
+            return false;
+        }
+        let edx = __cpuid_count(7, 0).edx;
+        edx & (1 << 22) != 0 && edx & (1 << 24) != 0
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether this process may run the AMX kernel: the CPU has it, the OS grants the tile state (asked once per
+/// process with `arch_prctl(ARCH_REQ_XCOMP_PERM)`; Linux grants it to every thread of the process), and the hardware
+/// agrees with the emulation on a small problem.
+pub(super) fn available() -> Result<(), String> {
+    use std::sync::OnceLock;
+    static STATE: OnceLock<Result<(), String>> = OnceLock::new();
+    STATE
+        .get_or_init(|| {
+            if !cpu_claims_amx() {
+                return Err("the CPU lacks AMX-TILE and AMX-BF16".into());
+            }
+            request_tile_state()?;
+            self_check()
+        })
+        .clone()
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn request_tile_state() -> Result<(), String> {
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    // SAFETY: arch_prctl with these arguments only changes this process's permitted XSAVE features.
+    let rc = unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) };
+    if rc != 0 {
+        return Err(format!("the kernel refused the AMX tile state: {}", std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+fn request_tile_state() -> Result<(), String> {
+    Err("AMX is only enabled on Linux".into())
+}
+
+/// Runs a 40-row × 100-column × 37-token problem on the hardware and on the emulation and compares them.
+fn self_check() -> Result<(), String> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use crate::weights::Mat;
+        let (rows, cols, ntok) = (40, 100, 37);
+        let val = |i: usize, m: u32| ((i as u32).wrapping_mul(m) % 1009) as f32 / 1009.0 - 0.5;
+        let w = Mat::from_vec(rows, cols, (0..rows * cols).map(|i| bf16::from_f32(val(i, 7919))).collect());
+        let x: Vec<f32> = (0..ntok * cols).map(|i| val(i, 104_729) * 3.0).collect();
+        let (hi, lo) = prepare(&x, ntok, cols, true);
+        let weights = Weights::of(&w);
+        let mut hw = vec![0f32; ntok * rows];
+        let mut emu = vec![0f32; ntok * rows];
+        // SAFETY: the tile state was granted; sizes follow from prepare and the matrix.
+        unsafe {
+            rows_on(&mut x86::Hardware, &weights, &hi, Some(&lo), ntok, (0, rows), Out(hw.as_mut_ptr()));
+            rows_on(&mut Emulated::new(), &weights, &hi, Some(&lo), ntok, (0, rows), Out(emu.as_mut_ptr()));
+        }
+        let worst = hw.iter().zip(&emu).map(|(a, b)| (a - b).abs() / (1.0 + b.abs())).fold(0f32, f32::max);
+        if worst.is_nan() || worst > 1e-5 {
+            return Err(format!("the tile unit disagrees with its emulation (relative difference {worst:e})"));
+        }
+        Ok(())
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        Err("not an x86-64 CPU".into())
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::asm;
+
+    use super::TileUnit;
+
+    /// The tile configuration of palette 1: tmm0–tmm6 as 16 rows × 64 bytes.
+    #[repr(C, align(64))]
+    struct TileConfig {
+        palette: u8,
+        start_row: u8,
+        reserved: [u8; 14],
+        colsb: [u16; 16],
+        rows: [u8; 16],
+    }
+
+    /// The CPU's tile unit.
+    pub(super) struct Hardware;
+
+    // SAFETY: each method is one AMX instruction on the registers and pointers the trait's contract describes.
+    unsafe impl TileUnit for Hardware {
+        unsafe fn config(&mut self) {
+            let cfg = TileConfig {
+                palette: 1,
+                start_row: 0,
+                reserved: [0; 14],
+                colsb: [64, 64, 64, 64, 64, 64, 64, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+                rows: [16, 16, 16, 16, 16, 16, 16, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            };
+            // SAFETY: a valid palette-1 configuration; the tile state was granted (the caller's promise).
+            unsafe { asm!("ldtilecfg [{0}]", in(reg) &cfg, options(nostack, readonly)) };
+        }
+
+        unsafe fn zero<const T: u8>(&mut self) {
+            // SAFETY: a configured tile register.
+            unsafe {
+                match T {
+                    0 => asm!("tilezero tmm0", options(nostack, nomem)),
+                    1 => asm!("tilezero tmm1", options(nostack, nomem)),
+                    2 => asm!("tilezero tmm2", options(nostack, nomem)),
+                    3 => asm!("tilezero tmm3", options(nostack, nomem)),
+                    _ => unreachable!("the kernel zeroes tmm0 to tmm3"),
+                }
+            }
+        }
+
+        unsafe fn load<const T: u8>(&mut self, p: *const u16, stride: usize) {
+            // SAFETY: the caller points at 16 rows of 64 readable bytes at `stride`.
+            unsafe {
+                match T {
+                    4 => asm!("tileloadd tmm4, [{0} + {1}*1]", in(reg) p, in(reg) stride, options(nostack, readonly)),
+                    5 => asm!("tileloadd tmm5, [{0} + {1}*1]", in(reg) p, in(reg) stride, options(nostack, readonly)),
+                    6 => asm!("tileloadd tmm6, [{0} + {1}*1]", in(reg) p, in(reg) stride, options(nostack, readonly)),
+                    _ => unreachable!("the kernel loads tmm4 to tmm6"),
+                }
+            }
+        }
+
+        unsafe fn dp<const C: u8, const B: u8>(&mut self) {
+            // SAFETY: configured registers; no memory is touched.
+            unsafe {
+                match (C, B) {
+                    (0, 5) => asm!("tdpbf16ps tmm0, tmm4, tmm5", options(nostack, nomem)),
+                    (1, 5) => asm!("tdpbf16ps tmm1, tmm4, tmm5", options(nostack, nomem)),
+                    (2, 5) => asm!("tdpbf16ps tmm2, tmm4, tmm5", options(nostack, nomem)),
+                    (3, 5) => asm!("tdpbf16ps tmm3, tmm4, tmm5", options(nostack, nomem)),
+                    (0, 6) => asm!("tdpbf16ps tmm0, tmm4, tmm6", options(nostack, nomem)),
+                    (1, 6) => asm!("tdpbf16ps tmm1, tmm4, tmm6", options(nostack, nomem)),
+                    (2, 6) => asm!("tdpbf16ps tmm2, tmm4, tmm6", options(nostack, nomem)),
+                    (3, 6) => asm!("tdpbf16ps tmm3, tmm4, tmm6", options(nostack, nomem)),
+                    _ => unreachable!("accumulators tmm0-3, activations tmm5-6"),
+                }
+            }
+        }
+
+        unsafe fn store<const T: u8>(&mut self, p: *mut f32, stride: usize) {
+            // SAFETY: the caller points at 16 rows of 64 writable bytes at `stride`.
+            unsafe {
+                match T {
+                    0 => asm!("tilestored [{0} + {1}*1], tmm0", in(reg) p, in(reg) stride, options(nostack)),
+                    1 => asm!("tilestored [{0} + {1}*1], tmm1", in(reg) p, in(reg) stride, options(nostack)),
+                    2 => asm!("tilestored [{0} + {1}*1], tmm2", in(reg) p, in(reg) stride, options(nostack)),
+                    3 => asm!("tilestored [{0} + {1}*1], tmm3", in(reg) p, in(reg) stride, options(nostack)),
+                    _ => unreachable!("the kernel stores tmm0 to tmm3"),
+                }
+            }
+        }
+
+        unsafe fn release(&mut self) {
+            // SAFETY: releases this thread's tile state; always valid.
+            unsafe { asm!("tilerelease", options(nostack, nomem)) };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::matmul::tests::pseudo;
+    use crate::weights::Mat;
+
+    fn run_emulated(x: &[f32], ntok: usize, w: &Mat, split: bool) -> Vec<f32> {
+        let (hi, lo) = prepare(x, ntok, w.cols, split);
+        let mut y = vec![f32::NAN; ntok * w.rows];
+        let weights = Weights::of(w);
+        // Two halves of the rows, as two parallel tasks would.
+        let half = (w.rows / 2).next_multiple_of(GROUP).min(w.rows);
+        for (r0, r1) in [(0, half), (half, w.rows)] {
+            if r0 < r1 {
+                // SAFETY: the emulation runs anywhere; sizes follow from prepare and the matrix.
+                unsafe {
+                    rows_on(
+                        &mut Emulated::new(),
+                        &weights,
+                        &hi,
+                        lo_opt(&lo, split),
+                        ntok,
+                        (r0, r1),
+                        Out(y.as_mut_ptr()),
+                    )
+                };
+            }
+        }
+        y
+    }
+
+    fn lo_opt(lo: &[u16], split: bool) -> Option<&[u16]> {
+        split.then_some(lo)
+    }
+
+    /// The kernel's data flow on the emulated tile unit against an f64 reference: tails in rows, columns and tokens,
+    /// several token tiles, both precisions.
+    #[test]
+    fn emulated_kernel_matches_reference() {
+        for &(rows, cols) in &[(7, 45), (33, 96), (17, 130)] {
+            let w = Mat::from_vec(rows, cols, pseudo(rows * cols, 3).into_iter().map(bf16::from_f32).collect());
+            let wd = w.data().to_vec();
+            for ntok in [1, 2, 15, 16, 17, 63, 64, 65, 100] {
+                let x = pseudo(ntok * cols, ntok as u32 + 1);
+                for split in [true, false] {
+                    let y = run_emulated(&x, ntok, &w, split);
+                    for t in 0..ntok {
+                        for r in 0..rows {
+                            let (mut want, mut mag) = (0f64, 0f64);
+                            for c in 0..cols {
+                                let p = f64::from(x[t * cols + c]) * wd[r * cols + c].to_f64();
+                                want += p;
+                                mag += p.abs();
+                            }
+                            let got = f64::from(y[t * rows + r]);
+                            let tol = if split { 2f64.powi(-15) } else { 2f64.powi(-7) } * mag + 1e-30;
+                            assert!(
+                                (got - want).abs() <= tol,
+                                "{rows}x{cols} ntok {ntok} split {split} ({t},{r}): {got} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// A token's outputs on the emulated unit do not depend on the tokens beside it.
+    #[test]
+    fn emulated_kernel_is_batch_invariant() {
+        let (rows, cols) = (40, 70);
+        let w = Mat::from_vec(rows, cols, pseudo(rows * cols, 8).into_iter().map(bf16::from_f32).collect());
+        let x = pseudo(80 * cols, 4);
+        let all = run_emulated(&x, 80, &w, true);
+        for t in [0, 15, 16, 63, 64, 79] {
+            let one = run_emulated(&x[t * cols..(t + 1) * cols], 1, &w, true);
+            assert_eq!(one, all[t * rows..(t + 1) * rows], "token {t}");
+        }
+    }
+}
