@@ -5,6 +5,7 @@ pub mod matmul;
 pub mod ops;
 pub mod probe;
 pub mod profile;
+pub mod simd;
 
 use matmul::{Kernel, Precision, Selection};
 

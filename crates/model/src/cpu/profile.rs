@@ -109,6 +109,11 @@ pub fn time<R>(stage: Stage, flops: u64, weight_bytes: u64, f: impl FnOnce() -> 
 
 /// [`crate::cpu::matmul::matmul`] timed as [`Stage::Dense`], with its FLOPs and weight bytes.
 pub(crate) fn dense_matmul(x: &[f32], ntok: usize, w: &crate::weights::Mat, y: &mut [f32]) {
-    let flops = 2 * (ntok * w.rows * w.cols) as u64;
-    time(Stage::Dense, flops, w.bytes() as u64, || crate::cpu::matmul::matmul(x, ntok, w, y));
+    dense(&crate::cpu::matmul::Activations::new(x, ntok, w.cols), w, y);
+}
+
+/// `y = x · wᵀ` from activations converted once (several projections of the same input), timed as [`Stage::Dense`].
+pub(crate) fn dense(x: &crate::cpu::matmul::Activations<'_>, w: &crate::weights::Mat, y: &mut [f32]) {
+    let flops = 2 * (x.ntok() * w.rows * w.cols) as u64;
+    time(Stage::Dense, flops, w.bytes() as u64, || x.matmul(w, y, true));
 }

@@ -4,8 +4,10 @@
 use rayon::prelude::*;
 
 use crate::config::ModelConfig;
-use crate::cpu::ops::{dot, rms_norm_offset, sigmoid, Rope};
+use crate::cpu::matmul::Activations;
+use crate::cpu::ops::{rms_norm_offset, sigmoid, Rope};
 use crate::cpu::profile::{self, dense_matmul as matmul, Stage};
+use crate::cpu::simd::{axpy, dot};
 use crate::error::Result;
 use crate::layers::{split_rows, Span};
 use crate::state::{LayerState, PagedRows};
@@ -55,9 +57,10 @@ impl Attention {
         let mut qg = vec![0f32; ntok * 2 * nh * hd];
         let mut k = vec![0f32; ntok * nkv * hd];
         let mut v = vec![0f32; ntok * nkv * hd];
-        matmul(x, ntok, &self.q_proj, &mut qg);
-        matmul(x, ntok, &self.k_proj, &mut k);
-        matmul(x, ntok, &self.v_proj, &mut v);
+        let xa = Activations::new(x, ntok, self.q_proj.cols);
+        profile::dense(&xa, &self.q_proj, &mut qg);
+        profile::dense(&xa, &self.k_proj, &mut k);
+        profile::dense(&xa, &self.v_proj, &mut v);
 
         let mut o = vec![0f32; ntok * nh * hd];
         // Per-span slices, so that spans run in parallel, each owning its rows and its state.
@@ -113,43 +116,78 @@ impl Attention {
             }
         }
         let scale = 1.0 / (hd as f32).sqrt();
-        let group = nh / nkv;
         let k_cache = &*k_cache;
         let v_cache = &*v_cache;
         let qg = &*qg;
+        let shape = Shape { nh, nkv, hd, scale };
         o.par_chunks_mut(nh * hd).enumerate().for_each(|(t, o_row)| {
-            let ctx = span.pos + t + 1;
-            let mut scores = vec![0f32; ctx];
-            for h in 0..nh {
-                let base = (t * nh + h) * 2 * hd;
-                let q = &qg[base..base + hd];
-                let gate = &qg[base + hd..base + 2 * hd];
-                let g = h / group;
-                let mut max = f32::NEG_INFINITY;
-                for (j, s) in scores.iter_mut().enumerate() {
-                    let kr = &k_cache.row(j)[g * hd..(g + 1) * hd];
-                    *s = dot(q, kr) * scale;
-                    max = max.max(*s);
-                }
-                let mut sum = 0f32;
-                for s in scores.iter_mut() {
-                    *s = (*s - max).exp();
-                    sum += *s;
-                }
-                let inv = 1.0 / sum;
-                let out = &mut o_row[h * hd..(h + 1) * hd];
-                out.fill(0.0);
-                for (j, s) in scores.iter().enumerate() {
-                    let p = s * inv;
-                    let vr = &v_cache.row(j)[g * hd..(g + 1) * hd];
-                    for (a, b) in out.iter_mut().zip(vr) {
-                        *a += p * b;
-                    }
-                }
-                for (a, gt) in out.iter_mut().zip(gate) {
-                    *a *= sigmoid(*gt);
-                }
-            }
+            attend_token(
+                &shape,
+                &qg[t * nh * 2 * hd..(t + 1) * nh * 2 * hd],
+                k_cache,
+                v_cache,
+                span.pos + t + 1,
+                o_row,
+            );
         });
+    }
+}
+
+/// The head layout [`attend_token`] works on.
+struct Shape {
+    nh: usize,
+    nkv: usize,
+    hd: usize,
+    scale: f32,
+}
+
+crate::multiversion!(fn attend_token(shape: &Shape, qg: &[f32], k_cache: &PagedRows, v_cache: &PagedRows, ctx: usize, o: &mut [f32]) => attend_token_body);
+
+/// One query token against the first `ctx` cached positions, all heads: `qg` holds `[q | gate]` per head, `o` gets
+/// `softmax(q·Kᵀ·scale)·V ⊙ sigmoid(gate)` per head.
+///
+/// Blocked by key-value head: the query heads of a GQA group share each cached key and value row, so each row is read
+/// once per group (not once per query head) and feeds every head of the group while it is in registers and L1.
+#[inline(always)]
+fn attend_token_body(shape: &Shape, qg: &[f32], k_cache: &PagedRows, v_cache: &PagedRows, ctx: usize, o: &mut [f32]) {
+    let Shape { nh, nkv, hd, scale } = *shape;
+    let group = nh / nkv;
+    let mut scores = vec![0f32; group * ctx];
+    for g in 0..nkv {
+        let heads = g * group..(g + 1) * group;
+        for j in 0..ctx {
+            let kr = &k_cache.row(j)[g * hd..(g + 1) * hd];
+            for (i, h) in heads.clone().enumerate() {
+                let q = &qg[h * 2 * hd..h * 2 * hd + hd];
+                scores[i * ctx + j] = dot(q, kr) * scale;
+            }
+        }
+        for i in 0..group {
+            let row = &mut scores[i * ctx..(i + 1) * ctx];
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for s in row.iter_mut() {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            let inv = 1.0 / sum;
+            for s in row.iter_mut() {
+                *s *= inv;
+            }
+        }
+        let out = &mut o[g * group * hd..(g + 1) * group * hd];
+        out.fill(0.0);
+        for j in 0..ctx {
+            let vr = &v_cache.row(j)[g * hd..(g + 1) * hd];
+            for i in 0..group {
+                axpy(&mut out[i * hd..(i + 1) * hd], scores[i * ctx + j], vr);
+            }
+        }
+        for (i, h) in heads.enumerate() {
+            let gate = &qg[h * 2 * hd + hd..(h + 1) * 2 * hd];
+            for (a, gt) in out[i * hd..(i + 1) * hd].iter_mut().zip(gate) {
+                *a *= sigmoid(*gt);
+            }
+        }
     }
 }

@@ -14,9 +14,10 @@ use std::time::Instant;
 use rayon::prelude::*;
 
 use crate::config::ModelConfig;
-use crate::cpu::matmul::{matmul, matmul_serial};
-use crate::cpu::ops::{sigmoid, silu, softmax};
+use crate::cpu::matmul::Activations;
+use crate::cpu::ops::{sigmoid, softmax};
 use crate::cpu::profile::{self, dense_matmul, Stage};
+use crate::cpu::simd::swiglu;
 use crate::error::{ModelError, Result};
 use crate::weights::{Checkpoint, Mat};
 
@@ -89,19 +90,18 @@ pub struct SwiGlu {
 }
 
 impl SwiGlu {
-    /// Runs the MLP on `ntok` rows of `x`; `parallel` spreads each matmul over the thread pool.
+    /// Runs the MLP on `ntok` rows of `x`; `parallel` spreads each matmul over the thread pool. The activations are
+    /// converted for the kernel once for gate and up, and SwiGLU's product is one vectorised pass.
     pub fn forward(&self, x: &[f32], ntok: usize, parallel: bool) -> Vec<f32> {
-        let mm = if parallel { matmul } else { matmul_serial };
         let inter = self.gate.rows;
+        let xa = Activations::new(x, ntok, self.gate.cols);
         let mut g = vec![0f32; ntok * inter];
         let mut u = vec![0f32; ntok * inter];
-        mm(x, ntok, &self.gate, &mut g);
-        mm(x, ntok, &self.up, &mut u);
-        for (a, b) in g.iter_mut().zip(&u) {
-            *a = silu(*a) * b;
-        }
+        xa.matmul(&self.gate, &mut g, parallel);
+        xa.matmul(&self.up, &mut u, parallel);
+        swiglu(&mut g, &u);
         let mut y = vec![0f32; ntok * self.down.rows];
-        mm(&g, ntok, &self.down, &mut y);
+        Activations::new(&g, ntok, inter).matmul(&self.down, &mut y, parallel);
         y
     }
 
