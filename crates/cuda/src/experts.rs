@@ -150,9 +150,10 @@ impl CudaExperts {
                         down: stream.clone_htod(down.rows(e * h, (e + 1) * h).data()).map_err(driver)?,
                     },
                     None => {
-                        let gate = ckpt.matrix(&format!("{p}{e}.gate_proj.weight"), &[i, h])?;
-                        let up = ckpt.matrix(&format!("{p}{e}.up_proj.weight"), &[i, h])?;
-                        let down = ckpt.matrix(&format!("{p}{e}.down_proj.weight"), &[h, i])?;
+                        // Views of the map, row-major whatever the CPU kernel's resident layout: uploaded as they are.
+                        let gate = ckpt.matrix_view(&format!("{p}{e}.gate_proj.weight"), &[i, h])?;
+                        let up = ckpt.matrix_view(&format!("{p}{e}.up_proj.weight"), &[i, h])?;
+                        let down = ckpt.matrix_view(&format!("{p}{e}.down_proj.weight"), &[h, i])?;
                         // SAFETY: both halves are written below before any kernel reads them.
                         let mut gate_up = unsafe { stream.alloc::<bf16>(2 * i * h) }.map_err(driver)?;
                         stream.memcpy_htod(gate.data(), &mut gate_up.slice_mut(..i * h)).map_err(driver)?;

@@ -346,7 +346,7 @@ fn gemm_add(c: &mut [f64], a: &[f64], b: &[f64], (m, k, n): (usize, usize, usize
 
 #[inline(always)]
 fn gemm_rows<const MB: usize>(c: &mut [f64], a: &[f64], b: &[f64], i: usize, (k, n): (usize, usize)) {
-    const W: usize = 8;
+    const W: usize = 16;
     let full = n / W * W;
     for jc in (0..full).step_by(W) {
         let mut acc = [[0f64; W]; MB];

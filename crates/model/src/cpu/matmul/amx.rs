@@ -39,13 +39,19 @@ pub(crate) fn prepare(x: &[f32], ntok: usize, k: usize, split: bool) -> (Vec<u16
     let mut lo = if split { vec![0u16; tiles * chunks * TILE] } else { Vec::new() };
     for t in 0..ntok {
         let (tt, ti) = (t / TILE_TOKENS, t % TILE_TOKENS);
-        for (c0, v) in x[t * k..(t + 1) * k].iter().enumerate() {
-            let (c, kk, p) = (c0 / CHUNK, (c0 % CHUNK) / 2, c0 % 2);
-            let at = (tt * chunks + c) * TILE + kk * 2 * TILE_TOKENS + ti * 2 + p;
-            if split {
-                (hi[at], lo[at]) = super::split_bf16(*v);
-            } else {
-                hi[at] = super::round_bf16(*v);
+        let row = &x[t * k..(t + 1) * k];
+        for (c, cols) in row.chunks(CHUNK).enumerate() {
+            // Column 2·kk + p of the chunk goes to row kk, token ti, half p of the B tile.
+            let base = (tt * chunks + c) * TILE + ti * 2;
+            for (pair, v) in cols.chunks(2).enumerate() {
+                let at = base + pair * 2 * TILE_TOKENS;
+                for (p, v) in v.iter().enumerate() {
+                    if split {
+                        (hi[at + p], lo[at + p]) = super::split_bf16(*v);
+                    } else {
+                        hi[at + p] = super::round_bf16(*v);
+                    }
+                }
             }
         }
     }
