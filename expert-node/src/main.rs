@@ -94,13 +94,7 @@ fn run(args: Args) -> Result<()> {
     if args.max_message_mib == 0 || args.max_message_mib > 1024 {
         bail!("--max-message-mib {}: must be between 1 and 1024", args.max_message_mib);
     }
-    let selection = args.cpu.apply()?;
-    tracing::info!(
-        threads = moe_model::cpu::threads(),
-        kernel = selection.kernel.name(),
-        precision = selection.precision.name(),
-        "CPU compute"
-    );
+    args.cpu.apply()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("expert-io")

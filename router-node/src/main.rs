@@ -103,13 +103,7 @@ fn run(mut args: Args) -> Result<()> {
         args.listen.set_port(port);
     }
     let options = options(&args)?;
-    let selection = args.cpu.apply()?;
-    tracing::info!(
-        threads = moe_model::cpu::threads(),
-        kernel = selection.kernel.name(),
-        precision = selection.precision.name(),
-        "CPU compute"
-    );
+    args.cpu.apply()?;
     // Bind before loading, so that a taken port fails at once.
     let listener =
         std::net::TcpListener::bind(args.listen).with_context(|| format!("cannot listen on {}", args.listen))?;

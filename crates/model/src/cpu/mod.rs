@@ -43,7 +43,8 @@ pub struct CpuOptions {
 }
 
 impl CpuOptions {
-    /// Applies the options to this process: the thread pool, then the kernel. Call once, before loading a model.
+    /// Applies the options to this process: the thread pool, then the kernel, and logs what was chosen. Call once,
+    /// before loading a model.
     pub fn apply(&self) -> Result<Selection, CpuError> {
         if let Some(threads) = self.threads {
             if threads == 0 {
@@ -51,7 +52,14 @@ impl CpuOptions {
             }
             set_threads(threads)?;
         }
-        Ok(matmul::configure(self.kernel, self.precision)?)
+        let selection = matmul::configure(self.kernel, self.precision)?;
+        tracing::info!(
+            threads = threads(),
+            kernel = selection.kernel.name(),
+            precision = selection.precision.name(),
+            "CPU compute"
+        );
+        Ok(selection)
     }
 }
 
