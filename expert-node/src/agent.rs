@@ -34,7 +34,7 @@ impl Default for AgentOptions {
         AgentOptions {
             grace: Duration::from_secs(2),
             tick: Duration::from_millis(500),
-            drain_timeout: Duration::from_secs(60),
+            drain_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -61,6 +61,9 @@ struct Follower {
     gone_since: Option<Instant>,
 }
 
+/// The longest one call to the placement store may take here; a store that does not answer is treated as down.
+const STORE_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// Follows the cluster's placement until the node is drained: by `moectl placement drain`, or after `drain`
 /// resolves (SIGTERM). Store errors are logged and retried; the node serves on with what it has meanwhile.
 pub async fn follow(
@@ -73,7 +76,10 @@ pub async fn follow(
     let id = node.node_id.clone();
     // Without a watch (the store refused it), the tick alone drives the loop.
     let (_idle, idle) = tokio::sync::watch::channel(0u64);
-    let mut changes = cluster.changes().await.unwrap_or_else(|_| idle.clone());
+    let mut changes = match tokio::time::timeout(STORE_TIMEOUT, cluster.changes()).await {
+        Ok(Ok(rx)) => rx,
+        _ => idle.clone(),
+    };
     let mut f = Follower {
         node,
         session,
@@ -86,8 +92,21 @@ pub async fn follow(
     let mut draining_since: Option<Instant> = None;
     tokio::pin!(drain);
     let mut drain_asked = false;
+    let mut drain_marked = false;
     loop {
-        match cluster.snapshot().await {
+        // A drain asked while the store was unreachable is marked as soon as it answers again.
+        if drain_asked && !drain_marked {
+            match tokio::time::timeout(STORE_TIMEOUT, cluster.drain(&id, Some(f.session.lease()))).await {
+                Ok(Ok(())) => drain_marked = true,
+                Ok(Err(e)) => tracing::warn!("marking this node draining: {e}; retrying"),
+                Err(_) => tracing::warn!("marking this node draining: no answer within {STORE_TIMEOUT:?}; retrying"),
+            }
+        }
+        let snapshot = match tokio::time::timeout(STORE_TIMEOUT, cluster.snapshot()).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err(format!("no answer within {STORE_TIMEOUT:?}")),
+        };
+        match snapshot {
             Ok(view) => {
                 if draining_since.is_none() && (drain_asked || view.drains.contains(&id)) {
                     tracing::info!("draining: waiting for the controller to move this node's experts");
@@ -118,9 +137,8 @@ pub async fn follow(
         tokio::select! {
             _ = &mut drain, if !drain_asked => {
                 drain_asked = true;
-                if let Err(e) = cluster.drain(&id, Some(f.session.lease())).await {
-                    tracing::warn!("marking this node draining: {e}");
-                }
+                draining_since.get_or_insert_with(Instant::now);
+                tracing::info!(timeout = ?options.drain_timeout, "draining: waiting for the controller to move this node's experts");
             }
             r = changes.changed() => if r.is_err() { changes = idle.clone() },
             _ = tick => {}

@@ -47,13 +47,17 @@ struct Args {
     /// Seconds of the membership lease: a node that dies is out of the cluster within this time.
     #[arg(long, default_value_t = 3)]
     lease_ttl_secs: u64,
-    /// Seconds a drain (SIGTERM with --etcd) waits for the node's experts to move before the node exits anyway.
-    #[arg(long, default_value_t = 60)]
+    /// Seconds a drain (SIGTERM with --etcd) waits for the node's experts to move before the node exits anyway,
+    /// also when etcd does not answer; a second SIGTERM exits at once.
+    #[arg(long, default_value_t = 30)]
     drain_timeout_secs: u64,
+    /// Requests waiting for compute, over all routers; more are answered RESOURCE_EXHAUSTED at once.
+    #[arg(long, default_value_t = 256)]
+    max_queued_requests: usize,
     /// Where to compute: `cpu`, or `cuda[:0,1,...]` in builds with the CUDA backend.
     #[arg(long, env = "MOE_DEVICE", default_value = "cpu")]
     device: String,
-    /// Name reported in Status and logs [default: expert-PORT].
+    /// Name reported in Status and logs [default: expert-HOSTNAME-PORT].
     #[arg(long, env = "MOE_NODE_ID")]
     node_id: Option<String>,
     /// Serve the weights from the file mapping instead of copying them into memory (less memory, slower decode).
@@ -103,12 +107,13 @@ fn run(args: Args) -> Result<()> {
         .context("starting the async runtime")?;
     // Bind first, so that a taken port fails before minutes of loading.
     let (listener, addr) = runtime.block_on(expert_node::bind(args.listen))?;
-    let node_id = args.node_id.clone().unwrap_or_else(|| format!("expert-{}", addr.port()));
+    let node_id = args.node_id.clone().unwrap_or_else(|| moe_placement::default_member_id("expert", addr.port()));
     let residency = if args.mapped { Residency::Mapped } else { Residency::Resident };
     let options = ServeOptions {
         max_message_bytes: args.max_message_mib << 20,
         keepalive_interval: Duration::from_secs(args.keepalive_secs.max(1)),
         keepalive_timeout: Duration::from_secs(2 * args.keepalive_secs.max(1)),
+        max_queued: args.max_queued_requests.max(1),
         ..ServeOptions::default()
     };
 
@@ -142,9 +147,12 @@ fn run(args: Args) -> Result<()> {
     let grace = Duration::from_secs_f64(args.shutdown_grace_secs.max(0.0));
     if let Some(etcd) = args.etcd.clone() {
         let advertise = args.advertise.clone().unwrap_or_else(|| addr.to_string());
-        return runtime.block_on(in_cluster(args, etcd, advertise, node, listener, options, grace));
+        let served = runtime.block_on(in_cluster(args, etcd, advertise, node, listener, options, grace));
+        // Tasks still running (a store call that does not return) do not hold the exit up.
+        runtime.shutdown_timeout(Duration::from_secs(1));
+        return served;
     }
-    runtime.block_on(async move {
+    let served = runtime.block_on(async move {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let mut server = tokio::spawn(expert_node::serve(node, listener, options, async {
             let _ = stopped.await;
@@ -163,7 +171,9 @@ fn run(args: Args) -> Result<()> {
         }
         tracing::info!("stopped");
         Ok(())
-    })
+    });
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    served
 }
 
 /// Serves as a member of the cluster in etcd until drained (SIGTERM, or `moectl placement drain`).
@@ -230,7 +240,11 @@ async fn in_cluster(
     publisher.abort();
     let _ = publisher.await;
     if let Some(session) = Arc::into_inner(session) {
-        session.close().await?;
+        // With the store down the lease expires by itself; the exit does not wait for it.
+        match tokio::time::timeout(Duration::from_secs(3), session.close()).await {
+            Ok(r) => r?,
+            Err(_) => tracing::warn!("the store did not answer; leaving with the lease"),
+        }
     }
     tracing::info!("stopped");
     Ok(())

@@ -373,11 +373,14 @@ impl ExpertNode {
         };
         let t1 = Instant::now();
         let mut out = vec![0f32; n * h];
-        self.experts.experts().forward(req.layer as usize, &hidden, &routing, &mut out).map_err(|e| Refusal {
-            // The shard changed between the check and the compute (an unload raced this request).
-            code: ErrorCode::FailedPrecondition,
-            field: "routing.experts".into(),
-            message: e.to_string(),
+        self.experts.experts().forward(req.layer as usize, &hidden, &routing, &mut out).map_err(|e| {
+            let layer = req.layer as usize;
+            match routing.experts.iter().position(|&x| !self.experts.is_loaded(layer, x as usize)) {
+                // The shard changed between the check and the compute (an unload raced this request).
+                Some(k) => Refusal::precondition(format!("routing.experts[{k}]"), e.to_string()),
+                // Everything was there and the compute still failed: the node is at fault, not the request.
+                None => Refusal { code: ErrorCode::Internal, field: String::new(), message: e.to_string() },
+            }
         })?;
         let t2 = Instant::now();
         let sums = codec::encode(&out, dtype);
@@ -404,29 +407,37 @@ fn set_contains(set: &ExpertSet) -> impl Fn(usize, usize) -> bool + Sync + '_ {
     move |l, e| set.layers.iter().any(|row| row.layer as usize == l && row.experts.contains(&(e as u32)))
 }
 
-/// The compute thread has stopped.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct QueueClosed;
-
 /// A checked request waiting for the compute thread.
 pub(crate) struct Job {
     pub req: ForwardRequest,
     pub dtype: Dtype,
     pub enqueued: Instant,
     pub deadline: Option<Instant>,
-    pub reply: tokio::sync::mpsc::Sender<Result<ForwardResponse, tonic::Status>>,
+    /// A slot reserved in the stream's reply queue: answering never waits for a router that does not read.
+    pub reply: tokio::sync::mpsc::OwnedPermit<Result<ForwardResponse, tonic::Status>>,
 }
 
 /// The thread that computes requests one at a time, in arrival order, each spread over all cores by the matmul
 /// pool: requests of one layer from several routers queue rather than fight over the cores.
 #[derive(Clone)]
 pub(crate) struct ComputeQueue {
-    tx: mpsc::Sender<Job>,
+    tx: mpsc::SyncSender<Job>,
+    depth: usize,
+}
+
+/// Why a job was not queued.
+pub(crate) enum Rejected {
+    /// The queue holds its limit; the job comes back to be answered `RESOURCE_EXHAUSTED`.
+    Full(Box<Job>),
+    /// The compute thread has stopped.
+    Closed,
 }
 
 impl ComputeQueue {
-    pub fn start(node: Arc<ExpertNode>) -> std::io::Result<Self> {
-        let (tx, rx) = mpsc::channel::<Job>();
+    /// Starts the compute thread with a queue of at most `depth` jobs.
+    pub fn start(node: Arc<ExpertNode>, depth: usize) -> std::io::Result<Self> {
+        let depth = depth.max(1);
+        let (tx, rx) = mpsc::sync_channel::<Job>(depth);
         std::thread::Builder::new().name("expert-compute".into()).spawn(move || {
             for job in rx {
                 let id = job.req.id;
@@ -452,15 +463,22 @@ impl ComputeQueue {
                         refusal.into_response(id)
                     }
                 };
-                // A router that went away no longer reads its stream; nothing to do then.
-                let _ = job.reply.blocking_send(Ok(response));
+                // The slot was reserved when the request arrived: this never blocks.
+                job.reply.send(Ok(response));
             }
         })?;
-        Ok(ComputeQueue { tx })
+        Ok(ComputeQueue { tx, depth })
     }
 
-    /// Queues `job`; fails only when the compute thread is gone.
-    pub fn submit(&self, job: Job) -> Result<(), QueueClosed> {
-        self.tx.send(job).map_err(|_| QueueClosed)
+    /// Queues `job` unless the queue is full or the compute thread is gone.
+    pub fn submit(&self, job: Job) -> Result<(), Rejected> {
+        self.tx.try_send(job).map_err(|e| match e {
+            mpsc::TrySendError::Full(job) => Rejected::Full(Box::new(job)),
+            mpsc::TrySendError::Disconnected(_) => Rejected::Closed,
+        })
+    }
+
+    pub fn depth(&self) -> usize {
+        self.depth
     }
 }

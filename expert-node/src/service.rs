@@ -16,7 +16,7 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::node::{ComputeQueue, ExpertNode, Job, Refusal};
+use crate::node::{ComputeQueue, ExpertNode, Job, Refusal, Rejected};
 use crate::NodeError;
 
 /// Transport settings of the server. The defaults suit activations of a few MiB per message on a datacenter link.
@@ -30,6 +30,9 @@ pub struct ServeOptions {
     /// HTTP/2 flow-control windows: large enough that a whole message is in flight without waiting for WINDOW_UPDATE.
     pub stream_window_bytes: u32,
     pub connection_window_bytes: u32,
+    /// Requests waiting for the compute thread, over all streams; beyond it requests are answered
+    /// `RESOURCE_EXHAUSTED` at once (routers send them to another replica, or again after a backoff).
+    pub max_queued: usize,
 }
 
 impl Default for ServeOptions {
@@ -40,6 +43,7 @@ impl Default for ServeOptions {
             keepalive_timeout: Duration::from_secs(5),
             stream_window_bytes: 16 << 20,
             connection_window_bytes: 64 << 20,
+            max_queued: 256,
         }
     }
 }
@@ -47,8 +51,8 @@ impl Default for ServeOptions {
 /// 16 MiB: a 2048-wide bf16 activation block of 4096 tokens, with room for its routing.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 16 << 20;
 
-/// Requests a stream may have between the network and the compute queue before the node stops reading it
-/// (backpressure reaches the router through HTTP/2 flow control).
+/// Answers a stream may have unread (requests queued or computing included) before the node stops reading it:
+/// backpressure reaches that router alone, through HTTP/2 flow control, and the compute thread never waits for it.
 const STREAM_DEPTH: usize = 64;
 
 #[derive(Clone)]
@@ -84,21 +88,34 @@ impl ExpertService for Service {
                 };
                 let received = Instant::now();
                 let id = req.id;
+                // A slot for the answer, whatever it is: waits only while this stream's router leaves its answers
+                // unread.
+                let Ok(slot) = tx.clone().reserve_owned().await else { break };
                 match node.check(&req) {
                     Ok(dtype) => {
                         let deadline = (req.deadline_us > 0).then(|| received + Duration::from_micros(req.deadline_us));
-                        let job = Job { req, dtype, enqueued: received, deadline, reply: tx.clone() };
-                        if queue.submit(job).is_err() {
-                            let _ = tx.send(Err(Status::unavailable("the compute thread has stopped"))).await;
-                            break;
+                        let job = Job { req, dtype, enqueued: received, deadline, reply: slot };
+                        match queue.submit(job) {
+                            Ok(()) => {}
+                            Err(Rejected::Full(job)) => {
+                                node.counters.errors.fetch_add(1, Ordering::Relaxed);
+                                let refusal = Refusal {
+                                    code: moe_proto::v1::ErrorCode::ResourceExhausted,
+                                    field: String::new(),
+                                    message: format!("{} requests are waiting for compute here", queue.depth()),
+                                };
+                                job.reply.send(Ok(refusal.into_response(id)));
+                            }
+                            Err(Rejected::Closed) => {
+                                let _ = tx.send(Err(Status::unavailable("the compute thread has stopped"))).await;
+                                break;
+                            }
                         }
                     }
                     Err(refusal) => {
                         node.counters.errors.fetch_add(1, Ordering::Relaxed);
                         tracing::warn!(?peer, id, field = %refusal.field, "refused: {}", refusal.message);
-                        if tx.send(Ok(refusal.into_response(id))).await.is_err() {
-                            break;
-                        }
+                        slot.send(Ok(refusal.into_response(id)));
                     }
                 }
             }
@@ -174,7 +191,7 @@ pub async fn serve(
     options: ServeOptions,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), NodeError> {
-    let queue = ComputeQueue::start(Arc::clone(&node)).map_err(NodeError::Thread)?;
+    let queue = ComputeQueue::start(Arc::clone(&node), options.max_queued).map_err(NodeError::Thread)?;
     let service = ExpertServiceServer::new(Service { node, queue })
         .max_decoding_message_size(options.max_message_bytes)
         .max_encoding_message_size(options.max_message_bytes);

@@ -14,8 +14,8 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc};
-use std::time::Instant;
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use moe_model::cpu::ops::log_softmax;
 use moe_model::{Decoder, Experts, LayerKind, LogitsFor, Sampler, SamplingParams, Segment, SequenceState};
@@ -34,6 +34,8 @@ pub struct EngineConfig {
     pub state_budget_bytes: u64,
     /// Micro-batches per step (ping-pong with remote experts).
     pub micro_batches: usize,
+    /// The longest a request waits for admission; beyond it, it is shed (HTTP 503 with `Retry-After`).
+    pub max_queue_wait: Duration,
 }
 
 impl Default for EngineConfig {
@@ -44,6 +46,7 @@ impl Default for EngineConfig {
             max_queue: 1024,
             state_budget_bytes: 4 << 30,
             micro_batches: 1,
+            max_queue_wait: Duration::from_secs(60),
         }
     }
 }
@@ -87,6 +90,8 @@ pub enum Finish {
 /// What the engine tells the submitter of a sequence, in order.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SequenceEvent {
+    /// The sequence left the queue and runs (its state is reserved).
+    Admitted,
     /// Log-probs of prompt tokens 1.. (the first token has none), when asked.
     PromptLogprobs(Vec<TokenLogprob>),
     /// A generated token.
@@ -99,8 +104,17 @@ pub enum SequenceEvent {
         prompt_tokens: usize,
         completion_tokens: usize,
     },
-    /// The step failed (for instance an expert node without replica went down); the sequence is gone.
+    /// The step failed (a request the expert nodes refused, or one held longer than the hold limit); the sequence
+    /// is gone.
     Failed(String),
+    /// The request waited in the queue longer than the limit and was not started.
+    Shed {
+        waited: Duration,
+    },
+    /// The request's deadline passed before it finished; it is gone.
+    Expired {
+        after: Duration,
+    },
 }
 
 /// A request to the engine.
@@ -111,6 +125,58 @@ pub struct SequenceRequest {
     pub events: UnboundedSender<SequenceEvent>,
     /// Set by the caller (a stop string matched, the client left) to end the sequence at the next step.
     pub cancel: Arc<AtomicBool>,
+    /// When the request must have ended; past it the sequence ends with [`SequenceEvent::Expired`].
+    pub deadline: Option<Instant>,
+}
+
+impl SequenceRequest {
+    /// The submitter no longer waits: cancelled, gone, or past its deadline.
+    fn abandoned(&self, now: Instant) -> bool {
+        self.cancel.load(Ordering::Acquire) || self.events.is_closed() || self.deadline.is_some_and(|d| now >= d)
+    }
+}
+
+/// The sequences of the step in progress, for the experts' [`crate::remote::StepInterest`]: a step held for
+/// experts without a live replica is worth holding while one of them is still waited for.
+#[derive(Debug, Default)]
+pub struct InStep {
+    members: Mutex<Vec<Waiter>>,
+}
+
+#[derive(Debug)]
+struct Waiter {
+    cancel: Arc<AtomicBool>,
+    events: UnboundedSender<SequenceEvent>,
+    deadline: Option<Instant>,
+}
+
+impl InStep {
+    fn set(&self, running: &[Running]) {
+        let members = running
+            .iter()
+            .map(|s| Waiter {
+                cancel: Arc::clone(&s.req.cancel),
+                events: s.req.events.clone(),
+                deadline: s.req.deadline,
+            })
+            .collect();
+        *self.members.lock().unwrap_or_else(|p| p.into_inner()) = members;
+    }
+
+    fn clear(&self) {
+        self.members.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+}
+
+impl crate::remote::StepInterest for InStep {
+    fn wanted(&self) -> bool {
+        let now = Instant::now();
+        self.members
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|w| !w.cancel.load(Ordering::Acquire) && !w.events.is_closed() && w.deadline.is_none_or(|d| now < d))
+    }
 }
 
 /// A submission that did not get into the queue.
@@ -136,6 +202,11 @@ pub struct EngineStats {
     pub finished: AtomicU64,
     pub cancelled: AtomicU64,
     pub failed: AtomicU64,
+    /// Requests shed after waiting too long in the queue, and sequences ended by their deadline.
+    pub shed: AtomicU64,
+    pub expired: AtomicU64,
+    /// Set when the engine thread has ended (all handles dropped, or a panic): nothing is served any more.
+    pub stopped: AtomicBool,
 }
 
 /// The submit side of the engine; cheap to clone.
@@ -143,6 +214,8 @@ pub struct EngineStats {
 pub struct EngineHandle {
     tx: mpsc::Sender<SequenceRequest>,
     pub stats: Arc<EngineStats>,
+    /// Who the step in progress is for (see [`InStep`]).
+    pub in_step: Arc<InStep>,
     max_queue: usize,
     budget: u64,
     footprint: Footprint,
@@ -170,6 +243,11 @@ impl EngineHandle {
             self.stats.waiting.fetch_sub(1, Ordering::AcqRel);
             SubmitError::Stopped
         })
+    }
+
+    /// Whether the engine thread still runs.
+    pub fn is_alive(&self) -> bool {
+        !self.stats.stopped.load(Ordering::Acquire)
     }
 
     /// Bytes of state one sequence of `tokens` tokens reserves.
@@ -201,6 +279,7 @@ impl Footprint {
 
 struct Running {
     req: SequenceRequest,
+    admitted: Instant,
     state: SequenceState,
     sampler: Sampler,
     /// Prompt tokens fed so far.
@@ -220,18 +299,39 @@ pub fn start(
 ) -> std::io::Result<(EngineHandle, std::thread::JoinHandle<()>)> {
     let (tx, rx) = mpsc::channel();
     let stats = Arc::new(EngineStats::default());
+    let in_step = Arc::new(InStep::default());
     let footprint = Footprint::new(model.as_ref(), moe_model::state::KV_PAGE_TOKENS);
     let handle = EngineHandle {
         tx,
         stats: Arc::clone(&stats),
+        in_step: Arc::clone(&in_step),
         max_queue: config.max_queue,
         budget: config.state_budget_bytes,
         footprint,
     };
-    let thread = std::thread::Builder::new()
-        .name("engine".into())
-        .spawn(move || Engine { model, experts, config, stats, footprint, rx, waiting: VecDeque::new() }.run())?;
+    let thread = std::thread::Builder::new().name("engine".into()).spawn(move || {
+        let _stopped = Stopped(Arc::clone(&stats));
+        Engine { model, experts, config, stats, in_step, footprint, rx, waiting: VecDeque::new() }.run()
+    })?;
     Ok((handle, thread))
+}
+
+/// Marks the engine stopped when its thread ends, however it ends.
+struct Stopped(Arc<EngineStats>);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        self.0.stopped.store(true, Ordering::Release);
+        if std::thread::panicking() {
+            tracing::error!("the engine thread panicked; the router no longer serves");
+        }
+    }
+}
+
+/// A request in the queue, with when it arrived.
+struct Queued {
+    req: SequenceRequest,
+    since: Instant,
 }
 
 struct Engine {
@@ -239,9 +339,10 @@ struct Engine {
     experts: Arc<dyn Experts>,
     config: EngineConfig,
     stats: Arc<EngineStats>,
+    in_step: Arc<InStep>,
     footprint: Footprint,
     rx: mpsc::Receiver<SequenceRequest>,
-    waiting: VecDeque<SequenceRequest>,
+    waiting: VecDeque<Queued>,
 }
 
 impl Engine {
@@ -252,43 +353,68 @@ impl Engine {
             // Block only when there is nothing to do.
             if running.is_empty() && self.waiting.is_empty() {
                 match self.rx.recv() {
-                    Ok(req) => self.waiting.push_back(req),
+                    Ok(req) => self.waiting.push_back(Queued { req, since: Instant::now() }),
                     Err(_) => return,
                 }
             }
             while let Ok(req) = self.rx.try_recv() {
-                self.waiting.push_back(req);
+                self.waiting.push_back(Queued { req, since: Instant::now() });
             }
-            // Clients that left: cancelled before or during their run.
-            self.waiting.retain(|r| {
-                let gone = r.cancel.load(Ordering::Acquire) || r.events.is_closed();
-                if gone {
-                    self.stats.waiting.fetch_sub(1, Ordering::AcqRel);
+            let now = Instant::now();
+            // Clients that left, requests past their deadline, and requests that waited too long.
+            self.waiting.retain(|q| {
+                let r = &q.req;
+                let end = if r.cancel.load(Ordering::Acquire) || r.events.is_closed() {
                     self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+                    true
+                } else if r.deadline.is_some_and(|d| now >= d) {
+                    self.stats.expired.fetch_add(1, Ordering::Relaxed);
+                    let _ = r.events.send(SequenceEvent::Expired { after: now - q.since });
+                    true
+                } else if now - q.since > self.config.max_queue_wait {
+                    self.stats.shed.fetch_add(1, Ordering::Relaxed);
+                    let _ = r.events.send(SequenceEvent::Shed { waited: now - q.since });
+                    true
+                } else {
+                    false
+                };
+                if end {
+                    self.stats.waiting.fetch_sub(1, Ordering::AcqRel);
                 }
-                !gone
+                !end
             });
             running.retain(|s| {
-                let gone = s.req.cancel.load(Ordering::Acquire) || s.req.events.is_closed();
-                if gone {
-                    reserved -= s.reserved;
+                let r = &s.req;
+                let end = if r.cancel.load(Ordering::Acquire) || r.events.is_closed() {
                     self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+                    true
+                } else if r.abandoned(now) {
+                    self.stats.expired.fetch_add(1, Ordering::Relaxed);
+                    let _ = r.events.send(SequenceEvent::Expired { after: now - s.admitted });
+                    true
+                } else {
+                    false
+                };
+                if end {
+                    reserved -= s.reserved;
                 }
-                !gone
+                !end
             });
             // Admission, first come first served, under the state budget.
             while running.len() < self.config.max_running {
                 let Some(front) = self.waiting.front() else { break };
-                let need = self.footprint.bytes(front.prompt.len() + front.params.max_tokens);
+                let need = self.footprint.bytes(front.req.prompt.len() + front.req.params.max_tokens);
                 if reserved + need > self.config.state_budget_bytes {
                     break;
                 }
-                let Some(req) = self.waiting.pop_front() else { break };
+                let Some(Queued { req, .. }) = self.waiting.pop_front() else { break };
                 self.stats.waiting.fetch_sub(1, Ordering::AcqRel);
                 match Sampler::new(req.params.sampling) {
                     Ok(sampler) => {
                         reserved += need;
+                        let _ = req.events.send(SequenceEvent::Admitted);
                         running.push(Running {
+                            admitted: Instant::now(),
                             state: self.model.new_state(),
                             sampler,
                             fed: 0,
@@ -300,6 +426,7 @@ impl Engine {
                         });
                     }
                     Err(e) => {
+                        self.stats.failed.fetch_add(1, Ordering::Relaxed);
                         let _ = req.events.send(SequenceEvent::Failed(e.to_string()));
                     }
                 }
@@ -309,17 +436,24 @@ impl Engine {
             if running.is_empty() {
                 continue;
             }
-            match self.step(&mut running) {
-                Ok(()) => {}
-                Err(e) => {
-                    // A failed step leaves the states of its sequences half-advanced: they all end.
-                    tracing::error!("engine step failed: {e}");
-                    for s in running.drain(..) {
+            self.in_step.set(&running);
+            let stepped = self.step(&mut running);
+            self.in_step.clear();
+            if let Err(e) = stepped {
+                // A failed step leaves the states of its sequences half-advanced: they all end. (A step whose
+                // experts lost their last replica is held instead, and fails only once nobody waits for it or
+                // the hold limit passed.)
+                tracing::error!("engine step failed: {e}");
+                let now = Instant::now();
+                for s in running.drain(..) {
+                    if s.req.abandoned(now) {
+                        self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+                    } else {
                         self.stats.failed.fetch_add(1, Ordering::Relaxed);
-                        let _ = s.req.events.send(SequenceEvent::Failed(e.to_string()));
                     }
-                    reserved = 0;
+                    let _ = s.req.events.send(SequenceEvent::Failed(e.to_string()));
                 }
+                reserved = 0;
             }
             running.retain(|s| {
                 let done = s.next.is_none() && s.fed == s.req.prompt.len();

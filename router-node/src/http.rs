@@ -10,11 +10,11 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
-use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
@@ -38,6 +38,12 @@ pub struct ApiConfig {
     pub max_model_len: usize,
     /// Most choices per request (`n` × prompts).
     pub max_choices: usize,
+    /// The longest a request may take, queue included (also the most a request's own `request_timeout` may ask);
+    /// past it the request ends with HTTP 503 or, streamed, a last SSE error event.
+    pub request_timeout: Duration,
+    /// SSE keep-alive comments, sent after this long without an event once a stream's first data event is out
+    /// (never before it: some clients cannot parse a stream that begins with a comment).
+    pub sse_keepalive: Duration,
 }
 
 impl Default for ApiConfig {
@@ -48,6 +54,8 @@ impl Default for ApiConfig {
             max_body_bytes: 8 << 20,
             max_model_len: 4096,
             max_choices: 64,
+            request_timeout: Duration::from_secs(600),
+            sse_keepalive: Duration::from_secs(15),
         }
     }
 }
@@ -115,7 +123,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models", get(models))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
-        .route("/livez", get(|| async { "ok" }))
+        .route("/livez", get(livez))
         .route("/readyz", get(readyz))
         .route("/ready", get(readyz))
         .route("/health", get(readyz))
@@ -182,9 +190,21 @@ impl IntoResponse for ApiError {
 // ---------------------------------------------------------------------------------------------------------------
 // Probes and metrics
 
+/// Alive while the engine thread runs: a router whose engine died is restarted by its supervisor.
+async fn livez(State(state): State<Arc<AppState>>) -> Response {
+    if state.engine.is_alive() {
+        (StatusCode::OK, "ok").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "the engine thread has stopped").into_response()
+    }
+}
+
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     if state.draining.load(Ordering::Acquire) {
         return (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response();
+    }
+    if !state.engine.is_alive() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "the engine thread has stopped").into_response();
     }
     match (state.experts_ready)() {
         Ok(()) => (StatusCode::OK, "ready").into_response(),
@@ -451,6 +471,18 @@ struct Common {
     skip_special_tokens: bool,
     /// Top log-probs per token (`Some(0)`: the chosen token's only).
     logprobs: Option<usize>,
+    /// When the request must have ended.
+    deadline: Instant,
+}
+
+/// `request_timeout` (seconds; an extension, like vLLM's extra sampling fields), at most the server's limit.
+fn request_timeout(state: &AppState, f: &Fields<'_>) -> Result<Duration, ApiError> {
+    let limit = state.config.request_timeout;
+    match f.float("request_timeout")? {
+        None => Ok(limit),
+        Some(t) if t.is_finite() && t > 0.0 => Ok(Duration::from_secs_f64(t.min(limit.as_secs_f64()))),
+        Some(t) => Err(ApiError::invalid("request_timeout", format!("{t}: must be a positive number of seconds"))),
+    }
 }
 
 fn parse_common(state: &AppState, f: &Fields<'_>, chat: bool) -> Result<Common, ApiError> {
@@ -579,6 +611,7 @@ fn parse_common(state: &AppState, f: &Fields<'_>, chat: bool) -> Result<Common, 
         repetition_penalty,
         skip_special_tokens: f.bool("skip_special_tokens")?.unwrap_or(true),
         logprobs,
+        deadline: Instant::now() + request_timeout(state, f)?,
     })
     .map(|mut c| {
         if seed.is_none() {
@@ -787,10 +820,20 @@ struct ChoiceResult {
 
 /// One piece of a choice's progress, for streaming.
 enum Delta {
-    Text { text: String, logprobs: Vec<TokenLogprob> },
+    /// The engine admitted the sequence (always first, unless it failed before).
+    Admitted,
+    Text {
+        text: String,
+        logprobs: Vec<TokenLogprob>,
+    },
     PromptLogprobs(Vec<TokenLogprob>),
-    Finished { reason: &'static str, prompt_tokens: usize, completion_tokens: usize },
-    Failed(String),
+    Finished {
+        reason: &'static str,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
+    /// The sequence ended without finishing; nothing follows.
+    Failed(ApiError),
 }
 
 struct ChoiceSpec {
@@ -798,6 +841,27 @@ struct ChoiceSpec {
     params: SequenceParams,
     stop: Vec<String>,
     skip_special: bool,
+    deadline: Instant,
+}
+
+fn unavailable(message: impl Into<String>, code: &'static str) -> ApiError {
+    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, message, None, code)
+}
+
+/// Waits until the engine admits the choice (it left the queue), so that a request shed from the queue gets its
+/// status code (503 with `Retry-After`) before a stream's headers go out.
+async fn admitted(mut rx: mpsc::Receiver<Delta>) -> Result<mpsc::Receiver<Delta>, ApiError> {
+    match rx.recv().await {
+        Some(Delta::Admitted) => Ok(rx),
+        Some(Delta::Failed(e)) => Err(e),
+        Some(_) => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the sequence produced output before it was admitted",
+            None,
+            "engine_error",
+        )),
+        None => Err(unavailable("the engine dropped the sequence", "engine_error")),
+    }
 }
 
 /// Starts one sequence; returns its deltas. Dropping the receiver cancels the sequence.
@@ -805,6 +869,8 @@ fn start_choice(state: &Arc<AppState>, spec: ChoiceSpec) -> Result<mpsc::Receive
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let cancel = Arc::new(AtomicBool::new(false));
     let prompt_tokens = spec.prompt.len();
+    let deadline = spec.deadline;
+    let timeout = deadline.saturating_duration_since(Instant::now());
     state
         .engine
         .submit(SequenceRequest {
@@ -812,6 +878,7 @@ fn start_choice(state: &Arc<AppState>, spec: ChoiceSpec) -> Result<mpsc::Receive
             params: spec.params,
             events: events_tx,
             cancel: Arc::clone(&cancel),
+            deadline: Some(deadline),
         })
         .map_err(|e| match e {
             SubmitError::QueueFull(_) => ApiError {
@@ -819,7 +886,7 @@ fn start_choice(state: &Arc<AppState>, spec: ChoiceSpec) -> Result<mpsc::Receive
                 ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, e.to_string(), None, "overloaded")
             },
             SubmitError::TooLarge { .. } => ApiError::invalid("max_tokens", e.to_string()),
-            SubmitError::Stopped => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string(), None, "unavailable"),
+            SubmitError::Stopped => unavailable(e.to_string(), "unavailable"),
         })?;
     let (tx, rx) = mpsc::channel(64);
     let tokenizer = Arc::clone(&state.tokenizer);
@@ -831,8 +898,15 @@ fn start_choice(state: &Arc<AppState>, spec: ChoiceSpec) -> Result<mpsc::Receive
                 e = events.recv() => e,
                 // The client is gone: stop the sequence now rather than at its next token.
                 _ = tx.closed() => { cancel.store(true, Ordering::Release); return; }
+                // The deadline holds even while the engine is inside a step (one held for a lost expert node).
+                _ = tokio::time::sleep_until(deadline.into()) => {
+                    cancel.store(true, Ordering::Release);
+                    let _ = tx.send(Delta::Failed(expired(timeout))).await;
+                    return;
+                }
             };
             let delta = match event {
+                Some(SequenceEvent::Admitted) => Delta::Admitted,
                 Some(SequenceEvent::PromptLogprobs(lp)) => Delta::PromptLogprobs(lp),
                 Some(SequenceEvent::Token { id, logprob }) => {
                     let (piece, stopped) = text.push(&tokenizer, id);
@@ -864,8 +938,16 @@ fn start_choice(state: &Arc<AppState>, spec: ChoiceSpec) -> Result<mpsc::Receive
                     let _ = tx.send(Delta::Finished { reason, prompt_tokens, completion_tokens }).await;
                     return;
                 }
-                Some(SequenceEvent::Failed(why)) => Delta::Failed(why),
-                None => Delta::Failed("the engine dropped the sequence".into()),
+                Some(SequenceEvent::Failed(why)) => Delta::Failed(unavailable(why, "engine_error")),
+                Some(SequenceEvent::Shed { waited }) => Delta::Failed(ApiError {
+                    retry_after: Some(1),
+                    ..unavailable(
+                        format!("the server is overloaded: the request waited {waited:.1?} for a slot; retry later"),
+                        "overloaded",
+                    )
+                }),
+                Some(SequenceEvent::Expired { .. }) => Delta::Failed(expired(timeout)),
+                None => Delta::Failed(unavailable("the engine dropped the sequence", "engine_error")),
             };
             let last = matches!(delta, Delta::Failed(_));
             if tx.send(delta).await.is_err() {
@@ -878,6 +960,10 @@ fn start_choice(state: &Arc<AppState>, spec: ChoiceSpec) -> Result<mpsc::Receive
         }
     });
     Ok(rx)
+}
+
+fn expired(timeout: Duration) -> ApiError {
+    unavailable(format!("the request did not finish within its timeout of {timeout:.1?}"), "timeout")
 }
 
 fn sequence_params(state: &AppState, c: &Common, max_tokens: usize, prompt_logprobs: bool) -> SequenceParams {
@@ -953,6 +1039,7 @@ async fn completions(State(state): State<Arc<AppState>>, req: Request) -> Result
                         params,
                         stop: common.stop.clone(),
                         skip_special: common.skip_special_tokens,
+                        deadline: common.deadline,
                     },
                 )?,
             ));
@@ -962,6 +1049,11 @@ async fn completions(State(state): State<Arc<AppState>>, req: Request) -> Result
     let created = unix_now();
     let model = state.config.model_name.clone();
     if common.stream {
+        let mut admitted_receivers = Vec::with_capacity(receivers.len());
+        for (prompt, rx) in receivers {
+            admitted_receivers.push((prompt, admitted(rx).await?));
+        }
+        let receivers = admitted_receivers;
         let st = Arc::clone(&state);
         let skip = common.skip_special_tokens;
         let streams = receivers.into_iter().enumerate().map(move |(index, (prompt, rx))| {
@@ -1008,13 +1100,14 @@ async fn completions(State(state): State<Arc<AppState>>, req: Request) -> Result
                         tally.finished(if index % n == 0 { prompt_tokens } else { 0 }, completion_tokens);
                         json!({"index": index, "text": echo_text, "logprobs": Value::Null, "finish_reason": reason})
                     }
-                    Delta::Failed(why) => return Some(tally.error_event(why)),
+                    Delta::Failed(e) => return Some(tally.error_event(e)),
+                    Delta::Admitted => return None,
                 };
                 let chunk = json!({"id": id, "object": "text_completion", "created": created, "model": model, "choices": [choice]});
                 Some(Event::default().data(chunk.to_string()))
             }
         });
-        return Ok(sse(events, tail));
+        return Ok(sse(events, tail, state.config.sse_keepalive));
     }
 
     let results = futures::future::join_all(receivers.into_iter().map(|(p, rx)| collect(rx, p))).await;
@@ -1070,9 +1163,8 @@ async fn collect(mut rx: mpsc::Receiver<Delta>, prompt: Vec<u32>) -> (Vec<u32>, 
                 r.completion_tokens = completion_tokens;
                 return (prompt, Ok(r));
             }
-            Delta::Failed(why) => {
-                return (prompt, Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, why, None, "engine_error")))
-            }
+            Delta::Admitted => {}
+            Delta::Failed(e) => return (prompt, Err(e)),
         }
     }
     (
@@ -1145,10 +1237,9 @@ impl StreamTally {
     }
 
     /// The event that ends a stream whose sequence failed; nothing follows it.
-    fn error_event(&self, why: String) -> Event {
+    fn error_event(&self, e: ApiError) -> Event {
         self.failed.store(true, Ordering::Release);
-        Event::default()
-            .data(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, why, None, "engine_error").body().to_string())
+        Event::default().data(e.body().to_string())
     }
 }
 
@@ -1183,9 +1274,28 @@ fn stream_tail(
 fn sse(
     events: impl futures::Stream<Item = Event> + Send + 'static,
     tail: impl futures::Stream<Item = Event> + Send + 'static,
+    keepalive: Duration,
 ) -> Response {
-    let stream = events.chain(tail).map(Ok::<_, std::convert::Infallible>);
-    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))).into_response()
+    let stream = keep_alive_after_first(events.chain(tail), keepalive).map(Ok::<_, std::convert::Infallible>);
+    Sse::new(stream).into_response()
+}
+
+/// `events`, with an SSE comment after every `interval` without an event, once the first event has gone out.
+fn keep_alive_after_first(
+    events: impl futures::Stream<Item = Event> + Send + 'static,
+    interval: Duration,
+) -> impl futures::Stream<Item = Event> + Send + 'static {
+    futures::stream::unfold((Box::pin(events), false), move |(mut events, started)| async move {
+        if !started {
+            let first = events.next().await?;
+            return Some((first, (events, true)));
+        }
+        match tokio::time::timeout(interval, events.next()).await {
+            Ok(Some(event)) => Some((event, (events, true))),
+            Ok(None) => None,
+            Err(_) => Some((Event::default().comment("keep-alive"), (events, true))),
+        }
+    })
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -1213,6 +1323,7 @@ async fn chat_completions(State(state): State<Arc<AppState>>, req: Request) -> R
                 params,
                 stop: common.stop.clone(),
                 skip_special: common.skip_special_tokens,
+                deadline: common.deadline,
             },
         )?);
     }
@@ -1221,6 +1332,11 @@ async fn chat_completions(State(state): State<Arc<AppState>>, req: Request) -> R
     let model = state.config.model_name.clone();
     let prompt_tokens = prompt.len();
     if common.stream {
+        let mut admitted_receivers = Vec::with_capacity(receivers.len());
+        for rx in receivers {
+            admitted_receivers.push(admitted(rx).await?);
+        }
+        let receivers = admitted_receivers;
         let st = Arc::clone(&state);
         let tally = Arc::new(StreamTally::default());
         tally.prompt_tokens.store(prompt_tokens as u64, Ordering::Relaxed);
@@ -1261,12 +1377,13 @@ async fn chat_completions(State(state): State<Arc<AppState>>, req: Request) -> R
                         tally.finished(0, completion_tokens);
                         json!({"index": index, "delta": {}, "logprobs": Value::Null, "finish_reason": reason})
                     }
-                    Delta::Failed(why) => return Some(tally.error_event(why)),
+                    Delta::Failed(e) => return Some(tally.error_event(e)),
+                    Delta::Admitted => return None,
                 };
                 Some(Event::default().data(chunk(choice)))
             }
         });
-        return Ok(sse(head.chain(events), tail));
+        return Ok(sse(head.chain(events), tail, state.config.sse_keepalive));
     }
 
     let results = futures::future::join_all(receivers.into_iter().map(|rx| collect(rx, Vec::new()))).await;

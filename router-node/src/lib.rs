@@ -8,7 +8,7 @@ pub mod http;
 pub mod remote;
 pub mod server;
 
-pub use remote::{RemoteExperts, RemoteOptions, RemoteStats};
+pub use remote::{RemoteExperts, RemoteOptions, RemoteStats, StepInterest};
 
 /// Errors of the router node.
 #[derive(Debug, thiserror::Error)]
@@ -25,4 +25,6 @@ pub enum RouterError {
     Model(#[from] moe_model::ModelError),
     #[error(transparent)]
     Device(#[from] moe_cuda::CudaError),
+    #[error("serving HTTP: {0}")]
+    Serve(#[source] std::io::Error),
 }

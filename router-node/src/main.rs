@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
@@ -12,7 +13,7 @@ use router_node::cluster::ClusterOptions;
 use router_node::engine::EngineConfig;
 use router_node::http::ApiConfig;
 use router_node::remote::RemoteOptions;
-use router_node::server::{ExpertsAt, RouterOptions};
+use router_node::server::{ExpertsAt, RouterOptions, ServeConfig};
 
 /// Serves a Qwen3.5-MoE / Qwen3-Next model over an OpenAI-compatible HTTP API (/v1/completions,
 /// /v1/chat/completions, /v1/models, /livez, /readyz, /health, /metrics) with continuous batching. The routed
@@ -40,7 +41,7 @@ struct Args {
     /// Name of the cluster in etcd (with --etcd).
     #[arg(long, env = "MOE_CLUSTER", default_value = "default")]
     cluster: String,
-    /// This router's member id in the cluster [default: router-PORT].
+    /// This router's member id in the cluster [default: router-HOSTNAME-PORT].
     #[arg(long, env = "MOE_NODE_ID")]
     node_id: Option<String>,
     /// Seconds of the membership lease (with --etcd); a router that dies is out within this time.
@@ -70,6 +71,23 @@ struct Args {
     /// Memory for sequence state (KV pages, DeltaNet slots), GiB.
     #[arg(long, default_value_t = 4.0)]
     state_budget_gib: f64,
+    /// The longest a request may take, queue included; a request's `request_timeout` field may ask for less. Past
+    /// it the request ends with HTTP 503 (or a last SSE error event).
+    #[arg(long, default_value_t = 600.0)]
+    request_timeout_secs: f64,
+    /// The longest a request waits for admission before it is shed with HTTP 503 and `Retry-After`.
+    #[arg(long, default_value_t = 60.0)]
+    max_queue_wait_secs: f64,
+    /// Seconds without an event after which a stream gets an SSE keep-alive comment (only after its first event).
+    #[arg(long, default_value_t = 15.0)]
+    sse_keepalive_secs: f64,
+    /// The longest a step waits for experts that lost their last live replica (a repair epoch, or the node back).
+    #[arg(long, default_value_t = 600.0)]
+    hold_timeout_secs: f64,
+    /// After SIGTERM / Ctrl-C: seconds requests in flight may take to finish before the router exits anyway (a
+    /// second signal exits at once).
+    #[arg(long, default_value_t = 30.0)]
+    shutdown_grace_secs: f64,
     /// Micro-batches per step: with expert nodes on other machines, 2 overlaps attention with expert work.
     #[arg(long, default_value_t = 1)]
     micro_batches: usize,
@@ -111,32 +129,20 @@ fn run(mut args: Args) -> Result<()> {
     let addr = listener.local_addr()?;
     let prepared = router_node::server::prepare(options, &|_, _| {})
         .with_context(|| format!("starting the router for {}", args.model.display()))?;
+    let config = ServeConfig {
+        node_id: args.node_id.clone().unwrap_or_else(|| moe_placement::default_member_id("router", addr.port())),
+        grace: Duration::from_secs_f64(args.shutdown_grace_secs.max(0.0)),
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
-    let state = prepared.state;
-    let node_id = args.node_id.clone().unwrap_or_else(|| format!("router-{}", addr.port()));
-    runtime.block_on(async move {
-        let membership = match prepared.cluster {
-            Some(join) => Some(router_node::cluster::join_prepared(join, node_id, format!("http://{addr}")).await?),
-            None => None,
-        };
+    let served = runtime.block_on(async move {
         let listener = tokio::net::TcpListener::from_std(listener)?;
         println!("listening on http://{addr}");
-        tracing::info!(%addr, model = %state.config.model_name, "serving");
-        let app = router_node::http::router(std::sync::Arc::clone(&state));
-        let drain = std::sync::Arc::clone(&state);
-        router_node::http::serve(listener, app, async move {
-            moe_telemetry::shutdown_signal().await;
-            drain.draining.store(true, std::sync::atomic::Ordering::Release);
-            tracing::info!("draining: requests in flight finish, new connections are refused");
-        })
-        .await?;
-        if let Some(m) = membership {
-            m.leave().await;
-        }
+        router_node::server::run(prepared, listener, config, moe_telemetry::shutdown_signal()).await?;
         anyhow::Ok(())
-    })?;
-    tracing::info!("stopped");
-    Ok(())
+    });
+    // Tasks still running (a store call that does not return) do not hold the exit up.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    served
 }
 
 fn options(args: &Args) -> Result<RouterOptions> {
@@ -153,7 +159,18 @@ fn options(args: &Args) -> Result<RouterOptions> {
         }
     }
     let wire = if args.wire_dtype == "bf16" { Dtype::Bf16 } else { Dtype::F32 };
-    let remote = RemoteOptions { wire_dtype: wire, ..RemoteOptions::default() };
+    let secs = |name: &str, v: f64| {
+        if v.is_finite() && v > 0.0 {
+            Ok(Duration::from_secs_f64(v))
+        } else {
+            Err(anyhow::anyhow!("--{name} {v}: must be a positive number of seconds"))
+        }
+    };
+    let remote = RemoteOptions {
+        wire_dtype: wire,
+        hold_timeout: secs("hold-timeout-secs", args.hold_timeout_secs)?,
+        ..RemoteOptions::default()
+    };
     let experts = if let Some(etcd) = &args.etcd {
         let cluster = ClusterOptions {
             etcd: Some(etcd.clone()),
@@ -179,11 +196,14 @@ fn options(args: &Args) -> Result<RouterOptions> {
             max_queue: args.max_queue,
             state_budget_bytes: (args.state_budget_gib * (1u64 << 30) as f64) as u64,
             micro_batches: args.micro_batches,
+            max_queue_wait: secs("max-queue-wait-secs", args.max_queue_wait_secs)?,
         },
         api: ApiConfig {
             model_name: args.served_model_name.clone().unwrap_or_default(),
             api_keys: args.api_keys.iter().filter(|k| !k.is_empty()).cloned().collect(),
             max_model_len: args.max_model_len.unwrap_or(0),
+            request_timeout: secs("request-timeout-secs", args.request_timeout_secs)?,
+            sse_keepalive: secs("sse-keepalive-secs", args.sse_keepalive_secs)?,
             ..ApiConfig::default()
         },
     })

@@ -103,6 +103,10 @@ pub fn prepare(options: RouterOptions, progress: &(dyn Fn(u64, u64) + Sync)) -> 
         device => decoder_on_gpu(&options.model, &config, device, options.engine.state_budget_bytes as usize)?,
     };
     let (handle, engine) = engine::start(decoder, experts, options.engine).map_err(RouterError::Runtime)?;
+    if let Some(remote) = &on_nodes {
+        // A step held for a lost expert node is worth holding while one of its sequences is still waited for.
+        remote.set_interest(handle.in_step.clone());
+    }
     let mut state = AppState::new(
         handle,
         Arc::new(tokenizer),
@@ -169,3 +173,74 @@ fn local_on_gpu(
 ) -> Result<Arc<dyn Experts>, RouterError> {
     Err(moe_cuda::CudaError::NotBuilt.into())
 }
+
+/// How a running router stops.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// This router's member id in a cluster.
+    pub node_id: String,
+    /// After the shutdown signal: how long requests in flight may take to finish before the router exits anyway.
+    pub grace: std::time::Duration,
+}
+
+/// Serves `prepared` on `listener` until `shutdown` resolves, then drains: `/readyz` turns 503, no new connection is
+/// accepted, requests in flight finish (for at most `config.grace`), and the router leaves its cluster (also when
+/// the store does not answer). The binary's whole life; tests run it in-process too.
+pub async fn run(
+    prepared: PreparedRouter,
+    listener: tokio::net::TcpListener,
+    config: ServeConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), RouterError> {
+    let addr = listener.local_addr().map_err(RouterError::Serve)?;
+    let state = prepared.state;
+    let membership = match prepared.cluster {
+        Some(join) => Some(
+            crate::cluster::join_prepared(join, config.node_id.clone(), format!("http://{addr}"))
+                .await
+                .map_err(|e| RouterError::Placement(format!("joining the cluster: {e}")))?,
+        ),
+        None => None,
+    };
+    tracing::info!(%addr, model = %state.config.model_name, "serving");
+    let app = crate::http::router(Arc::clone(&state));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut server = tokio::spawn(crate::http::serve(listener, app, async {
+        let _ = stopped.await;
+    }));
+    tokio::pin!(shutdown);
+    let served = tokio::select! {
+        _ = &mut shutdown => None,
+        done = &mut server => Some(done),
+    };
+    let result = match served {
+        // The server only ends by itself on an error.
+        Some(done) => {
+            done.map_err(|e| RouterError::Serve(std::io::Error::other(e))).and_then(|r| r.map_err(RouterError::Serve))
+        }
+        None => {
+            state.draining.store(true, std::sync::atomic::Ordering::Release);
+            tracing::info!(grace = ?config.grace, "draining: requests in flight finish, new connections are refused");
+            let _ = stop.send(());
+            match tokio::time::timeout(config.grace, &mut server).await {
+                Ok(Ok(r)) => r.map_err(RouterError::Serve),
+                Ok(Err(e)) => Err(RouterError::Serve(std::io::Error::other(e))),
+                Err(_) => {
+                    tracing::warn!("requests still in flight after {:?}; closing them", config.grace);
+                    server.abort();
+                    Ok(())
+                }
+            }
+        }
+    };
+    if let Some(m) = membership {
+        if tokio::time::timeout(LEAVE_TIMEOUT, m.leave()).await.is_err() {
+            tracing::warn!("the cluster store did not answer within {LEAVE_TIMEOUT:?}; leaving with the lease");
+        }
+    }
+    tracing::info!("stopped");
+    result
+}
+
+/// The longest leaving a cluster may take; past it the lease expires by itself.
+const LEAVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);

@@ -307,6 +307,25 @@ impl ClusterView {
     }
 }
 
+/// A member id unique per machine and port by default: `ROLE-HOSTNAME-PORT` (`ROLE-PORT` where the host name is
+/// unknown). Machines that serve on the same port no longer share an id.
+pub fn default_member_id(role: &str, port: u16) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| {
+            h.trim()
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '-' })
+                .collect::<String>()
+        })
+        .filter(|h| !h.is_empty());
+    match host {
+        Some(h) => format!("{role}-{h}-{port}"),
+        None => format!("{role}-{port}"),
+    }
+}
+
 pub fn unix_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }

@@ -16,8 +16,8 @@ pub mod store;
 
 pub use balance::{balance, contiguous, Assignment, BalanceError, NodeCapacity};
 pub use cluster::{
-    unix_ms, Cluster, ClusterView, ControlRequest, LoadReport, LoadWindow, Member, ModelShape, Outcome, PlacedNode,
-    Placement, RequestKind, Role,
+    default_member_id, unix_ms, Cluster, ClusterView, ControlRequest, LoadReport, LoadWindow, Member, ModelShape,
+    Outcome, PlacedNode, Placement, RequestKind, Role,
 };
 pub use etcd::EtcdStore;
 pub use session::{Session, DEFAULT_TTL};

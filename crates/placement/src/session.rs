@@ -46,10 +46,36 @@ impl Session {
         Ok(Session { cluster, inner, keeper })
     }
 
-    /// Registers `member` under the session's lease.
+    /// Registers `member` under the session's lease. An id another live member holds is refused: a member that
+    /// just died (its lease not yet expired) is waited for, up to twice the TTL, before the id counts as taken.
     pub async fn register(cluster: Cluster, member: &Member, ttl: Duration) -> Result<Session> {
         let session = Session::start(cluster, ttl).await?;
-        session.put(&format!("members/{}", member.id), member).await?;
+        let rest = format!("members/{}", member.id);
+        let key = session.cluster.key(&rest);
+        let bytes = Cluster::encode(member);
+        let patience = tokio::time::Instant::now() + 2 * ttl.max(Duration::from_secs(1));
+        loop {
+            let store = session.cluster.store();
+            if store.compare_and_put(&key, crate::store::Expect::Absent, bytes.clone(), Some(session.lease())).await? {
+                break;
+            }
+            if tokio::time::Instant::now() >= patience {
+                let holder = store
+                    .get_prefix(&key)
+                    .await?
+                    .into_iter()
+                    .find(|(k, _)| *k == key)
+                    .and_then(|(_, v)| serde_json::from_slice::<Member>(&v).ok())
+                    .map_or_else(|| "another member".to_owned(), |m| format!("the member at {}", m.addr));
+                let _ = session.cluster.store().revoke(session.lease()).await;
+                return Err(StoreError::Invalid(format!(
+                    "member id {:?} is already taken by {holder}; give each member its own id (--node-id)",
+                    member.id
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        session.inner.keys.lock().unwrap_or_else(|p| p.into_inner()).insert(key, bytes);
         Ok(session)
     }
 

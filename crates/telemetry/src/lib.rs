@@ -13,8 +13,18 @@ pub fn init_logging(default_level: &str) {
         .init();
 }
 
-/// Resolves on SIGINT (Ctrl-C) or, on Unix, SIGTERM: when a server should drain and stop.
+/// Resolves on the first SIGINT (Ctrl-C) or, on Unix, SIGTERM: when a server should drain and stop. From then on a
+/// second signal ends the process at once (exit status 130), whatever the drain is waiting for.
 pub async fn shutdown_signal() {
+    one_signal().await;
+    tokio::spawn(async {
+        one_signal().await;
+        eprintln!("a second signal: exiting at once");
+        std::process::exit(130);
+    });
+}
+
+async fn one_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {

@@ -25,9 +25,14 @@ pub(crate) enum Health {
     Up,
     /// Up, but its last answers failed in a way that points at the node (compute failure, no answer in time):
     /// used only for experts no other live node hosts, until [`SUSPECT_FOR`] passes or it answers well.
-    Suspect { why: String, since: Instant },
+    Suspect {
+        why: String,
+        since: Instant,
+    },
     /// Its stream ended; never used again (a reconnect makes a new link).
-    Down { why: String },
+    Down {
+        why: String,
+    },
 }
 
 /// How long a suspect node is kept out of replica choice.

@@ -353,8 +353,7 @@ impl RemoteExperts {
         let old = self.current();
         let mut links = Vec::with_capacity(p.nodes.len());
         for node in &p.nodes {
-            let reuse =
-                old.links.iter().find(|l| l.addr == node.addr && l.node_id == node.id && !l.is_down()).cloned();
+            let reuse = old.links.iter().find(|l| l.addr == node.addr && l.node_id == node.id && !l.is_down()).cloned();
             let link = match reuse {
                 Some(l) => l,
                 None => {
@@ -553,7 +552,7 @@ async fn reconnect(shared: &Shared, addr: &str) {
                 }
             }
             Err(e) => {
-                if attempts == 1 || attempts % 10 == 0 {
+                if attempts == 1 || attempts.is_multiple_of(10) {
                     tracing::info!(%addr, attempts, "expert node still unreachable: {e}; retrying in {wait:?}");
                 }
             }

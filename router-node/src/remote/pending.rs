@@ -284,13 +284,17 @@ impl PendingExperts for RemotePending<'_> {
             let Piece::Sent(piece) = &mut this.pieces[i] else { continue };
             let waited = Instant::now();
             let deadline = piece.deadline;
-            let answer =
-                remote.runtime.handle().block_on(async { tokio::time::timeout_at(deadline.into(), &mut piece.answer).await });
+            let answer = remote
+                .runtime
+                .handle()
+                .block_on(async { tokio::time::timeout_at(deadline.into(), &mut piece.answer).await });
             remote.stats.wait_ns.fetch_add(waited.elapsed().as_nanos() as u64, Ordering::Relaxed);
             piece.link.settle(piece.pairs());
             let result = match answer {
                 Err(_) => Err(Failure::Deadline { after: remote.shared.options.deadline }),
-                Ok(Err(_)) => Err(Failure::NodeDown { reason: format!("the stream to {} was dropped", piece.link.addr) }),
+                Ok(Err(_)) => {
+                    Err(Failure::NodeDown { reason: format!("the stream to {} was dropped", piece.link.addr) })
+                }
                 Ok(Ok(result)) => result,
             };
             let failure = match result {
@@ -335,11 +339,23 @@ impl PendingExperts for RemotePending<'_> {
 
 /// A piece that stands for nothing, while the real one is being replaced.
 fn placeholder() -> Piece {
-    Piece::Held(Owned { rows: Vec::new(), tokens: Vec::new(), routing: v1::Routing::default(), avoid: None, not_before: None })
+    Piece::Held(Owned {
+        rows: Vec::new(),
+        tokens: Vec::new(),
+        routing: v1::Routing::default(),
+        avoid: None,
+        not_before: None,
+    })
 }
 
 /// Checks one answer against its piece and adds its partial sums into `out`.
-fn add_sums(remote: &RemoteExperts, piece: &Sent, sums: &v1::PartialSums, h: usize, out: &mut [f32]) -> Result<(), String> {
+fn add_sums(
+    remote: &RemoteExperts,
+    piece: &Sent,
+    sums: &v1::PartialSums,
+    h: usize,
+    out: &mut [f32],
+) -> Result<(), String> {
     let decoding = Instant::now();
     let addr = &piece.link.addr;
     let dtype = Dtype::try_from(sums.dtype).unwrap_or(Dtype::Unspecified);

@@ -65,9 +65,8 @@ pub(crate) fn plan(
                     .filter(|&i| nodes.get(i).is_some_and(ok))
                     .min_by_key(|&i| (nodes[i].load, !chosen.contains(&i), nodes[i].sent))
             };
-            let node = best(&|v| v.preferred)
-                .or_else(|| best(&|v| v.live))
-                .ok_or(Unplaceable::NoLiveReplica { expert: e })?;
+            let node =
+                best(&|v| v.preferred).or_else(|| best(&|v| v.live)).ok_or(Unplaceable::NoLiveReplica { expert: e })?;
             if !chosen.contains(&node) {
                 chosen.push(node);
             }
