@@ -127,13 +127,16 @@ pub struct SequenceRequest {
     pub cancel: Arc<AtomicBool>,
     /// When the request must have ended; past it the sequence ends with [`SequenceEvent::Expired`].
     pub deadline: Option<Instant>,
+    /// When it was submitted: a request not admitted by `submitted + max_queue_wait` is shed.
+    pub submitted: Instant,
 }
 
-impl SequenceRequest {
-    /// The submitter no longer waits: cancelled, gone, or past its deadline.
-    fn abandoned(&self, now: Instant) -> bool {
-        self.cancel.load(Ordering::Acquire) || self.events.is_closed() || self.deadline.is_some_and(|d| now >= d)
-    }
+/// How a sequence ended early, for the counters: each ends in exactly one way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum EarlyEnd {
+    Cancelled,
+    Expired,
+    Shed,
 }
 
 /// The sequences of the step in progress, for the experts' [`crate::remote::StepInterest`]: a step held for
@@ -217,6 +220,7 @@ pub struct EngineHandle {
     /// Who the step in progress is for (see [`InStep`]).
     pub in_step: Arc<InStep>,
     max_queue: usize,
+    max_queue_wait: Duration,
     budget: u64,
     footprint: Footprint,
 }
@@ -243,6 +247,11 @@ impl EngineHandle {
             self.stats.waiting.fetch_sub(1, Ordering::AcqRel);
             SubmitError::Stopped
         })
+    }
+
+    /// The longest a request waits for admission.
+    pub fn max_queue_wait(&self) -> Duration {
+        self.max_queue_wait
     }
 
     /// Whether the engine thread still runs.
@@ -279,7 +288,6 @@ impl Footprint {
 
 struct Running {
     req: SequenceRequest,
-    admitted: Instant,
     state: SequenceState,
     sampler: Sampler,
     /// Prompt tokens fed so far.
@@ -306,6 +314,7 @@ pub fn start(
         stats: Arc::clone(&stats),
         in_step: Arc::clone(&in_step),
         max_queue: config.max_queue,
+        max_queue_wait: config.max_queue_wait,
         budget: config.state_budget_bytes,
         footprint,
     };
@@ -361,44 +370,28 @@ impl Engine {
                 self.waiting.push_back(Queued { req, since: Instant::now() });
             }
             let now = Instant::now();
-            // Clients that left, requests past their deadline, and requests that waited too long.
-            self.waiting.retain(|q| {
-                let r = &q.req;
-                let end = if r.cancel.load(Ordering::Acquire) || r.events.is_closed() {
-                    self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
-                    true
-                } else if r.deadline.is_some_and(|d| now >= d) {
-                    self.stats.expired.fetch_add(1, Ordering::Relaxed);
-                    let _ = r.events.send(SequenceEvent::Expired { after: now - q.since });
-                    true
-                } else if now - q.since > self.config.max_queue_wait {
-                    self.stats.shed.fetch_add(1, Ordering::Relaxed);
-                    let _ = r.events.send(SequenceEvent::Shed { waited: now - q.since });
-                    true
-                } else {
-                    false
-                };
-                if end {
+            // Requests past their deadline, requests that waited too long, and clients that left. (The HTTP side
+            // enforces the same instants while the engine is inside a step; whichever acts first, each request is
+            // counted once.)
+            let (stats, max_wait) = (&self.stats, self.config.max_queue_wait);
+            self.waiting.retain(|q| match early_end(stats, max_wait, &q.req, now, true) {
+                None => true,
+                Some(end) => {
                     self.stats.waiting.fetch_sub(1, Ordering::AcqRel);
-                }
-                !end
-            });
-            running.retain(|s| {
-                let r = &s.req;
-                let end = if r.cancel.load(Ordering::Acquire) || r.events.is_closed() {
-                    self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
-                    true
-                } else if r.abandoned(now) {
-                    self.stats.expired.fetch_add(1, Ordering::Relaxed);
-                    let _ = r.events.send(SequenceEvent::Expired { after: now - s.admitted });
-                    true
-                } else {
+                    let _ = q.req.events.send(match end {
+                        EarlyEnd::Shed => SequenceEvent::Shed { waited: now - q.since },
+                        _ => SequenceEvent::Expired { after: now - q.req.submitted },
+                    });
                     false
-                };
-                if end {
-                    reserved -= s.reserved;
                 }
-                !end
+            });
+            running.retain(|s| match early_end(stats, max_wait, &s.req, now, false) {
+                None => true,
+                Some(_) => {
+                    let _ = s.req.events.send(SequenceEvent::Expired { after: now - s.req.submitted });
+                    reserved -= s.reserved;
+                    false
+                }
             });
             // Admission, first come first served, under the state budget.
             while running.len() < self.config.max_running {
@@ -414,7 +407,6 @@ impl Engine {
                         reserved += need;
                         let _ = req.events.send(SequenceEvent::Admitted);
                         running.push(Running {
-                            admitted: Instant::now(),
                             state: self.model.new_state(),
                             sampler,
                             fed: 0,
@@ -446,9 +438,7 @@ impl Engine {
                 tracing::error!("engine step failed: {e}");
                 let now = Instant::now();
                 for s in running.drain(..) {
-                    if s.req.abandoned(now) {
-                        self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
-                    } else {
+                    if self.early_end(&s.req, now, false).is_none() {
                         self.stats.failed.fetch_add(1, Ordering::Relaxed);
                     }
                     let _ = s.req.events.send(SequenceEvent::Failed(e.to_string()));
@@ -465,6 +455,10 @@ impl Engine {
             self.stats.running.store(running.len(), Ordering::Relaxed);
             self.stats.state_bytes_reserved.store(reserved, Ordering::Relaxed);
         }
+    }
+
+    fn early_end(&self, req: &SequenceRequest, now: Instant, waiting: bool) -> Option<EarlyEnd> {
+        early_end(&self.stats, self.config.max_queue_wait, req, now, waiting)
     }
 
     /// One forward step over the running sequences.
@@ -604,6 +598,32 @@ impl Engine {
             }
         }
     }
+}
+
+/// Whether `req` ends before the next step, and how; counts it.
+fn early_end(
+    stats: &EngineStats,
+    max_queue_wait: Duration,
+    req: &SequenceRequest,
+    now: Instant,
+    waiting: bool,
+) -> Option<EarlyEnd> {
+    let end = if req.deadline.is_some_and(|d| now >= d) {
+        EarlyEnd::Expired
+    } else if waiting && now >= req.submitted + max_queue_wait {
+        EarlyEnd::Shed
+    } else if req.cancel.load(Ordering::Acquire) || req.events.is_closed() {
+        EarlyEnd::Cancelled
+    } else {
+        return None;
+    };
+    let counter = match end {
+        EarlyEnd::Cancelled => &stats.cancelled,
+        EarlyEnd::Expired => &stats.expired,
+        EarlyEnd::Shed => &stats.shed,
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+    Some(end)
 }
 
 /// `id`'s log-probability in `row` and the `top` most likely tokens.

@@ -245,6 +245,18 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             g(s.cancelled.load(Ordering::Relaxed)),
         ),
         ("moe_requests_failed_total", "counter", "Sequences failed.", g(s.failed.load(Ordering::Relaxed))),
+        (
+            "moe_requests_shed_total",
+            "counter",
+            "Requests shed after waiting longer than the queue limit (HTTP 503 with Retry-After).",
+            g(s.shed.load(Ordering::Relaxed)),
+        ),
+        (
+            "moe_requests_expired_total",
+            "counter",
+            "Sequences ended by their deadline in the engine.",
+            g(s.expired.load(Ordering::Relaxed)),
+        ),
     ];
     let mut out = String::new();
     for (name, kind, help, value) in lines {
@@ -282,6 +294,25 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
                 "counter",
                 "Pieces sent again elsewhere (node down, or no longer serving the piece's epoch or experts).",
                 g(r.resent.load(Ordering::Relaxed)),
+            ),
+            (
+                "moe_expert_holds_total",
+                "counter",
+                "Layer waits held because some expert had no live replica.",
+                g(r.holds.load(Ordering::Relaxed)),
+            ),
+            (
+                "moe_expert_holds_abandoned_total",
+                "counter",
+                "Holds given up (nobody waited any more, or the hold limit passed).",
+                g(r.holds_abandoned.load(Ordering::Relaxed)),
+            ),
+            ("moe_expert_holding", "gauge", "Layer waits holding now.", g(r.holding.load(Ordering::Relaxed))),
+            (
+                "moe_expert_reconnects_total",
+                "counter",
+                "Links re-opened to expert nodes that had gone down.",
+                g(r.reconnects.load(Ordering::Relaxed)),
             ),
         ];
         for (name, kind, help, value) in remote_lines {
@@ -870,7 +901,9 @@ fn start_choice(state: &Arc<AppState>, spec: ChoiceSpec) -> Result<mpsc::Receive
     let cancel = Arc::new(AtomicBool::new(false));
     let prompt_tokens = spec.prompt.len();
     let deadline = spec.deadline;
-    let timeout = deadline.saturating_duration_since(Instant::now());
+    let submitted = Instant::now();
+    let timeout = deadline.saturating_duration_since(submitted);
+    let admit_by = submitted + state.engine.max_queue_wait();
     state
         .engine
         .submit(SequenceRequest {
@@ -879,6 +912,7 @@ fn start_choice(state: &Arc<AppState>, spec: ChoiceSpec) -> Result<mpsc::Receive
             events: events_tx,
             cancel: Arc::clone(&cancel),
             deadline: Some(deadline),
+            submitted,
         })
         .map_err(|e| match e {
             SubmitError::QueueFull(_) => ApiError {
@@ -893,6 +927,7 @@ fn start_choice(state: &Arc<AppState>, spec: ChoiceSpec) -> Result<mpsc::Receive
     let mut text = TextState::new(spec.stop, spec.skip_special);
     tokio::spawn(async move {
         let mut pending_logprobs: Vec<TokenLogprob> = Vec::new();
+        let mut admitted = false;
         loop {
             let event = tokio::select! {
                 e = events.recv() => e,
@@ -904,7 +939,14 @@ fn start_choice(state: &Arc<AppState>, spec: ChoiceSpec) -> Result<mpsc::Receive
                     let _ = tx.send(Delta::Failed(expired(timeout))).await;
                     return;
                 }
+                // Likewise the queue limit, which the engine applies only between steps.
+                _ = tokio::time::sleep_until(admit_by.into()), if !admitted => {
+                    cancel.store(true, Ordering::Release);
+                    let _ = tx.send(Delta::Failed(shed(admit_by - submitted))).await;
+                    return;
+                }
             };
+            admitted |= matches!(event, Some(SequenceEvent::Admitted));
             let delta = match event {
                 Some(SequenceEvent::Admitted) => Delta::Admitted,
                 Some(SequenceEvent::PromptLogprobs(lp)) => Delta::PromptLogprobs(lp),
@@ -939,13 +981,7 @@ fn start_choice(state: &Arc<AppState>, spec: ChoiceSpec) -> Result<mpsc::Receive
                     return;
                 }
                 Some(SequenceEvent::Failed(why)) => Delta::Failed(unavailable(why, "engine_error")),
-                Some(SequenceEvent::Shed { waited }) => Delta::Failed(ApiError {
-                    retry_after: Some(1),
-                    ..unavailable(
-                        format!("the server is overloaded: the request waited {waited:.1?} for a slot; retry later"),
-                        "overloaded",
-                    )
-                }),
+                Some(SequenceEvent::Shed { waited }) => Delta::Failed(shed(waited)),
                 Some(SequenceEvent::Expired { .. }) => Delta::Failed(expired(timeout)),
                 None => Delta::Failed(unavailable("the engine dropped the sequence", "engine_error")),
             };
@@ -960,6 +996,16 @@ fn start_choice(state: &Arc<AppState>, spec: ChoiceSpec) -> Result<mpsc::Receive
         }
     });
     Ok(rx)
+}
+
+fn shed(waited: Duration) -> ApiError {
+    ApiError {
+        retry_after: Some(1),
+        ..unavailable(
+            format!("the server is overloaded: the request waited {waited:.1?} for a slot; retry later"),
+            "overloaded",
+        )
+    }
 }
 
 fn expired(timeout: Duration) -> ApiError {

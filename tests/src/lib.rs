@@ -132,10 +132,13 @@ pub struct ExpertNodeProcess(ServingProcess);
 impl ExpertNodeProcess {
     /// Starts `expert-node --model MODEL --listen 127.0.0.1:0 --experts EXPERTS EXTRA...` and waits until it serves.
     pub fn start(model: &Path, experts: &str, extra: &[&str]) -> Result<Self> {
+        Self::start_at(model, "127.0.0.1:0", experts, extra)
+    }
+
+    /// Starts an expert node on `listen` (a node restarted where it was, for instance).
+    pub fn start_at(model: &Path, listen: &str, experts: &str, extra: &[&str]) -> Result<Self> {
         let mut args: Vec<&std::ffi::OsStr> = vec!["--model".as_ref(), model.as_os_str()];
-        for a in
-            ["--listen", "127.0.0.1:0", "--experts", experts, "--threads", "2"].into_iter().chain(extra.iter().copied())
-        {
+        for a in ["--listen", listen, "--experts", experts, "--threads", "2"].into_iter().chain(extra.iter().copied()) {
             args.push(a.as_ref());
         }
         ServingProcess::start("expert-node", &args).map(ExpertNodeProcess)

@@ -98,28 +98,88 @@ fn a_frozen_node_is_noticed_by_keepalive_and_its_work_goes_to_a_replica() {
 }
 
 #[test]
-fn a_killed_node_without_replica_fails_the_step_with_a_clear_error() {
+fn a_killed_node_without_replica_holds_the_step_until_it_is_back_and_changes_no_token() {
     let dir = fixture("qwen35");
+    let local = LoadedModel::load(&dir).expect("loads");
+    let want = generate(&local.model, &local.experts, &request(24), |_| {}).expect("generates");
+
     let router = LoadedModel::load_selected(&dir, Residency::Resident, &|_, _| {}, &|_, _| false).expect("loads");
     let mut low = ExpertNodeProcess::start(&dir, "0-3", &[]).expect("starts");
     let high = ExpertNodeProcess::start(&dir, "4-7", &[]).expect("starts");
+    let options = RemoteOptions {
+        reconnect_backoff: (Duration::from_millis(50), Duration::from_millis(200)),
+        ..RemoteOptions::default()
+    };
     let remote = RemoteExperts::connect(
         &[low.addr().to_owned(), high.addr().to_owned()],
         router.model.config(),
         router.fingerprint,
-        RemoteOptions::default(),
+        options,
+    )
+    .expect("connects");
+    let addr = low.addr().to_owned();
+    let restarted = std::sync::Mutex::new(None);
+    let mut produced = 0;
+    let started = Instant::now();
+    let got = std::thread::scope(|scope| {
+        generate(&router.model, &remote, &request(24), |_| {
+            produced += 1;
+            if produced == 4 {
+                low.kill();
+                // Back on the same port a second later, while the step waits for experts 0-3.
+                let (dir, addr, restarted) = (&dir, &addr, &restarted);
+                scope.spawn(move || {
+                    std::thread::sleep(Duration::from_secs(1));
+                    *restarted.lock().expect("lock") = Some(ExpertNodeProcess::start_at(dir, addr, "0-3", &[]));
+                });
+            }
+        })
+    })
+    .expect("the step is held, not failed");
+    let elapsed = started.elapsed();
+    assert!(restarted.lock().expect("lock").as_ref().is_some_and(|r| r.is_ok()), "the node did not restart");
+    assert_eq!(got.output_ids, want.output_ids, "tokens changed across the hold");
+    for (a, b) in got.logprobs.iter().flatten().zip(want.logprobs.iter().flatten()) {
+        assert_eq!(a.0, b.0);
+        assert!((a.1 - b.1).abs() <= 1e-5, "{a:?} vs {b:?}");
+    }
+    let stats = &remote.stats;
+    assert!(stats.holds.load(Ordering::Relaxed) >= 1, "nothing was held");
+    assert!(stats.reconnects.load(Ordering::Relaxed) >= 1, "the node was not reconnected");
+    assert_eq!(stats.holding.load(Ordering::Relaxed), 0, "a hold is still counted");
+    assert!(remote.check_coverage().is_ok());
+    eprintln!("held across a node restart: {elapsed:?}");
+}
+
+#[test]
+fn a_hold_ends_with_a_clear_error_at_its_limit() {
+    let dir = fixture("qwen35");
+    let router = LoadedModel::load_selected(&dir, Residency::Resident, &|_, _| {}, &|_, _| false).expect("loads");
+    let mut low = ExpertNodeProcess::start(&dir, "0-3", &[]).expect("starts");
+    let high = ExpertNodeProcess::start(&dir, "4-7", &[]).expect("starts");
+    let options = RemoteOptions { hold_timeout: Duration::from_secs(2), ..RemoteOptions::default() };
+    let remote = RemoteExperts::connect(
+        &[low.addr().to_owned(), high.addr().to_owned()],
+        router.model.config(),
+        router.fingerprint,
+        options,
     )
     .expect("connects");
     let addr = low.addr().to_owned();
     let mut produced = 0;
+    let started = Instant::now();
     let err = generate(&router.model, &remote, &request(24), |_| {
         produced += 1;
         if produced == 4 {
             low.kill();
         }
     })
-    .expect_err("experts 0-3 are gone");
+    .expect_err("experts 0-3 never come back");
     let message = err.to_string();
-    assert!(message.contains(&addr), "{message}");
+    assert!(message.contains(&addr) && message.contains("held for"), "{message}");
     assert!(err.is_retryable());
+    assert!(started.elapsed() < Duration::from_secs(30));
+    assert_eq!(remote.stats.holds_abandoned.load(Ordering::Relaxed), 1);
+    assert_eq!(remote.stats.holding.load(Ordering::Relaxed), 0);
+    assert!(remote.check_coverage().is_err(), "/readyz would still say ready");
 }
