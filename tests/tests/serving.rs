@@ -242,24 +242,21 @@ async fn overload_gets_429_with_retry_after() {
     let dir = fixture("qwen35");
     let router = RouterProcess::start(&dir, &["--max-running", "1", "--max-queue", "1"]).expect("router");
     let url = router.url().to_owned();
-    // Long streams held open: one runs, one waits, and the queue is full. (Whether the second is still queued or
-    // already refused depends on how fast the engine admitted the first, so the test only asks for both outcomes.)
+    // Six long streams at once: one runs, one waits, the queue is full for the others. (A streamed response starts
+    // once its request is admitted, so they are sent together rather than one after the other.)
     let c = client();
-    let mut held = Vec::new();
-    let mut refused = None;
-    for _ in 0..6 {
-        let resp = c
-            .post(format!("{url}/v1/completions"))
+    let sends = (0..6).map(|_| {
+        c.post(format!("{url}/v1/completions"))
             .json(&json!({"stream": true, "prompt": [1, 2, 3], "max_tokens": 2000, "ignore_eos": true}))
             .send()
-            .await
-            .expect("sent");
+    });
+    let mut held = Vec::new();
+    let mut refused = None;
+    for resp in futures::future::join_all(sends).await {
+        let resp = resp.expect("sent");
         match resp.status().as_u16() {
             200 => held.push(resp),
-            429 => {
-                refused = Some(resp);
-                break;
-            }
+            429 => refused = Some(resp),
             other => panic!("unexpected status {other}"),
         }
     }
@@ -357,7 +354,9 @@ async fn many_concurrent_streams_all_complete() {
 async fn an_expert_node_lost_mid_stream_ends_it_with_an_error_event() {
     let dir = fixture("qwen35");
     let mut node = ExpertNodeProcess::start(&dir, "all", &[]).expect("node");
-    let router = RouterProcess::start(&dir, &["--experts-at", node.addr()]).expect("router");
+    // The step is held for the lost experts (the node never comes back) until the hold limit.
+    let router =
+        RouterProcess::start(&dir, &["--experts-at", node.addr(), "--hold-timeout-secs", "2"]).expect("router");
     let url = router.url().to_owned();
     let resp = client()
         .post(format!("{url}/v1/completions"))
