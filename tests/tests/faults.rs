@@ -350,3 +350,24 @@ async fn in_a_cluster_a_node_killed_without_replica_is_repaired_under_held_strea
     assert!(metric(&url, "moe_placement_epoch").await >= 2.0, "no repair epoch");
     drop(nodes);
 }
+
+#[test]
+fn a_member_id_already_in_use_is_refused_at_join() {
+    let dir = fixture("qwen35");
+    let etcd = EtcdServer::start().expect("etcd");
+    let first = ExpertNodeProcess::join(&dir, etcd.endpoint(), "ids", &["--node-id", "same"]).expect("first joins");
+    wait_registered(&first);
+    let mut second = ExpertNodeProcess::join(&dir, etcd.endpoint(), "ids", &["--node-id", "same"]).expect("starts");
+    let mut exited = false;
+    for _ in 0..300 {
+        if !second.is_running() {
+            exited = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = second.log_text();
+    assert!(exited, "a second member with the same id kept running:\n{log}");
+    assert!(log.contains("already taken"), "{log}");
+    assert!(first.log_text().contains("registered"));
+}

@@ -93,6 +93,40 @@ pub struct Placement {
 }
 
 impl Placement {
+    /// Checks that the record is one a router can dispatch with: a row per MoE layer, a column per node, unique
+    /// node ids, sorted experts without repeats, and (given the model's shape) only experts and layers it has.
+    pub fn check_record(&self, shape: Option<&ModelShape>) -> std::result::Result<(), String> {
+        if self.hosted.len() != self.moe_layers.len() {
+            return Err(format!("{} rows of experts for {} MoE layers", self.hosted.len(), self.moe_layers.len()));
+        }
+        let mut ids: Vec<&str> = self.nodes.iter().map(|n| n.id.as_str()).collect();
+        ids.sort_unstable();
+        if let Some(w) = ids.windows(2).find(|w| w[0] == w[1]) {
+            return Err(format!("node {} is listed twice", w[0]));
+        }
+        if let Some(shape) = shape {
+            if self.moe_layers != shape.moe_layers {
+                return Err(format!("MoE layers {:?}, the model has {:?}", self.moe_layers, shape.moe_layers));
+            }
+        }
+        for (row, layer) in self.hosted.iter().zip(&self.moe_layers) {
+            if row.len() != self.nodes.len() {
+                return Err(format!("layer {layer}: {} columns for {} nodes", row.len(), self.nodes.len()));
+            }
+            for (experts, node) in row.iter().zip(&self.nodes) {
+                if experts.windows(2).any(|w| w[0] >= w[1]) {
+                    return Err(format!("layer {layer}, node {}: experts not sorted and unique", node.id));
+                }
+                if let (Some(shape), Some(&last)) = (shape, experts.last()) {
+                    if last >= shape.num_experts {
+                        return Err(format!("layer {layer}, node {}: expert {last} of {}", node.id, shape.num_experts));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub fn from_assignment(
         epoch: u64,
         nodes: Vec<PlacedNode>,
@@ -135,7 +169,8 @@ impl Placement {
         (0..self.nodes.len()).map(|n| self.hosted.iter().map(|l| l.get(n).map_or(0, Vec::len)).sum()).collect()
     }
 
-    /// Checks the structure and that every expert of `shape` has a replica.
+    /// Checks the structure and that every expert of `shape` has a replica (what an applied placement must do;
+    /// [`Placement::check_record`] is what every read checks).
     pub fn validate(&self, shape: &ModelShape) -> std::result::Result<(), String> {
         if self.moe_layers != shape.moe_layers || self.hosted.len() != self.moe_layers.len() {
             return Err("its layers are not the model's MoE layers".into());
@@ -415,6 +450,14 @@ impl Cluster {
                 view.problems.push(e.to_string());
             }
         }
+        // A placement that does not check out is not used (members keep the one they have); its bytes stay in
+        // `placement_raw`, so the controller's next epoch replaces it.
+        if let Some(p) = &view.placement {
+            if let Err(e) = p.check_record(view.model.as_ref()) {
+                view.problems.push(format!("{}: an invalid placement (epoch {}): {e}", self.key("placement"), p.epoch));
+                view.placement = None;
+            }
+        }
         Ok(view)
     }
 
@@ -487,5 +530,43 @@ impl Cluster {
 
     pub(crate) fn encode<T: Serialize>(value: &T) -> Vec<u8> {
         encode(value)
+    }
+}
+
+#[cfg(test)]
+mod record_tests {
+    use super::*;
+
+    fn placement(hosted: Vec<Vec<Vec<u32>>>, ids: &[&str]) -> Placement {
+        Placement {
+            epoch: 3,
+            nodes: ids.iter().map(|id| PlacedNode { id: (*id).into(), addr: format!("{id}:1") }).collect(),
+            moe_layers: vec![0, 1],
+            hosted,
+            reason: "test".into(),
+            created_unix_ms: 0,
+            request: None,
+        }
+    }
+
+    fn shape() -> ModelShape {
+        ModelShape { name: "m".into(), fingerprint: 1, moe_layers: vec![0, 1], num_experts: 4, expert_bytes: 1 }
+    }
+
+    #[test]
+    fn records_that_would_break_dispatch_are_refused() {
+        let good = placement(vec![vec![vec![0, 1], vec![2, 3]], vec![vec![0, 1, 2, 3], vec![]]], &["a", "b"]);
+        assert_eq!(good.check_record(Some(&shape())), Ok(()));
+        let short = placement(vec![vec![vec![0, 1], vec![2, 3]]], &["a", "b"]);
+        assert!(short.check_record(None).is_err(), "a row missing");
+        let narrow = placement(vec![vec![vec![0, 1, 2, 3]], vec![vec![0, 1, 2, 3]]], &["a", "b"]);
+        assert!(narrow.check_record(None).is_err(), "a node's column missing");
+        let twice = placement(vec![vec![vec![0, 1], vec![2, 3]], vec![vec![0], vec![1, 2, 3]]], &["a", "a"]);
+        assert!(twice.check_record(None).is_err(), "a node listed twice");
+        let unsorted = placement(vec![vec![vec![1, 0], vec![2, 3]], vec![vec![0], vec![1, 2, 3]]], &["a", "b"]);
+        assert!(unsorted.check_record(None).is_err());
+        let beyond = placement(vec![vec![vec![0, 1], vec![2, 9]], vec![vec![0], vec![1, 2, 3]]], &["a", "b"]);
+        assert!(beyond.check_record(None).is_ok(), "without the shape the range is unknown");
+        assert!(beyond.check_record(Some(&shape())).is_err(), "expert 9 of 4");
     }
 }
