@@ -371,3 +371,74 @@ fn a_member_id_already_in_use_is_refused_at_join() {
     assert!(log.contains("already taken"), "{log}");
     assert!(first.log_text().contains("registered"));
 }
+
+/// A router that sends work and never reads the answers stalls only itself: another router's generation on the
+/// same node completes, and the node's compute thread never waits for the silent one.
+#[test]
+fn a_router_that_stops_reading_stalls_nobody_else() {
+    use moe_model::{generate, GenerateRequest, Residency, SamplingParams};
+    use moe_proto::v1::{Dtype, ForwardRequest, Routing};
+    use router_node::{RemoteExperts, RemoteOptions};
+
+    let dir = fixture("qwen35");
+    let node = ExpertNodeProcess::start(&dir, "all", &[]).expect("node");
+    let config = moe_model::ModelConfig::from_file(&dir.join("config.json")).expect("config");
+    let layer = (0..config.num_hidden_layers).find(|&l| config.is_moe_layer(l)).expect("a MoE layer") as u32;
+    let h = config.hidden_size;
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    // The silent router: 400 requests of 32 tokens, never a read.
+    let _silent = runtime.block_on(async {
+        let mut client =
+            moe_proto::ExpertServiceClient::connect(format!("http://{}", node.addr())).await.expect("connects");
+        let (tx, rx) = tokio::sync::mpsc::channel(512);
+        let responses = client.forward(tokio_stream::wrappers::ReceiverStream::new(rx)).await.expect("forward");
+        for id in 0..400u64 {
+            let n = 32;
+            let req = ForwardRequest {
+                id,
+                layer,
+                epoch: 0,
+                dtype: Dtype::F32 as i32,
+                hidden_size: h as u32,
+                num_tokens: n,
+                activations: moe_proto::codec::encode(&vec![0.5f32; n as usize * h], Dtype::F32),
+                routing: Some(Routing {
+                    offsets: (0..=n).collect(),
+                    experts: vec![0; n as usize],
+                    weights: vec![1.0; n as usize],
+                }),
+                deadline_us: 0,
+            };
+            if tx.send(req).await.is_err() {
+                break;
+            }
+        }
+        (tx, responses)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+
+    let lm = LoadedModel::load_selected(&dir, Residency::Resident, &|_, _| {}, &|_, _| false).expect("loads");
+    let local = LoadedModel::load(&dir).expect("loads");
+    let remote = RemoteExperts::connect(
+        &[node.addr().to_owned()],
+        lm.model.config(),
+        lm.fingerprint,
+        RemoteOptions { deadline: Duration::from_secs(20), ..RemoteOptions::default() },
+    )
+    .expect("connects");
+    let req = GenerateRequest {
+        prompt: prompt(3),
+        max_tokens: 16,
+        sampling: SamplingParams { temperature: 0.0, ..Default::default() },
+        logprobs: 0,
+        echo: false,
+        stop_ids: Vec::new(),
+    };
+    let started = Instant::now();
+    let got = generate(&lm.model, &remote, &req, |_| {}).expect("the other router is served");
+    let took = started.elapsed();
+    let want = generate(&local.model, &local.experts, &req, |_| {}).expect("generates");
+    assert_eq!(got.output_ids, want.output_ids);
+    assert!(took < Duration::from_secs(15), "the other router waited {took:?}");
+    eprintln!("served beside a silent router in {took:?}");
+}
