@@ -94,7 +94,8 @@ async fn nodes_join_drain_and_routers_fail_over_without_changing_output() {
         wait_for("initial placement served", Duration::from_secs(60), &cluster, |v| settled(v, |p| p.nodes.len() == 2))
             .await;
     let p1 = view.placement.clone().expect("placement");
-    assert_eq!(p1.counts().iter().sum::<usize>(), 32, "each expert placed once");
+    p1.validate(&cluster.snapshot().await.expect("snapshot").model.expect("model shape")).expect("every expert placed");
+    assert!(p1.counts().iter().sum::<usize>() > 32, "the spare memory holds no replica: {:?}", p1.counts());
     for r in &routers {
         let start = Instant::now();
         while !ready(r.url()).await {

@@ -309,45 +309,96 @@ async fn unloading_every_expert_of_a_static_node_turns_readyz_false() {
     assert_eq!(ready, 503, "/readyz stayed 200 with nothing hosted");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn in_a_cluster_a_node_killed_without_replica_is_repaired_under_held_streams() {
-    let dir = fixture("qwen35");
-    let etcd = EtcdServer::start().expect("etcd");
-    let endpoint = etcd.endpoint().to_owned();
-    // Each node has room for the whole fixture model (32 experts of 12 KiB), so the repair epoch fits on two.
-    let join = |name: &str| {
-        ExpertNodeProcess::join(&dir, &endpoint, "repair", &["--node-id", name, "--memory-gib", "0.0004"])
-            .expect("expert node")
-    };
-    let mut nodes = vec![join("node-a"), join("node-b"), join("node-c")];
-    let router = RouterProcess::start(&dir, &["--etcd", &endpoint, "--cluster", "repair", "--lease-ttl-secs", "2"])
-        .expect("router");
-    let url = router.url().to_owned();
+/// Waits (bounded) until `url` answers /readyz with 200.
+async fn wait_ready(url: &str) {
     for _ in 0..300 {
-        if status_of(&url, "/readyz").await == 200 {
-            break;
+        if status_of(url, "/readyz").await == 200 {
+            return;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(status_of(&url, "/readyz").await, 200, "the cluster never became ready");
+    panic!("{url} never became ready");
+}
+
+/// The fixture model's experts take 12 KiB each (4 MoE layers of 8): room for 12 on a node, 3 per layer.
+const TWELVE_EXPERTS_GIB: &str = "0.000138";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_cluster_replicas_absorb_a_node_loss_without_a_hold() {
+    let dir = fixture("qwen35");
+    let etcd = EtcdServer::start().expect("etcd");
+    let endpoint = etcd.endpoint().to_owned();
+    // Room for the whole model on each node: the first epoch puts a replica of everything in the spare memory.
+    let join = |name: &str| {
+        ExpertNodeProcess::join(&dir, &endpoint, "replicas", &["--node-id", name, "--memory-gib", "0.0004"])
+            .expect("expert node")
+    };
+    let mut nodes = vec![join("node-a"), join("node-b")];
+    let router = RouterProcess::start(&dir, &["--etcd", &endpoint, "--cluster", "replicas", "--lease-ttl-secs", "2"])
+        .expect("router");
+    let url = router.url().to_owned();
+    wait_ready(&url).await;
     let lm = LoadedModel::load(&dir).expect("loads");
     let prompts: Vec<Vec<u32>> = (0..4).map(prompt).collect();
     let want: Vec<String> = prompts.iter().map(|p| local_greedy(&lm, p, 64)).collect();
     let streams: Vec<_> =
         prompts.iter().map(|p| tokio::spawn(stream_owned(url.clone(), greedy(p, 64, true)))).collect();
     wait_for_tokens(&url, 8.0).await;
-    let started = Instant::now();
     nodes[1].kill();
+    for (i, s) in streams.into_iter().enumerate() {
+        let s = s.await.expect("stream task");
+        assert!(s.error.is_none(), "stream {i} failed: {:?}", s.error);
+        assert_eq!(s.text, want[i], "stream {i}: greedy text changed across the loss");
+    }
+    assert_eq!(metric(&url, "moe_requests_finished_total").await, 4.0);
+    assert_eq!(metric(&url, "moe_expert_holds_total").await, 0.0, "a replica existed, yet the step was held");
+    drop(nodes);
+}
+
+/// Nodes with no spare memory: a lost node's experts have no replica and no room elsewhere, so the streams hold
+/// until a node with room joins and the controller's epoch places them there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_cluster_a_node_lost_without_replica_holds_until_a_node_with_room_joins() {
+    let dir = fixture("qwen35");
+    let etcd = EtcdServer::start().expect("etcd");
+    let endpoint = etcd.endpoint().to_owned();
+    let join = |name: &str, gib: &str| {
+        ExpertNodeProcess::join(&dir, &endpoint, "repair", &["--node-id", name, "--memory-gib", gib])
+            .expect("expert node")
+    };
+    let mut nodes = vec![
+        join("node-a", TWELVE_EXPERTS_GIB),
+        join("node-b", TWELVE_EXPERTS_GIB),
+        join("node-c", TWELVE_EXPERTS_GIB),
+    ];
+    let router = RouterProcess::start(&dir, &["--etcd", &endpoint, "--cluster", "repair", "--lease-ttl-secs", "2"])
+        .expect("router");
+    let url = router.url().to_owned();
+    wait_ready(&url).await;
+    let lm = LoadedModel::load(&dir).expect("loads");
+    let prompts: Vec<Vec<u32>> = (0..4).map(prompt).collect();
+    let want: Vec<String> = prompts.iter().map(|p| local_greedy(&lm, p, 64)).collect();
+    let streams: Vec<_> =
+        prompts.iter().map(|p| tokio::spawn(stream_owned(url.clone(), greedy(p, 64, true)))).collect();
+    wait_for_tokens(&url, 8.0).await;
+    nodes[1].kill();
+    // The two left cannot take node-b's experts; only a new node can.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(status_of(&url, "/readyz").await, 503, "ready without node-b's experts");
+    let started = Instant::now();
+    nodes.push(join("node-d", "0.0004"));
     for (i, s) in streams.into_iter().enumerate() {
         let s = s.await.expect("stream task");
         assert!(s.error.is_none(), "stream {i} failed: {:?}", s.error);
         assert_eq!(s.text, want[i], "stream {i}: greedy text changed across the repair");
         assert_eq!(s.finish_reason.as_deref(), Some("length"));
     }
-    eprintln!("streams completed {:?} after the kill", started.elapsed());
+    eprintln!("streams completed {:?} after node-d joined", started.elapsed());
     assert_eq!(metric(&url, "moe_requests_finished_total").await, 4.0);
     assert_eq!(metric(&url, "moe_requests_failed_total").await, 0.0);
-    assert!(metric(&url, "moe_placement_epoch").await >= 2.0, "no repair epoch");
+    assert!(metric(&url, "moe_expert_holds_total").await >= 1.0, "nothing was held");
+    assert_eq!(metric(&url, "moe_expert_holding").await, 0.0);
+    wait_ready(&url).await;
     drop(nodes);
 }
 

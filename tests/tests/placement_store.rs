@@ -251,7 +251,7 @@ conformance!(controller_places_repairs_and_rebalances, |store: Arc<dyn Placement
     wait_until("the initial placement", Duration::from_secs(10), || async { placement(1).await.is_some() }).await;
     let p1 = placement(1).await.expect("placement");
     p1.validate(&shape()).expect("every expert placed");
-    assert_eq!(p1.counts(), vec![8, 8], "16 experts spread over two nodes");
+    assert_eq!(p1.counts(), vec![16, 16], "room for the 16 experts on each node: every expert on both");
     let view = cluster.snapshot().await.expect("snapshot");
     assert_eq!(view.model, Some(shape()));
     let leader = view.leader.expect("a leader");

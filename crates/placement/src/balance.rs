@@ -75,7 +75,9 @@ pub enum BalanceError {
 }
 
 /// Places `num_experts` experts of each layer of `load` (`load[layer][expert]`, e.g. tokens routed in a window) on
-/// `nodes`. Layers with no load at all get one replica per expert, spread evenly.
+/// `nodes`, filling their spare slots with replicas: of the experts with the most load per replica once load is
+/// known, evenly (every expert once more before any twice more) in layers with no load yet. Replicas are what let a
+/// node's loss cost no wait.
 pub fn balance(load: &[Vec<f64>], num_experts: usize, nodes: &[NodeCapacity]) -> Result<Assignment, BalanceError> {
     if nodes.is_empty() {
         return Err(BalanceError::NoNodes);
@@ -100,9 +102,11 @@ pub fn balance(load: &[Vec<f64>], num_experts: usize, nodes: &[NodeCapacity]) ->
         }
         // 1. Replication: the expert with the highest load per replica gets the next spare slot.
         let mut replicas = vec![1usize; num_experts];
-        let weight = |e: usize, r: &[usize]| load[e].max(0.0) / r[e] as f64;
         let total_load: f64 = load.iter().map(|v| v.max(0.0)).sum();
-        if total_load > 0.0 {
+        // No load measured yet: every expert counts the same.
+        let uniform = total_load <= 0.0;
+        let weight = |e: usize, r: &[usize]| if uniform { 1.0 } else { load[e].max(0.0) } / r[e] as f64;
+        {
             for _ in num_experts..usable {
                 let Some(e) = (0..num_experts)
                     .filter(|&e| replicas[e] < nodes.len())
@@ -233,12 +237,21 @@ mod tests {
     }
 
     #[test]
-    fn unloaded_layers_get_one_replica_each() {
+    fn unloaded_layers_fill_spare_slots_with_even_replicas() {
         let load = vec![vec![0.0; 8]; 2];
+        // Room for everything twice: every expert on both nodes.
         let a = balance(&load, 8, &nodes(2, 100)).expect("fits");
         for l in 0..2 {
-            assert_eq!(a.layers[l].iter().map(Vec::len).sum::<usize>(), 8);
-            assert_eq!(a.layers[l][0].len(), 4);
+            assert!(a.layers[l].iter().all(|h| h.len() == 8), "{:?}", a.layers[l]);
+        }
+        // 12 slots per layer for 8 experts: 4 experts get a second replica, none a third, each node 6.
+        let a = balance(&load, 8, &nodes(2, 12)).expect("fits");
+        check_valid(&a, 2, 8, &nodes(2, 12));
+        for l in 0..2 {
+            let counts: Vec<usize> = (0..8).map(|e| a.replicas(l, e).len()).collect();
+            assert_eq!(counts.iter().sum::<usize>(), 12, "{counts:?}");
+            assert!(counts.iter().all(|&c| (1..=2).contains(&c)), "{counts:?}");
+            assert_eq!(a.layers[l][0].len(), 6);
         }
     }
 }

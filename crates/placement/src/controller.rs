@@ -5,9 +5,11 @@
 //! and because expert nodes refuse work for an epoch they do not serve, two placements never mix in one dispatch.
 //!
 //! What makes a new epoch, in order:
-//! 1. no placement yet: place every expert once, spread over the expert nodes (after membership settled);
+//! 1. no placement yet: place every expert, spread over the expert nodes, with the spare memory holding replicas
+//!    (after membership settled);
 //! 2. an operator's request: `rebalance` (by measured load) or `apply` (a given placement, validated);
-//! 3. nodes joined: rebalance over all of them, so that they take load;
+//! 3. nodes joined: each new node fills its memory with replicas of the experts with the fewest replicas (the most
+//!    load per replica once load is known); nothing already placed moves;
 //! 4. nodes left (dead, or draining): their experts without another replica go to the nodes with most room.
 
 use std::collections::BTreeSet;
@@ -62,6 +64,53 @@ pub fn plan_balanced(
     Ok(Placement::from_assignment(epoch, placed(nodes), shape, a, reason))
 }
 
+/// `prev` over `nodes`, with the room of the nodes in `fill` (those that joined) filled, per layer, with experts
+/// they do not host that have the fewest replicas, the most load per replica first (`load[layer][expert]`). What
+/// `prev` placed stays where it is, so a join moves nothing and only adds replicas.
+pub fn plan_join(
+    shape: &ModelShape,
+    prev: &Placement,
+    nodes: &[&Member],
+    fill: &BTreeSet<&str>,
+    load: &[Vec<f64>],
+    reason: &str,
+) -> std::result::Result<Placement, String> {
+    let caps = capacities(nodes, shape);
+    let layers = shape.moe_layers.len();
+    let experts = shape.num_experts;
+    let mut rows: Vec<Vec<Vec<u32>>> = (0..layers)
+        .map(|l| {
+            nodes
+                .iter()
+                .map(|m| prev.node_index(&m.id).and_then(|i| prev.hosted.get(l)?.get(i).cloned()).unwrap_or_default())
+                .collect()
+        })
+        .collect();
+    for (n, m) in nodes.iter().enumerate() {
+        if !fill.contains(m.id.as_str()) {
+            continue;
+        }
+        let slots = caps[n].slots;
+        for (l, row) in rows.iter_mut().enumerate() {
+            let quota = (slots / layers + usize::from(l < slots % layers.max(1))).min(experts as usize);
+            let replicas = |e: u32| row.iter().filter(|h| h.binary_search(&e).is_ok()).count();
+            let weight = |e: u32| {
+                let w = load.get(l).and_then(|r| r.get(e as usize)).copied().unwrap_or(0.0).max(0.0);
+                w / replicas(e).max(1) as f64
+            };
+            let mut order: Vec<u32> = (0..experts).collect();
+            order.sort_by(|&a, &b| replicas(a).cmp(&replicas(b)).then(weight(b).total_cmp(&weight(a))).then(a.cmp(&b)));
+            let room = quota.saturating_sub(row[n].len());
+            let mut taken: Vec<u32> =
+                order.into_iter().filter(|e| row[n].binary_search(e).is_err()).take(room).collect();
+            taken.extend(&row[n]);
+            taken.sort_unstable();
+            row[n] = taken;
+        }
+    }
+    Ok(Placement::from_assignment(prev.epoch + 1, placed(nodes), shape, Assignment { layers: rows }, reason))
+}
+
 /// `prev` without the nodes not in `nodes`; experts left with no replica go, per layer, to the node with the most
 /// free room that has the fewest experts of that layer. Nothing else moves.
 pub fn plan_repair(
@@ -83,24 +132,53 @@ pub fn plan_repair(
         }
         layers.push(row);
     }
-    for (l, row) in layers.iter_mut().enumerate() {
+    for l in 0..layers.len() {
         for e in 0..shape.num_experts {
-            if row.iter().any(|experts| experts.binary_search(&e).is_ok()) {
+            if layers[l].iter().any(|experts| experts.binary_search(&e).is_ok()) {
                 continue;
             }
+            let row = &layers[l];
             let target = (0..nodes.len())
                 .filter(|&n| used[n] < caps[n].slots)
-                .min_by_key(|&n| (row[n].len(), std::cmp::Reverse(caps[n].slots - used[n]), n))
-                .ok_or_else(|| {
-                    format!("no room for expert {e} of layer {}: the remaining nodes are full", shape.moe_layers[l])
-                })?;
-            if let Err(at) = row[target].binary_search(&e) {
-                row[target].insert(at, e);
+                .min_by_key(|&n| (row[n].len(), std::cmp::Reverse(caps[n].slots - used[n]), n));
+            let target = match target {
+                Some(n) => n,
+                // Full of replicas: a spare replica makes room (one of this layer first).
+                None => {
+                    let n = evict_spare_replica(&mut layers, l).ok_or_else(|| {
+                        format!("no room for expert {e} of layer {}: the remaining nodes are full", shape.moe_layers[l])
+                    })?;
+                    used[n] -= 1;
+                    n
+                }
+            };
+            let row = &mut layers[l][target];
+            if let Err(at) = row.binary_search(&e) {
+                row.insert(at, e);
+                used[target] += 1;
             }
-            used[target] += 1;
         }
     }
     Ok(Placement::from_assignment(prev.epoch + 1, placed(nodes), shape, Assignment { layers }, reason))
+}
+
+/// Removes one replica of an expert that has another, preferring layer `l` and the node with the most experts of
+/// it; returns the node whose slot it freed.
+fn evict_spare_replica(layers: &mut [Vec<Vec<u32>>], l: usize) -> Option<usize> {
+    let order = std::iter::once(l).chain((0..layers.len()).filter(move |&k| k != l));
+    for k in order {
+        let row = &layers[k];
+        let mut nodes: Vec<usize> = (0..row.len()).collect();
+        nodes.sort_by_key(|&n| std::cmp::Reverse(row[n].len()));
+        for n in nodes {
+            let spare = row[n].iter().rposition(|e| row.iter().filter(|h| h.binary_search(e).is_ok()).count() > 1);
+            if let Some(i) = spare {
+                layers[k][n].remove(i);
+                return Some(n);
+            }
+        }
+    }
+    None
 }
 
 /// What the controller should do about `view` now. `settled`: membership has not changed for the settle time.
@@ -177,8 +255,24 @@ pub fn decide(view: &ClusterView, shape: &ModelShape, settled: bool) -> Option<D
     if nodes.is_empty() {
         return None;
     }
-    let result = if !joined.is_empty() || moved {
-        plan_balanced(shape, &nodes, Some(&load), next, &format!("joined: {}", joined.join(", ")))
+    let result = if moved {
+        plan_balanced(shape, &nodes, Some(&load), next, "a node moved to a new address")
+    } else if !joined.is_empty() {
+        // Experts of nodes that left at the same time are re-placed first (the new nodes, empty, take them); then
+        // the new nodes' remaining room holds replicas.
+        let base = if left.is_empty() { Ok(prev.clone()) } else { plan_repair(shape, prev, &nodes, "") };
+        let fill: BTreeSet<&str> = joined.iter().copied().collect();
+        let reason = if left.is_empty() {
+            format!("joined: {}", joined.join(", "))
+        } else {
+            format!("joined: {}; left: {}", joined.join(", "), left.join(", "))
+        };
+        base.and_then(|base| {
+            plan_join(shape, &base, &nodes, &fill, &load, &reason).map(|mut p| {
+                p.epoch = next;
+                p
+            })
+        })
     } else if !left.is_empty() {
         plan_repair(shape, prev, &nodes, &format!("left: {}", left.join(", ")))
     } else {
@@ -364,7 +458,10 @@ mod tests {
         let p = written(decide(&view(&nodes, None), &shape(), true));
         assert_eq!(p.epoch, 1);
         p.validate(&shape()).expect("complete");
-        assert_eq!(p.counts(), vec![6, 6]);
+        // Room for the whole model on each: the spare memory holds a replica of every expert.
+        assert_eq!(p.counts(), vec![12, 12]);
+        let exact = [node("a", 6), node("b", 6)];
+        assert_eq!(written(decide(&view(&exact, None), &shape(), true)).counts(), vec![6, 6]);
         let small = [node("a", 5), node("b", 5)];
         assert!(matches!(decide(&view(&small, None), &shape(), true), Some(Decision::Stuck(_))));
         // Nodes of another model are not used.
@@ -374,8 +471,10 @@ mod tests {
 
     #[test]
     fn a_lost_node_moves_only_its_experts_and_respects_memory() {
-        let nodes = [node("a", 8), node("b", 8), node("c", 8)];
+        // No spare memory at first, so that the lost node's experts have no other replica.
+        let nodes = [node("a", 4), node("b", 4), node("c", 4)];
         let p1 = written(decide(&view(&nodes, None), &shape(), true));
+        assert_eq!(p1.counts(), vec![4, 4, 4]);
         let survivors = [node("a", 8), node("b", 8)];
         let p2 = written(decide(&view(&survivors, Some(p1.clone())), &shape(), true));
         assert_eq!(p2.epoch, 2);
@@ -396,11 +495,19 @@ mod tests {
 
     #[test]
     fn drained_nodes_are_emptied_and_joined_nodes_get_a_share() {
-        let nodes = [node("a", 12), node("b", 12)];
+        let nodes = [node("a", 6), node("b", 6)];
         let p1 = written(decide(&view(&nodes, None), &shape(), true));
-        let mut v = view(&[node("a", 12), node("b", 12), node("c", 12)], Some(p1.clone()));
+        let mut v = view(&[node("a", 6), node("b", 6), node("c", 8)], Some(p1.clone()));
         let p2 = written(decide(&v, &shape(), true));
-        assert!(p2.counts().iter().all(|&c| c > 0), "{:?}", p2.counts());
+        assert_eq!(p2.counts(), vec![6, 6, 8], "the new node fills its memory with replicas");
+        for id in ["a", "b"] {
+            assert_eq!(p1.experts_of(id), p2.experts_of(id), "a join moved {id}'s experts");
+        }
+        // Each layer: 4 of the 6 experts gain a second replica on c.
+        for (l, row) in p2.hosted.iter().enumerate() {
+            let c = &row[p2.node_index("c").expect("c placed")];
+            assert_eq!(c.len(), 4, "layer {l}: {c:?}");
+        }
         v.placement = Some(p2);
         v.drains.insert("a".into());
         let p3 = written(decide(&v, &shape(), true));
