@@ -8,6 +8,7 @@
 
 pub mod agent;
 pub mod node;
+pub mod run;
 pub mod service;
 pub mod shard;
 pub mod spec;
@@ -16,6 +17,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 pub use node::{ExpertNode, Refusal};
+pub use run::{ClusterConfig, NodeConfig};
 pub use service::{bind, serve, ServeOptions, DEFAULT_MAX_MESSAGE_BYTES};
 pub use shard::Shard;
 pub use spec::{ExpertSpec, SpecError};
@@ -41,4 +43,8 @@ pub enum NodeError {
     Thread(#[source] std::io::Error),
     #[error("gRPC server: {0}")]
     Transport(String),
+    #[error("cluster: {0}")]
+    Cluster(#[from] moe_placement::StoreError),
+    #[error("{0}")]
+    Config(String),
 }
