@@ -152,6 +152,43 @@ async fn a_node_lost_without_replica_holds_every_stream_and_loses_none() {
     drop(restarted);
 }
 
+/// A node frozen (SIGSTOP) longer than keepalive detection and then thawed: marked down as hung, reconnected once it
+/// answers again, and the streams that waited for its experts complete with the fault-free text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_frozen_past_keepalive_is_reconnected_when_it_thaws_and_loses_nothing() {
+    let dir = fixture("qwen35");
+    let low = ExpertNodeProcess::start(&dir, "0-3", &[]).expect("node");
+    let high = ExpertNodeProcess::start(&dir, "4-7", &[]).expect("node");
+    let at = format!("{},{}", low.addr(), high.addr());
+    let router = RouterProcess::start(&dir, &["--experts-at", &at]).expect("router");
+    let url = router.url().to_owned();
+    let lm = LoadedModel::load(&dir).expect("loads");
+    let prompts: Vec<Vec<u32>> = (0..3).map(prompt).collect();
+    let want: Vec<String> = prompts.iter().map(|p| local_greedy(&lm, p, 64)).collect();
+    let streams: Vec<_> =
+        prompts.iter().map(|p| tokio::spawn(stream_owned(url.clone(), greedy(p, 64, true)))).collect();
+    wait_for_tokens(&url, 6.0).await;
+    low.signal("STOP").expect("stopped");
+    // Keepalive (2 s interval, 5 s timeout) declares it hung within about 7 s.
+    let mut noticed = false;
+    for _ in 0..150 {
+        if status_of(&url, "/readyz").await == 503 {
+            noticed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    low.signal("CONT").expect("continued");
+    assert!(noticed, "the frozen node was not noticed within 15 s");
+    for (i, s) in streams.into_iter().enumerate() {
+        let s = s.await.expect("stream task");
+        assert!(s.error.is_none(), "stream {i} failed: {:?}", s.error);
+        assert_eq!(s.text, want[i], "stream {i}: greedy text changed across the freeze");
+    }
+    assert_eq!(metric(&url, "moe_requests_failed_total").await, 0.0);
+    assert!(metric(&url, "moe_expert_reconnects_total").await >= 1.0, "the thawed node was not reconnected");
+}
+
 async fn stream_owned(url: String, body: Value) -> Streamed {
     stream(&url, body).await
 }
