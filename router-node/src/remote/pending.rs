@@ -273,11 +273,11 @@ impl PendingExperts for RemotePending<'_> {
                             this.end_hold();
                         }
                     }
-                    Err(super::pending::Stall::NoLiveReplica(why)) => {
+                    Err(Stall::NoLiveReplica(why)) => {
                         this.hold(&why).map_err(fail)?;
                         this.wait_for_change(seen);
                     }
-                    Err(super::pending::Stall::Bug(why)) => return Err(fail(why)),
+                    Err(Stall::Bug(why)) => return Err(fail(why)),
                 }
                 continue;
             }
