@@ -32,7 +32,7 @@ use moe_proto::v1::{self, Dtype, StatusRequest};
 use tokio::sync::{mpsc, watch};
 
 use self::link::Link;
-use self::pending::{Owned, Piece, RemotePending};
+use self::pending::{Piece, RemotePending, Work};
 use self::topology::Topology;
 use crate::RouterError;
 
@@ -468,21 +468,17 @@ impl Experts for RemoteExperts {
                 }
             }
         }
-        let work = Owned {
-            rows: hidden.to_vec(),
-            tokens: (0..ntok as u32).collect(),
-            routing: v1::Routing {
-                offsets: routing.offsets.clone(),
-                experts: routing.experts.clone(),
-                weights: routing.weights.clone(),
-            },
-            avoid: None,
-            not_before: None,
+        let tokens: Vec<u32> = (0..ntok as u32).collect();
+        let csr = v1::Routing {
+            offsets: routing.offsets.clone(),
+            experts: routing.experts.clone(),
+            weights: routing.weights.clone(),
         };
-        let pieces = match self.scatter(&self.current(), layer, &work) {
+        let work = Work { rows: hidden, tokens: &tokens, routing: &csr, avoid: None };
+        let pieces = match self.scatter(&self.current(), layer, work) {
             Ok(pieces) => pieces,
             // Nothing can take it now: the wait holds it.
-            Err(pending::Stall::NoLiveReplica(_)) => vec![Piece::Held(work)],
+            Err(pending::Stall::NoLiveReplica(_)) => vec![Piece::Held(work.held())],
             Err(pending::Stall::Bug(message)) => return Err(fail(message)),
         };
         self.stats.encode_ns.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);

@@ -60,6 +60,35 @@ impl Sent {
     }
 }
 
+impl Owned {
+    pub(crate) fn work(&self) -> Work<'_> {
+        Work { rows: &self.rows, tokens: &self.tokens, routing: &self.routing, avoid: self.avoid.as_ref() }
+    }
+}
+
+/// Work to plan, borrowed: from the model's buffers at dispatch (nothing is copied unless it has to be held), or
+/// from a held piece.
+#[derive(Clone, Copy)]
+pub(crate) struct Work<'a> {
+    pub rows: &'a [f32],
+    pub tokens: &'a [u32],
+    pub routing: &'a v1::Routing,
+    pub avoid: Option<&'a Arc<Link>>,
+}
+
+impl Work<'_> {
+    /// The work kept, to hold it.
+    pub(crate) fn held(self) -> Owned {
+        Owned {
+            rows: self.rows.to_vec(),
+            tokens: self.tokens.to_vec(),
+            routing: self.routing.clone(),
+            avoid: self.avoid.cloned(),
+            not_before: None,
+        }
+    }
+}
+
 pub(crate) enum Piece {
     Sent(Sent),
     Held(Owned),
@@ -77,7 +106,7 @@ impl RemoteExperts {
     /// Plans and sends `work` (one layer's) under `topo`: each token once per node, with its (expert, weight) pairs
     /// local to that node, chunked under the node's message limit. A chunk whose send fails comes back held (away
     /// from that node); nothing is sent when some expert has no live replica.
-    pub(crate) fn scatter(&self, topo: &Topology, layer: usize, work: &Owned) -> Result<Vec<Piece>, Stall> {
+    pub(crate) fn scatter(&self, topo: &Topology, layer: usize, work: Work<'_>) -> Result<Vec<Piece>, Stall> {
         let h = self.shared.config.hidden_size;
         let Some(table) = topo.placement.get(layer).filter(|t| !t.is_empty()) else {
             return Err(if topo.links.is_empty() {
@@ -86,7 +115,7 @@ impl RemoteExperts {
                 Stall::Bug(format!("layer {layer} is not a MoE layer"))
             });
         };
-        let avoided = work.avoid.as_ref().and_then(|a| topo.index_of(a));
+        let avoided = work.avoid.and_then(|a| topo.index_of(a));
         let mut nodes: Vec<NodeView> = topo
             .links
             .iter()
@@ -99,7 +128,7 @@ impl RemoteExperts {
             })
             .collect();
         let before: Vec<u64> = nodes.iter().map(|v| v.sent).collect();
-        let shares = plan::plan(&work.routing, table, &mut nodes).map_err(|u| match u {
+        let shares = plan::plan(work.routing, table, &mut nodes).map_err(|u| match u {
             Unplaceable::NoLiveReplica { expert } => {
                 let why: Vec<_> = table
                     .get(expert as usize)
@@ -266,7 +295,7 @@ impl PendingExperts for RemotePending<'_> {
                     std::thread::sleep(t.saturating_duration_since(Instant::now()));
                 }
                 let seen = *remote.shared.generation.borrow();
-                match remote.scatter(&remote.current(), layer, work) {
+                match remote.scatter(&remote.current(), layer, work.work()) {
                     Ok(again) => {
                         this.pieces.splice(i..=i, again);
                         if this.pieces[i..].iter().all(|p| matches!(p, Piece::Sent(_))) {
