@@ -112,11 +112,7 @@ async fn a_node_lost_without_replica_holds_every_stream_and_loses_none() {
     let router = RouterProcess::start(&dir, &["--experts-at", &at, "--sse-keepalive-secs", "0.3"]).expect("router");
     let url = router.url().to_owned();
     let lm = LoadedModel::load(&dir).expect("loads");
-    let prompts: Vec<Vec<u32>> = (0..4).map(prompt).collect();
-    let want: Vec<String> = prompts.iter().map(|p| local_greedy(&lm, p, 64)).collect();
-
-    let streams: Vec<_> =
-        prompts.iter().map(|p| tokio::spawn(stream_owned(url.clone(), greedy(p, 64, true)))).collect();
+    let streams = start_greedy_streams(&url, &lm, 4, 64);
     wait_for_tokens(&url, 8.0).await;
     low.kill();
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -124,12 +120,9 @@ async fn a_node_lost_without_replica_holds_every_stream_and_loses_none() {
     let restarted = ExpertNodeProcess::start_at(&dir, &addr, "0-3", &[]).expect("the node restarts on its port");
 
     let mut comments = 0;
-    for (i, s) in streams.into_iter().enumerate() {
-        let s = s.await.expect("stream task");
+    for (i, s) in streams.finish("the outage").await.into_iter().enumerate() {
         assert_eq!(s.status, 200);
         assert!(s.starts_with_data, "stream {i} began with a comment");
-        assert!(s.error.is_none(), "stream {i} failed: {:?}", s.error);
-        assert_eq!(s.text, want[i], "stream {i}: greedy text changed across the outage");
         assert_eq!(s.finish_reason.as_deref(), Some("length"));
         assert_eq!(s.usage.as_ref().map(|u| u["completion_tokens"].clone()), Some(json!(64)));
         assert!(s.done);
@@ -163,10 +156,7 @@ async fn a_node_frozen_past_keepalive_is_reconnected_when_it_thaws_and_loses_not
     let router = RouterProcess::start(&dir, &["--experts-at", &at]).expect("router");
     let url = router.url().to_owned();
     let lm = LoadedModel::load(&dir).expect("loads");
-    let prompts: Vec<Vec<u32>> = (0..3).map(prompt).collect();
-    let want: Vec<String> = prompts.iter().map(|p| local_greedy(&lm, p, 64)).collect();
-    let streams: Vec<_> =
-        prompts.iter().map(|p| tokio::spawn(stream_owned(url.clone(), greedy(p, 64, true)))).collect();
+    let streams = start_greedy_streams(&url, &lm, 3, 64);
     wait_for_tokens(&url, 6.0).await;
     low.signal("STOP").expect("stopped");
     // Keepalive (2 s interval, 5 s timeout) declares it hung within about 7 s.
@@ -180,17 +170,46 @@ async fn a_node_frozen_past_keepalive_is_reconnected_when_it_thaws_and_loses_not
     }
     low.signal("CONT").expect("continued");
     assert!(noticed, "the frozen node was not noticed within 15 s");
-    for (i, s) in streams.into_iter().enumerate() {
-        let s = s.await.expect("stream task");
-        assert!(s.error.is_none(), "stream {i} failed: {:?}", s.error);
-        assert_eq!(s.text, want[i], "stream {i}: greedy text changed across the freeze");
-    }
+    streams.finish("the freeze").await;
     assert_eq!(metric(&url, "moe_requests_failed_total").await, 0.0);
     assert!(metric(&url, "moe_expert_reconnects_total").await >= 1.0, "the thawed node was not reconnected");
 }
 
 async fn stream_owned(url: String, body: Value) -> Streamed {
     stream(&url, body).await
+}
+
+/// Greedy streams running against a router, with the text each must end with (the in-process engine's).
+struct GreedyStreams {
+    want: Vec<String>,
+    tasks: Vec<tokio::task::JoinHandle<Streamed>>,
+}
+
+/// Starts `n` greedy streams of `max_tokens` tokens on `url`.
+fn start_greedy_streams(url: &str, lm: &LoadedModel, n: u32, max_tokens: usize) -> GreedyStreams {
+    let prompts: Vec<Vec<u32>> = (0..n).map(prompt).collect();
+    GreedyStreams {
+        want: prompts.iter().map(|p| local_greedy(lm, p, max_tokens)).collect(),
+        tasks: prompts
+            .iter()
+            .map(|p| tokio::spawn(stream_owned(url.to_owned(), greedy(p, max_tokens, true))))
+            .collect(),
+    }
+}
+
+impl GreedyStreams {
+    /// Waits for every stream; each must have ended without an error, with the fault-free text (`across` names the
+    /// fault in the message).
+    async fn finish(self, across: &str) -> Vec<Streamed> {
+        let mut out = Vec::with_capacity(self.tasks.len());
+        for (i, (task, want)) in self.tasks.into_iter().zip(&self.want).enumerate() {
+            let s = task.await.expect("stream task");
+            assert!(s.error.is_none(), "stream {i} failed: {:?}", s.error);
+            assert_eq!(&s.text, want, "stream {i}: greedy text changed across {across}");
+            out.push(s);
+        }
+        out
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -256,19 +275,14 @@ async fn router_sigterm_under_load_completes_every_stream_and_exits_cleanly() {
     let mut router = RouterProcess::start(&dir, &["--experts-at", node.addr()]).expect("router");
     let url = router.url().to_owned();
     let lm = LoadedModel::load(&dir).expect("loads");
-    let prompts: Vec<Vec<u32>> = (0..6).map(prompt).collect();
-    let streams: Vec<_> =
-        prompts.iter().map(|p| tokio::spawn(stream_owned(url.clone(), greedy(p, 48, true)))).collect();
+    let streams = start_greedy_streams(&url, &lm, 6, 48);
     wait_for_tokens(&url, 6.0).await;
     let pid = router.pid();
     let exit = tokio::task::spawn_blocking(move || {
         let status = router.terminate();
         (status, router.log_text())
     });
-    for (i, s) in streams.into_iter().enumerate() {
-        let s = s.await.expect("task");
-        assert!(s.error.is_none(), "stream {i}: {:?}", s.error);
-        assert_eq!(s.text, local_greedy(&lm, &prompts[i], 48), "stream {i}");
+    for s in streams.finish("the router's drain").await {
         assert!(s.done);
     }
     let (status, log) = exit.await.expect("task");
@@ -376,17 +390,10 @@ async fn in_a_cluster_replicas_absorb_a_node_loss_without_a_hold() {
     let url = router.url().to_owned();
     wait_ready(&url).await;
     let lm = LoadedModel::load(&dir).expect("loads");
-    let prompts: Vec<Vec<u32>> = (0..4).map(prompt).collect();
-    let want: Vec<String> = prompts.iter().map(|p| local_greedy(&lm, p, 64)).collect();
-    let streams: Vec<_> =
-        prompts.iter().map(|p| tokio::spawn(stream_owned(url.clone(), greedy(p, 64, true)))).collect();
+    let streams = start_greedy_streams(&url, &lm, 4, 64);
     wait_for_tokens(&url, 8.0).await;
     nodes[1].kill();
-    for (i, s) in streams.into_iter().enumerate() {
-        let s = s.await.expect("stream task");
-        assert!(s.error.is_none(), "stream {i} failed: {:?}", s.error);
-        assert_eq!(s.text, want[i], "stream {i}: greedy text changed across the loss");
-    }
+    streams.finish("the loss").await;
     assert_eq!(metric(&url, "moe_requests_finished_total").await, 4.0);
     assert_eq!(metric(&url, "moe_expert_holds_total").await, 0.0, "a replica existed, yet the step was held");
     drop(nodes);
@@ -413,10 +420,7 @@ async fn in_a_cluster_a_node_lost_without_replica_holds_until_a_node_with_room_j
     let url = router.url().to_owned();
     wait_ready(&url).await;
     let lm = LoadedModel::load(&dir).expect("loads");
-    let prompts: Vec<Vec<u32>> = (0..4).map(prompt).collect();
-    let want: Vec<String> = prompts.iter().map(|p| local_greedy(&lm, p, 64)).collect();
-    let streams: Vec<_> =
-        prompts.iter().map(|p| tokio::spawn(stream_owned(url.clone(), greedy(p, 64, true)))).collect();
+    let streams = start_greedy_streams(&url, &lm, 4, 64);
     wait_for_tokens(&url, 8.0).await;
     nodes[1].kill();
     // The two left cannot take node-b's experts; only a new node can.
@@ -424,10 +428,7 @@ async fn in_a_cluster_a_node_lost_without_replica_holds_until_a_node_with_room_j
     assert_eq!(status_of(&url, "/readyz").await, 503, "ready without node-b's experts");
     let started = Instant::now();
     nodes.push(join("node-d", "0.0004"));
-    for (i, s) in streams.into_iter().enumerate() {
-        let s = s.await.expect("stream task");
-        assert!(s.error.is_none(), "stream {i} failed: {:?}", s.error);
-        assert_eq!(s.text, want[i], "stream {i}: greedy text changed across the repair");
+    for s in streams.finish("the repair").await {
         assert_eq!(s.finish_reason.as_deref(), Some("length"));
     }
     eprintln!("streams completed {:?} after node-d joined", started.elapsed());
