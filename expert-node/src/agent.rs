@@ -17,6 +17,7 @@ use moe_proto::v1::ExpertSet;
 
 use crate::node::ExpertNode;
 use crate::service::expert_set;
+use crate::NodeError;
 
 /// Tunables of [`follow`].
 #[derive(Debug, Clone)]
@@ -46,6 +47,24 @@ pub enum Departure {
     Drained,
     /// The drain did not complete within its timeout.
     TimedOut,
+    /// The node could not load experts it was assigned (a damaged checkpoint), drained itself so that the
+    /// controller placed them elsewhere, and left: it must not serve.
+    Unfit,
+}
+
+/// Why a step of following the placement failed.
+#[derive(Debug, thiserror::Error)]
+enum StepError {
+    /// Loading assigned experts failed for a reason that retrying cannot fix (see [`is_unfit`]).
+    #[error("loading the experts assigned: {0}")]
+    Load(NodeError),
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
+}
+
+/// Whether a load failure means this node's checkpoint cannot serve (bad files), rather than something passing.
+fn is_unfit(e: &NodeError) -> bool {
+    matches!(e, NodeError::Model(m) if !m.is_retryable())
 }
 
 struct Follower {
@@ -59,6 +78,8 @@ struct Follower {
     retire_at: Option<Instant>,
     /// When the last router moved to an epoch without this node (draining).
     gone_since: Option<Instant>,
+    /// Set once loading failed for good: nothing more is loaded, and the node drains.
+    unfit: bool,
 }
 
 /// The longest one call to the placement store may take here; a store that does not answer is treated as down.
@@ -88,6 +109,7 @@ pub async fn follow(
         grace: options.grace,
         retire_at: None,
         gone_since: None,
+        unfit: false,
     };
     let mut draining_since: Option<Instant> = None;
     tokio::pin!(drain);
@@ -112,18 +134,27 @@ pub async fn follow(
                     tracing::info!("draining: waiting for the controller to move this node's experts");
                     draining_since = Some(Instant::now());
                 }
-                if let Err(e) = f.step(&view).await {
-                    tracing::warn!("following the placement: {e}");
+                match f.step(&view).await {
+                    Ok(()) => {}
+                    Err(StepError::Load(e)) if is_unfit(&e) => {
+                        if !f.unfit {
+                            tracing::error!(
+                                "this node cannot load the experts it is assigned: {e}; draining it so that the \
+                                 controller places them elsewhere, then leaving"
+                            );
+                            f.unfit = true;
+                            drain_asked = true;
+                            draining_since.get_or_insert_with(Instant::now);
+                        }
+                    }
+                    Err(e) => tracing::warn!("following the placement: {e}"),
                 }
                 if draining_since.is_some() {
                     // With no router left, nothing can need this node's experts.
-                    if !view.members.values().any(|m| m.role == moe_placement::Role::Router) {
-                        return Departure::Drained;
-                    }
-                    if let Some(since) = f.gone_since {
-                        if since.elapsed() >= options.grace {
-                            return Departure::Drained;
-                        }
+                    let drained = !view.members.values().any(|m| m.role == moe_placement::Role::Router)
+                        || f.gone_since.is_some_and(|since| since.elapsed() >= options.grace);
+                    if drained {
+                        return if f.unfit { Departure::Unfit } else { Departure::Drained };
                     }
                 }
             }
@@ -131,7 +162,7 @@ pub async fn follow(
         }
         if draining_since.is_some_and(|d| d.elapsed() >= options.drain_timeout) {
             tracing::warn!("drain: experts still needed after {:?}; leaving anyway", options.drain_timeout);
-            return Departure::TimedOut;
+            return if f.unfit { Departure::Unfit } else { Departure::TimedOut };
         }
         let tick = tokio::time::sleep(options.tick);
         tokio::select! {
@@ -147,7 +178,7 @@ pub async fn follow(
 }
 
 impl Follower {
-    async fn step(&mut self, view: &ClusterView) -> anyhow::Result<()> {
+    async fn step(&mut self, view: &ClusterView) -> Result<(), StepError> {
         let Some(p) = &view.placement else { return Ok(()) };
         let id = self.node.node_id.clone();
         let oldest = view.oldest_in_use().unwrap_or(p.epoch).min(p.epoch);
@@ -167,13 +198,16 @@ impl Follower {
             experts.dedup();
         }
         let missing = difference(&wanted, &hosted);
-        if !missing.layers.is_empty() {
+        if !missing.layers.is_empty() && !self.unfit {
             let node = self.node.clone();
             let count: usize = missing.layers.iter().map(|r| r.experts.len()).sum();
             let started = Instant::now();
             let _guard = node.shard_lock.lock().await;
             let loading = node.clone();
-            tokio::task::spawn_blocking(move || loading.load_set(&missing)).await??;
+            tokio::task::spawn_blocking(move || loading.load_set(&missing))
+                .await
+                .map_err(anyhow::Error::from)?
+                .map_err(StepError::Load)?;
             tracing::info!(epoch = p.epoch, experts = count, elapsed = ?started.elapsed(), "experts loaded");
         }
         // Serve every epoch kept, from the oldest loaded for.
@@ -181,8 +215,9 @@ impl Follower {
         // Older epochs stay served until their experts are unloaded below.
         let (cur_lo, _) = self.node.epochs();
         self.node.set_epochs(if cur_lo == 0 { lo } else { cur_lo.min(lo) }, p.epoch);
-        if self.ready < p.epoch {
-            self.session.put(&format!("ready/{id}"), &p.epoch).await?;
+        // A node that failed to load is never ready: routers do not switch to an epoch that counts on it.
+        if self.ready < p.epoch && !self.unfit {
+            self.session.put(&format!("ready/{id}"), &p.epoch).await.map_err(anyhow::Error::from)?;
             self.ready = p.epoch;
             tracing::info!(epoch = p.epoch, reason = %p.reason, "placement epoch ready");
         }

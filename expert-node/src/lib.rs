@@ -47,4 +47,6 @@ pub enum NodeError {
     Cluster(#[from] moe_placement::StoreError),
     #[error("{0}")]
     Config(String),
+    #[error("the experts assigned to this node could not be loaded (the error is logged above); it left the cluster")]
+    Unfit,
 }

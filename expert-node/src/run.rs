@@ -96,6 +96,7 @@ pub async fn run(
         None => None,
     };
     tokio::pin!(shutdown);
+    let mut unfit = false;
     match &membership {
         Some((session, _)) => {
             let options = AgentOptions {
@@ -104,7 +105,10 @@ pub async fn run(
             };
             let follow = agent::follow(node.clone(), session.clone(), options, &mut shutdown);
             tokio::select! {
-                departure = follow => tracing::info!(?departure, "drained; stopping"),
+                departure = follow => {
+                    tracing::info!(?departure, "drained; stopping");
+                    unfit = departure == agent::Departure::Unfit;
+                }
                 done = &mut server => return server_ended(done),
             }
         }
@@ -136,6 +140,9 @@ pub async fn run(
                 Err(_) => tracing::warn!("the store did not answer; leaving with the lease"),
             }
         }
+    }
+    if unfit {
+        return Err(NodeError::Unfit);
     }
     tracing::info!("stopped");
     Ok(())

@@ -27,6 +27,9 @@ pub enum ModelError {
     /// A safetensors file whose header or layout is corrupt or truncated.
     #[error("{path}: corrupt safetensors file: {message}")]
     Safetensors { path: PathBuf, message: String },
+    /// A weight that is NaN or infinite: no trained checkpoint holds one, so the file's data is corrupt.
+    #[error("{path}: tensor {tensor:?} holds a non-finite weight at element {index}: the file's data is corrupt")]
+    NonFiniteWeight { path: PathBuf, tensor: String, index: usize },
     /// A tensor the model needs is in no file of the checkpoint.
     #[error("{dir}: tensor {tensor:?} is missing from the checkpoint")]
     MissingTensor { dir: PathBuf, tensor: String },
@@ -58,6 +61,7 @@ impl ModelError {
             | ModelError::UnknownModelType { .. }
             | ModelError::InvalidConfig { .. }
             | ModelError::Safetensors { .. }
+            | ModelError::NonFiniteWeight { .. }
             | ModelError::MissingTensor { .. }
             | ModelError::ShapeMismatch { .. }
             | ModelError::UnsupportedDtype { .. }

@@ -464,6 +464,11 @@ impl Checkpoint {
 
     fn settle_as(&self, mat: &Mat, layout: Layout) -> Result<Mat> {
         self.loaded.fetch_add(mat.bytes() as u64, std::sync::atomic::Ordering::Relaxed);
+        if self.residency == Residency::Resident {
+            // The copy reads every weight anyway; a NaN or infinity means the bytes on disk are damaged, and such a
+            // weight would otherwise turn every token routed through it into NaN.
+            self.check_finite(mat)?;
+        }
         match (self.residency, &*mat.storage) {
             (Residency::Resident, Storage::Mapped { file, .. }) => {
                 let (storage, offset) = self
@@ -478,6 +483,27 @@ impl Checkpoint {
             }
             _ => Ok(mat.clone()),
         }
+    }
+
+    /// Fails with [`ModelError::NonFiniteWeight`], naming the tensor, if `mat` holds a NaN or an infinity.
+    fn check_finite(&self, mat: &Mat) -> Result<()> {
+        // bf16 is non-finite exactly when its 8 exponent bits are all ones.
+        let Some(at) = mat.stored().iter().position(|w| w.to_bits() & 0x7f80 == 0x7f80) else { return Ok(()) };
+        let (path, tensor, index) = match &*mat.storage {
+            Storage::Mapped { file, start, .. } => {
+                let byte = start + 2 * (mat.offset + at);
+                let owner = self
+                    .tensors
+                    .iter()
+                    .find(|(_, t)| Arc::ptr_eq(&self.files[t.file], file) && (t.start..t.end).contains(&byte));
+                match owner {
+                    Some((name, t)) => (file.path.clone(), name.clone(), (byte - t.start) / 2),
+                    None => (file.path.clone(), format!("at byte {byte}"), at),
+                }
+            }
+            _ => (self.dir.clone(), "a converted tensor".to_owned(), at),
+        };
+        Err(ModelError::NonFiniteWeight { path, tensor, index })
     }
 
     /// Loads a tensor as [`Checkpoint::matrix`] does but always row-major (for tables read by row, such as the
