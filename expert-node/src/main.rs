@@ -77,6 +77,9 @@ struct Args {
 
 fn main() -> ExitCode {
     moe_telemetry::init_logging("info");
+    // Fault injection from FAILPOINTS, in the builds the fault tests run only.
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
     match run(Args::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -362,6 +362,8 @@ impl ExpertNode {
         let h = self.config.hidden_size;
         let n = req.num_tokens as usize;
         let t0 = Instant::now();
+        // A slow node, for the fault tests (`FAILPOINTS=expert-compute=sleep(MS)`).
+        fail::fail_point!("expert-compute");
         let mut hidden = vec![0f32; n * h];
         codec::decode_into(&req.activations, dtype, &mut hidden)
             .map_err(|e| Refusal::invalid("activations", e.to_string()))?;

@@ -369,6 +369,8 @@ impl Engine {
             while let Ok(req) = self.rx.try_recv() {
                 self.waiting.push_back(Queued { req, since: Instant::now() });
             }
+            // A dead engine thread, for the fault tests (`FAILPOINTS=engine-step=N*off->panic`).
+            fail::fail_point!("engine-step");
             let now = Instant::now();
             // Requests past their deadline, requests that waited too long, and clients that left. (The HTTP side
             // enforces the same instants while the engine is inside a step; whichever acts first, each request is

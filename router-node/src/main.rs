@@ -84,6 +84,10 @@ struct Args {
     /// The longest a step waits for experts that lost their last live replica (a repair epoch, or the node back).
     #[arg(long, default_value_t = 600.0)]
     hold_timeout_secs: f64,
+    /// The longest one expert node may take to answer a piece of a step; past it the node is suspect and the piece
+    /// goes to a replica if one exists (else to the same node again).
+    #[arg(long, default_value_t = 60.0)]
+    expert_deadline_secs: f64,
     /// After SIGTERM / Ctrl-C: seconds requests in flight may take to finish before the router exits anyway (a
     /// second signal exits at once).
     #[arg(long, default_value_t = 30.0)]
@@ -107,6 +111,9 @@ struct Args {
 
 fn main() -> ExitCode {
     moe_telemetry::init_logging("info");
+    // Fault injection from FAILPOINTS, in the builds the fault tests run only.
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
     match run(Args::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -169,6 +176,7 @@ fn options(args: &Args) -> Result<RouterOptions> {
     let remote = RemoteOptions {
         wire_dtype: wire,
         hold_timeout: secs("hold-timeout-secs", args.hold_timeout_secs)?,
+        deadline: secs("expert-deadline-secs", args.expert_deadline_secs)?,
         ..RemoteOptions::default()
     };
     let experts = if let Some(etcd) = &args.etcd {

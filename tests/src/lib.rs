@@ -43,9 +43,24 @@ pub struct ServingProcess {
 impl ServingProcess {
     /// Starts `binary ARGS...` and waits until it prints where it listens.
     fn start(binary: &str, args: &[&std::ffi::OsStr]) -> Result<Self> {
+        Self::start_with(binary, args, &Launch::default())
+    }
+
+    /// Starts `binary ARGS...` as `launch` says and waits until it prints where it listens.
+    fn start_with(binary: &str, args: &[&std::ffi::OsStr], launch: &Launch) -> Result<Self> {
         let log = tempfile::NamedTempFile::new().context("creating the log file")?;
-        let mut child = Command::new(bin(binary))
+        let mut command = match &launch.netns {
+            // `ip netns exec` enters the namespace and then execs the binary: the child's pid is the binary's.
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin(binary));
+                c
+            }
+            None => Command::new(bin(binary)),
+        };
+        let mut child = command
             .args(args)
+            .envs(launch.env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -126,6 +141,22 @@ impl Drop for ServingProcess {
     }
 }
 
+/// How a process is started beyond its arguments.
+#[derive(Debug, Clone, Default)]
+pub struct Launch {
+    /// Extra environment (`FAILPOINTS`, for instance).
+    pub env: Vec<(String, String)>,
+    /// A network namespace to run in (see [`Netns`]).
+    pub netns: Option<String>,
+}
+
+impl Launch {
+    /// With fault injection: `FAILPOINTS=spec` (the binaries the tests run are built with the `fail` crate).
+    pub fn failpoints(spec: &str) -> Self {
+        Launch { env: vec![("FAILPOINTS".into(), spec.into())], netns: None }
+    }
+}
+
 /// A running `expert-node`.
 pub struct ExpertNodeProcess(ServingProcess);
 
@@ -137,11 +168,16 @@ impl ExpertNodeProcess {
 
     /// Starts an expert node on `listen` (a node restarted where it was, for instance).
     pub fn start_at(model: &Path, listen: &str, experts: &str, extra: &[&str]) -> Result<Self> {
+        Self::launch(model, listen, experts, extra, &Launch::default())
+    }
+
+    /// Starts an expert node on `listen` as `launch` says.
+    pub fn launch(model: &Path, listen: &str, experts: &str, extra: &[&str], launch: &Launch) -> Result<Self> {
         let mut args: Vec<&std::ffi::OsStr> = vec!["--model".as_ref(), model.as_os_str()];
         for a in ["--listen", listen, "--experts", experts, "--threads", "2"].into_iter().chain(extra.iter().copied()) {
             args.push(a.as_ref());
         }
-        ServingProcess::start("expert-node", &args).map(ExpertNodeProcess)
+        ServingProcess::start_with("expert-node", &args, launch).map(ExpertNodeProcess)
     }
 }
 
@@ -151,11 +187,16 @@ pub struct RouterProcess(ServingProcess);
 impl RouterProcess {
     /// Starts `router-node --model MODEL --listen 127.0.0.1:0 EXTRA...` and waits until it serves.
     pub fn start(model: &Path, extra: &[&str]) -> Result<Self> {
+        Self::launch(model, extra, &Launch::default())
+    }
+
+    /// Starts a router as `launch` says.
+    pub fn launch(model: &Path, extra: &[&str], launch: &Launch) -> Result<Self> {
         let mut args: Vec<&std::ffi::OsStr> = vec!["--model".as_ref(), model.as_os_str()];
         for a in ["--listen", "127.0.0.1:0"].into_iter().chain(extra.iter().copied()) {
             args.push(a.as_ref());
         }
-        ServingProcess::start("router-node", &args).map(RouterProcess)
+        ServingProcess::start_with("router-node", &args, launch).map(RouterProcess)
     }
 
     /// `http://127.0.0.1:PORT`.
@@ -216,13 +257,13 @@ fn free_port() -> Result<u16> {
 pub struct EtcdServer {
     child: Child,
     endpoint: String,
-    _dir: tempfile::TempDir,
+    peer_url: String,
+    dir: tempfile::TempDir,
     log: PathBuf,
 }
 
 impl EtcdServer {
     pub fn start() -> Result<Self> {
-        let binary = std::env::var("MOE_ETCD_BIN").unwrap_or_else(|_| "etcd".into());
         let mut last = String::new();
         // etcd cannot announce a port it picked itself, so ports are picked here; another process may take one in
         // between, hence a few tries.
@@ -232,32 +273,60 @@ impl EtcdServer {
             let log = dir.path().join("etcd.log");
             let endpoint = format!("http://127.0.0.1:{client}");
             let peer_url = format!("http://127.0.0.1:{peer}");
-            let child = Command::new(&binary)
-                .args(["--name", "test", "--data-dir"])
-                .arg(dir.path().join("data"))
-                .args(["--listen-client-urls", &endpoint, "--advertise-client-urls", &endpoint])
-                .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
-                .args(["--initial-cluster", &format!("test={peer_url}")])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(&log).context("creating etcd's log")?)
-                .spawn()
-                .with_context(|| {
-                    format!("starting {binary} (install Debian's etcd-server, or point $MOE_ETCD_BIN at etcd)")
-                })?;
-            let mut server = EtcdServer { child, endpoint, _dir: dir, log };
-            for _ in 0..200 {
-                if server.log_text().contains("ready to serve client requests") {
-                    return Ok(server);
-                }
-                if let Ok(Some(_)) = server.child.try_wait() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(50));
+            let child = Self::spawn(dir.path(), &endpoint, &peer_url, &log)?;
+            let mut server = EtcdServer { child, endpoint, peer_url, dir, log };
+            if server.wait_ready(0) {
+                return Ok(server);
             }
             last = server.log_text();
         }
         bail!("etcd did not start:\n{last}")
+    }
+
+    fn spawn(dir: &Path, endpoint: &str, peer_url: &str, log: &Path) -> Result<Child> {
+        let binary = std::env::var("MOE_ETCD_BIN").unwrap_or_else(|_| "etcd".into());
+        Command::new(&binary)
+            .args(["--name", "test", "--data-dir"])
+            .arg(dir.join("data"))
+            .args(["--listen-client-urls", endpoint, "--advertise-client-urls", endpoint])
+            .args(["--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url])
+            .args(["--initial-cluster", &format!("test={peer_url}")])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::OpenOptions::new().create(true).append(true).open(log).context("opening etcd's log")?)
+            .spawn()
+            .with_context(|| {
+                format!("starting {binary} (install Debian's etcd-server, or point $MOE_ETCD_BIN at etcd)")
+            })
+    }
+
+    fn ready_lines(&self) -> usize {
+        self.log_text().matches("ready to serve client requests").count()
+    }
+
+    /// Waits (10 s at most) for a "ready" line beyond the `before` already in the log; false if it exited or not.
+    fn wait_ready(&mut self, before: usize) -> bool {
+        for _ in 0..200 {
+            if self.ready_lines() > before {
+                return true;
+            }
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+
+    /// Starts the server again, on its ports with its data, after [`EtcdServer::kill`] (an etcd that comes back).
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill();
+        let before = self.ready_lines();
+        self.child = Self::spawn(self.dir.path(), &self.endpoint, &self.peer_url, &self.log)?;
+        if !self.wait_ready(before) {
+            bail!("etcd did not restart:\n{}", self.log_text());
+        }
+        Ok(())
     }
 
     /// `http://127.0.0.1:PORT`.
@@ -294,4 +363,96 @@ pub fn local_greedy(lm: &moe_model::LoadedModel, prompt: &[u32], max_tokens: usi
     };
     let out = moe_model::generate(&lm.model, &lm.experts, &req, |_| {}).expect("generates");
     lm.tokenizer.decode(&out.output_ids, true).expect("decodes")
+}
+
+/// A network namespace of the test's own, joined to the host's by one veth pair: the host end `10.A.B.C/30`, the
+/// namespace end one above it, where a process started with [`Launch::netns`] listens ([`Netns::inside`]).
+/// [`Netns::partition`] drops every packet crossing the pair (iptables inside the namespace) and [`Netns::heal`]
+/// lifts that, so TCP connections see silence, as a real partition gives them. Dropping it removes both.
+pub struct Netns {
+    name: String,
+    inner_if: String,
+    host_if: String,
+    inside: String,
+    partitioned: bool,
+}
+
+impl Netns {
+    /// Creates the namespace and its link (needs root and iproute2; say so in the error otherwise).
+    pub fn create() -> Result<Self> {
+        static COUNT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let k = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let pid = std::process::id();
+        // Private addresses, unique per test process and namespace; nothing outside this machine is addressed.
+        let (a, b, c) = (100 + (pid >> 8) % 150, pid % 256, (k % 64) * 4);
+        let tag = format!("{}{}", pid % 100_000, k);
+        let ns = Netns {
+            name: format!("moe-test-{tag}"),
+            host_if: format!("mh{tag}"),
+            inner_if: format!("mn{tag}"),
+            inside: format!("10.{a}.{b}.{}", c + 2),
+            partitioned: false,
+        };
+        let host_ip = format!("10.{a}.{b}.{}/30", c + 1);
+        let inner_ip = format!("{}/30", ns.inside);
+        run("ip", &["netns", "add", &ns.name]).context("creating a network namespace (needs root and iproute2)")?;
+        run("ip", &["link", "add", &ns.host_if, "type", "veth", "peer", "name", &ns.inner_if, "netns", &ns.name])?;
+        run("ip", &["addr", "add", &host_ip, "dev", &ns.host_if])?;
+        run("ip", &["link", "set", &ns.host_if, "up"])?;
+        ns.exec(&["ip", "addr", "add", &inner_ip, "dev", &ns.inner_if])?;
+        ns.exec(&["ip", "link", "set", &ns.inner_if, "up"])?;
+        ns.exec(&["ip", "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// The namespace's name, for [`Launch::netns`].
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The namespace end's address.
+    pub fn inside(&self) -> &str {
+        &self.inside
+    }
+
+    fn exec(&self, args: &[&str]) -> Result<()> {
+        let mut all = vec!["netns", "exec", &self.name];
+        all.extend_from_slice(args);
+        run("ip", &all)
+    }
+
+    /// Drops every packet in and out of the namespace's link.
+    pub fn partition(&mut self) -> Result<()> {
+        self.exec(&["iptables", "-I", "INPUT", "-i", &self.inner_if, "-j", "DROP"])?;
+        self.exec(&["iptables", "-I", "OUTPUT", "-o", &self.inner_if, "-j", "DROP"])?;
+        self.partitioned = true;
+        Ok(())
+    }
+
+    /// Lets packets through again.
+    pub fn heal(&mut self) -> Result<()> {
+        self.exec(&["iptables", "-D", "INPUT", "-i", &self.inner_if, "-j", "DROP"])?;
+        self.exec(&["iptables", "-D", "OUTPUT", "-o", &self.inner_if, "-j", "DROP"])?;
+        self.partitioned = false;
+        Ok(())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        if self.partitioned {
+            let _ = self.heal();
+        }
+        // Deleting one end of a veth pair deletes both.
+        let _ = run("ip", &["link", "del", &self.host_if]);
+        let _ = run("ip", &["netns", "del", &self.name]);
+    }
+}
+
+fn run(program: &str, args: &[&str]) -> Result<()> {
+    let out = Command::new(program).args(args).output().with_context(|| format!("running {program}"))?;
+    if !out.status.success() {
+        bail!("{program} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
 }

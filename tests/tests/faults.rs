@@ -3,104 +3,14 @@
 //! (complete with its finish reason and usage, or an explicit error), greedy text equals the fault-free run, and the
 //! counters reconcile.
 
+mod common;
+
 use std::time::{Duration, Instant};
 
+use common::*;
 use moe_e2e::{fixture, local_greedy, EtcdServer, ExpertNodeProcess, RouterProcess};
 use moe_model::LoadedModel;
 use serde_json::{json, Value};
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder().timeout(Duration::from_secs(120)).build().expect("client")
-}
-
-fn prompt(i: u32) -> Vec<u32> {
-    (0..6 + i % 7).map(|k| (i * 41 + k * 13 + 7) % 250).collect()
-}
-
-async fn metric(url: &str, name: &str) -> f64 {
-    let text = client().get(format!("{url}/metrics")).send().await.expect("sent").text().await.expect("text");
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or_else(|| panic!("{name} not in /metrics:\n{text}"))
-}
-
-async fn status_of(url: &str, path: &str) -> u16 {
-    client().get(format!("{url}{path}")).send().await.map_or(0, |r| r.status().as_u16())
-}
-
-/// A streamed completion as vLLM's benchmark client reads it: line by line, blank lines and `:` comments skipped,
-/// `data: ` stripped, `[DONE]` last.
-#[derive(Debug, Default)]
-struct Streamed {
-    status: u16,
-    /// Whether the first non-empty line of the body was a data line (that client cannot start on a comment).
-    starts_with_data: bool,
-    comments: usize,
-    text: String,
-    finish_reason: Option<String>,
-    usage: Option<Value>,
-    error: Option<Value>,
-    done: bool,
-}
-
-async fn stream(url: &str, body: Value) -> Streamed {
-    let resp = client().post(format!("{url}/v1/completions")).json(&body).send().await.expect("sent");
-    let mut out = Streamed { status: resp.status().as_u16(), ..Default::default() };
-    let text = resp.text().await.expect("body");
-    if out.status != 200 {
-        out.error = serde_json::from_str(&text).ok();
-        return out;
-    }
-    let mut first = true;
-    for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
-        if first {
-            out.starts_with_data = line.starts_with("data: ");
-            first = false;
-        }
-        if line.starts_with(':') {
-            out.comments += 1;
-            continue;
-        }
-        let data = line.strip_prefix("data: ").expect("an SSE data line");
-        if data == "[DONE]" {
-            out.done = true;
-            continue;
-        }
-        let chunk: Value = serde_json::from_str(data).expect("json");
-        if chunk.get("error").is_some() {
-            out.error = Some(chunk);
-            continue;
-        }
-        if let Some(c) = chunk["choices"].get(0) {
-            out.text.push_str(c["text"].as_str().unwrap_or(""));
-            if let Some(r) = c["finish_reason"].as_str() {
-                out.finish_reason = Some(r.to_owned());
-            }
-        }
-        if !chunk["usage"].is_null() {
-            out.usage = Some(chunk["usage"].clone());
-        }
-    }
-    out
-}
-
-fn greedy(p: &[u32], max_tokens: usize, streamed: bool) -> Value {
-    json!({
-        "prompt": p, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": true,
-        "stream": streamed, "stream_options": {"include_usage": true},
-    })
-}
-
-/// Waits (bounded) until the router has generated at least `n` tokens.
-async fn wait_for_tokens(url: &str, n: f64) {
-    for _ in 0..400 {
-        if metric(url, "moe_generation_tokens_total").await >= n {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("no tokens within 4 s");
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_lost_without_replica_holds_every_stream_and_loses_none() {
@@ -145,8 +55,8 @@ async fn a_node_lost_without_replica_holds_every_stream_and_loses_none() {
     drop(restarted);
 }
 
-/// A node frozen (SIGSTOP) longer than keepalive detection and then thawed: marked down as hung, reconnected once it
-/// answers again, and the streams that waited for its experts complete with the fault-free text.
+/// A node frozen (SIGSTOP) for 30 s and then thawed: marked down as hung within keepalive detection, the streams
+/// held meanwhile, the node reconnected once it answers again, and the streams complete with the fault-free text.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_frozen_past_keepalive_is_reconnected_when_it_thaws_and_loses_nothing() {
     let dir = fixture("qwen35");
@@ -159,6 +69,7 @@ async fn a_node_frozen_past_keepalive_is_reconnected_when_it_thaws_and_loses_not
     let streams = start_greedy_streams(&url, &lm, 3, 64);
     wait_for_tokens(&url, 6.0).await;
     low.signal("STOP").expect("stopped");
+    let frozen = Instant::now();
     // Keepalive (2 s interval, 5 s timeout) declares it hung within about 7 s.
     let mut noticed = false;
     for _ in 0..150 {
@@ -168,48 +79,16 @@ async fn a_node_frozen_past_keepalive_is_reconnected_when_it_thaws_and_loses_not
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    if !noticed {
+        low.signal("CONT").expect("continued");
+        panic!("the frozen node was not noticed within 15 s");
+    }
+    tokio::time::sleep(Duration::from_secs(30).saturating_sub(frozen.elapsed())).await;
+    assert_eq!(status_of(&url, "/readyz").await, 503);
     low.signal("CONT").expect("continued");
-    assert!(noticed, "the frozen node was not noticed within 15 s");
     streams.finish("the freeze").await;
     assert_eq!(metric(&url, "moe_requests_failed_total").await, 0.0);
     assert!(metric(&url, "moe_expert_reconnects_total").await >= 1.0, "the thawed node was not reconnected");
-}
-
-async fn stream_owned(url: String, body: Value) -> Streamed {
-    stream(&url, body).await
-}
-
-/// Greedy streams running against a router, with the text each must end with (the in-process engine's).
-struct GreedyStreams {
-    want: Vec<String>,
-    tasks: Vec<tokio::task::JoinHandle<Streamed>>,
-}
-
-/// Starts `n` greedy streams of `max_tokens` tokens on `url`.
-fn start_greedy_streams(url: &str, lm: &LoadedModel, n: u32, max_tokens: usize) -> GreedyStreams {
-    let prompts: Vec<Vec<u32>> = (0..n).map(prompt).collect();
-    GreedyStreams {
-        want: prompts.iter().map(|p| local_greedy(lm, p, max_tokens)).collect(),
-        tasks: prompts
-            .iter()
-            .map(|p| tokio::spawn(stream_owned(url.to_owned(), greedy(p, max_tokens, true))))
-            .collect(),
-    }
-}
-
-impl GreedyStreams {
-    /// Waits for every stream; each must have ended without an error, with the fault-free text (`across` names the
-    /// fault in the message).
-    async fn finish(self, across: &str) -> Vec<Streamed> {
-        let mut out = Vec::with_capacity(self.tasks.len());
-        for (i, (task, want)) in self.tasks.into_iter().zip(&self.want).enumerate() {
-            let s = task.await.expect("stream task");
-            assert!(s.error.is_none(), "stream {i} failed: {:?}", s.error);
-            assert_eq!(&s.text, want, "stream {i}: greedy text changed across {across}");
-            out.push(s);
-        }
-        out
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -291,17 +170,6 @@ async fn router_sigterm_under_load_completes_every_stream_and_exits_cleanly() {
     assert!(!log.contains("panicked"), "{log}");
 }
 
-/// Waits (bounded) until the node's log says it registered in the cluster.
-fn wait_registered(node: &ExpertNodeProcess) {
-    for _ in 0..200 {
-        if node.log_text().contains("registered") {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("the node did not register:\n{}", node.log_text());
-}
-
 #[test]
 fn an_expert_node_drains_and_exits_within_its_timeout_while_etcd_is_down() {
     let dir = fixture("qwen35");
@@ -359,20 +227,6 @@ async fn unloading_every_expert_of_a_static_node_turns_readyz_false() {
     }
     assert_eq!(ready, 503, "/readyz stayed 200 with nothing hosted");
 }
-
-/// Waits (bounded) until `url` answers /readyz with 200.
-async fn wait_ready(url: &str) {
-    for _ in 0..300 {
-        if status_of(url, "/readyz").await == 200 {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("{url} never became ready");
-}
-
-/// The fixture model's experts take 12 KiB each (4 MoE layers of 8): room for 12 on a node, 3 per layer.
-const TWELVE_EXPERTS_GIB: &str = "0.000138";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_a_cluster_replicas_absorb_a_node_loss_without_a_hold() {
@@ -530,4 +384,200 @@ fn a_router_that_stops_reading_stalls_nobody_else() {
     assert_eq!(got.output_ids, want.output_ids);
     assert!(took < Duration::from_secs(15), "the other router waited {took:?}");
     eprintln!("served beside a silent router in {took:?}");
+}
+
+/// Peak and current resident memory of a process, in bytes (`VmHWM`, `VmRSS` of /proc/PID/status).
+fn memory_of(pid: u32) -> (u64, u64) {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let kib = |key: &str| -> u64 {
+        let line = text.lines().find_map(|l| l.strip_prefix(key)).unwrap_or_else(|| panic!("no {key}"));
+        line.trim().trim_end_matches("kB").trim().parse::<u64>().expect("a number") << 10
+    };
+    (kib("VmHWM:"), kib("VmRSS:"))
+}
+
+/// Three times what the router admits at once, arriving together: each request is served (with the fault-free text,
+/// within its deadline) or refused at once with 429 or 503 and `Retry-After`; nothing else, and memory stays flat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_times_the_capacity_is_served_or_shed_and_memory_stays_bounded() {
+    let dir = fixture("qwen35");
+    let node = ExpertNodeProcess::start(&dir, "all", &[]).expect("node");
+    // Four run, eight may wait (each at most 0.3 s): twelve at once; thirty-six arrive.
+    let router = RouterProcess::start(
+        &dir,
+        &["--experts-at", node.addr(), "--max-running", "4", "--max-queue", "8", "--max-queue-wait-secs", "0.3"],
+    )
+    .expect("router");
+    let url = router.url().to_owned();
+    let lm = LoadedModel::load(&dir).expect("loads");
+    let (_, idle_rss) = memory_of(router.pid());
+    let prompts: Vec<Vec<u32>> = (0..36).map(prompt).collect();
+    let tasks: Vec<_> = prompts
+        .iter()
+        .map(|p| {
+            let mut body = greedy(p, 48, false);
+            body["request_timeout"] = json!(30.0);
+            let url = url.clone();
+            tokio::spawn(async move {
+                let r = client().post(format!("{url}/v1/completions")).json(&body).send().await.expect("sent");
+                let status = r.status().as_u16();
+                let retry_after = r.headers().get("retry-after").is_some();
+                (status, retry_after, r.json::<Value>().await.expect("a JSON body"))
+            })
+        })
+        .collect();
+    let (mut served, mut shed) = (0, 0);
+    for (i, task) in tasks.into_iter().enumerate() {
+        let (status, retry_after, body) = task.await.expect("task");
+        match status {
+            200 => {
+                served += 1;
+                assert_eq!(body["choices"][0]["finish_reason"], "length", "{body}");
+                assert_eq!(body["choices"][0]["text"].as_str(), Some(local_greedy(&lm, &prompts[i], 48).as_str()));
+            }
+            429 | 503 => {
+                shed += 1;
+                assert!(retry_after, "request {i}: {status} without Retry-After");
+                assert_eq!(body["error"]["code"], "overloaded", "request {i}: {body}");
+            }
+            other => panic!("request {i}: unexpected {other}: {body}"),
+        }
+    }
+    eprintln!("36 at once: {served} served, {shed} shed");
+    assert!(served >= 4, "fewer served than run at once");
+    assert!(shed >= 1, "nothing was shed at three times the capacity");
+    let finished = metric(&url, "moe_requests_finished_total").await;
+    assert_eq!(finished, served as f64);
+    assert_eq!(metric(&url, "moe_requests_expired_total").await, 0.0, "an admitted request missed its deadline");
+    assert_eq!(metric(&url, "moe_num_requests_running").await, 0.0);
+    assert_eq!(metric(&url, "moe_num_requests_waiting").await, 0.0);
+    let (peak, _) = memory_of(router.pid());
+    assert!(peak < idle_rss + (256 << 20), "the router's memory rose from {idle_rss} to a peak of {peak} bytes");
+}
+
+/// Greedy requests, one after another on each of `workers` clients, until `stop` is set: every one must complete
+/// with the fault-free text. Returns how many completed.
+fn closed_loop(
+    url: &str,
+    lm: &std::sync::Arc<LoadedModel>,
+    workers: u32,
+    stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<usize>> {
+    (0..workers)
+        .map(|w| {
+            let (url, lm, stop) = (url.to_owned(), lm.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut done = 0;
+                // Bounded: at most 2000 requests per client.
+                for k in 0..2000u32 {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
+                    let p = prompt(w * 1000 + k);
+                    let want = local_greedy(&lm, &p, 12);
+                    let r = client().post(format!("{url}/v1/completions")).json(&greedy(&p, 12, false)).send().await;
+                    let r = r.expect("sent");
+                    let status = r.status().as_u16();
+                    let body: Value = r.json().await.expect("json");
+                    assert_eq!(status, 200, "client {w} request {k}: {body}");
+                    assert_eq!(body["choices"][0]["text"].as_str(), Some(want.as_str()), "client {w} request {k}");
+                    done += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                done
+            })
+        })
+        .collect()
+}
+
+/// etcd gone for 60 s under load: the data plane serves on from the placement it has, and the cluster reconciles
+/// when etcd returns (a node that joins then is given experts and used).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_down_for_a_minute_under_load_loses_nothing_and_the_cluster_reconciles_after() {
+    let dir = fixture("qwen35");
+    let mut etcd = EtcdServer::start().expect("etcd");
+    let endpoint = etcd.endpoint().to_owned();
+    let join = |name: &str| {
+        ExpertNodeProcess::join(&dir, &endpoint, "etcd-down", &["--node-id", name, "--memory-gib", "0.0004"])
+            .expect("expert node")
+    };
+    let mut nodes = vec![join("node-a"), join("node-b")];
+    let router = RouterProcess::start(&dir, &["--etcd", &endpoint, "--cluster", "etcd-down", "--lease-ttl-secs", "2"])
+        .expect("router");
+    let url = router.url().to_owned();
+    wait_ready(&url).await;
+    let lm = std::sync::Arc::new(LoadedModel::load(&dir).expect("loads"));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients = closed_loop(&url, &lm, 2, &stop);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = metric(&url, "moe_requests_finished_total").await;
+    etcd.kill();
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let during = metric(&url, "moe_requests_finished_total").await - before;
+    assert_eq!(status_of(&url, "/readyz").await, 200, "etcd's absence made the router unready");
+    etcd.restart().expect("etcd returns");
+    // A node that joins after etcd returns is given experts by the controller.
+    nodes.push(join("node-c"));
+    let mut placed = false;
+    for _ in 0..300 {
+        if nodes[2].log_text().contains("placement epoch ready") {
+            placed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut completed = 0;
+    for c in clients {
+        completed += c.await.expect("a client's request failed");
+    }
+    assert!(placed, "no placement for a node that joined after etcd returned:\n{}", nodes[2].log_text());
+    eprintln!("{completed} requests completed; {during} while etcd was down");
+    assert!(during >= 10.0, "only {during} requests completed while etcd was down");
+    assert_eq!(metric(&url, "moe_requests_failed_total").await, 0.0);
+    drop(nodes);
+}
+
+/// etcd killed just as the controller starts re-placing a lost node's experts, and started again 5 s later: the
+/// streams hold, then complete with the fault-free text; no piece was served under a placement its node did not
+/// have (the nodes refuse other epochs, and the text is exact).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_restarted_during_a_re_placement_loses_nothing() {
+    let dir = fixture("qwen35");
+    let mut etcd = EtcdServer::start().expect("etcd");
+    let endpoint = etcd.endpoint().to_owned();
+    let join = |name: &str, gib: &str| {
+        ExpertNodeProcess::join(&dir, &endpoint, "etcd-restart", &["--node-id", name, "--memory-gib", gib])
+            .expect("expert node")
+    };
+    // No replicas (no spare memory), and node-d has room for node-b's experts when it goes.
+    let mut nodes = vec![
+        join("node-a", TWELVE_EXPERTS_GIB),
+        join("node-b", TWELVE_EXPERTS_GIB),
+        join("node-c", TWELVE_EXPERTS_GIB),
+    ];
+    let router =
+        RouterProcess::start(&dir, &["--etcd", &endpoint, "--cluster", "etcd-restart", "--lease-ttl-secs", "2"])
+            .expect("router");
+    let url = router.url().to_owned();
+    wait_ready(&url).await;
+    nodes.push(join("node-d", TWELVE_EXPERTS_GIB));
+    wait_registered(&nodes[3]);
+    let lm = LoadedModel::load(&dir).expect("loads");
+    let streams = start_greedy_streams(&url, &lm, 3, 64);
+    wait_for_tokens(&url, 6.0).await;
+    nodes[1].kill();
+    // The lease (2 s) expires, the controller writes a repair epoch: etcd goes down around then.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    etcd.kill();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    etcd.restart().expect("etcd returns");
+    for s in streams.finish("etcd's restart during the repair").await {
+        assert_eq!(s.finish_reason.as_deref(), Some("length"));
+    }
+    wait_ready(&url).await;
+    assert_eq!(metric(&url, "moe_requests_finished_total").await, 3.0);
+    assert_eq!(metric(&url, "moe_requests_failed_total").await, 0.0);
+    assert_eq!(metric(&url, "moe_expert_holding").await, 0.0);
+    drop(nodes);
 }
