@@ -5,9 +5,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::Parser;
 use expert_node::{ClusterConfig, ExpertSpec, NodeConfig, ServeOptions};
+use moe_config::ConfigError;
 use moe_model::Residency;
 
 /// Hosts a shard of a Mixture-of-Experts model's routed experts and computes them for the token activations that
@@ -15,12 +16,19 @@ use moe_model::Residency;
 ///
 /// It reads only the tensors of the experts it hosts, so its memory grows with its shard, not with the model. Once
 /// serving it prints `listening on ADDR` on stdout (with the real port when --listen asks for port 0).
-#[derive(Debug, Parser)]
+///
+/// Every setting can also come from a TOML file (--config; keys are the flags' names) or from the MOE_*
+/// variables shown; flags override the environment, which overrides the file. --print-config shows the result.
+#[derive(Debug, Parser, serde::Serialize, serde::Deserialize)]
 #[command(version)]
+#[serde(default, rename_all = "kebab-case")]
 struct Args {
-    /// Model directory: config.json and the safetensors checkpoint (single file or sharded with an index).
+    #[command(flatten)]
+    #[serde(skip)]
+    config: moe_config::ConfigFile,
+    /// Model directory: config.json and the safetensors checkpoint, single file or sharded with an index (required).
     #[arg(long, env = "MOE_MODEL")]
-    model: PathBuf,
+    model: Option<PathBuf>,
     /// Address to serve on; port 0 picks a free one.
     #[arg(long, env = "MOE_LISTEN", default_value = "127.0.0.1:50061")]
     listen: SocketAddr,
@@ -72,7 +80,43 @@ struct Args {
     #[arg(long, default_value_t = 1.0)]
     shutdown_grace_secs: f64,
     #[command(flatten)]
+    #[serde(flatten)]
     cpu: moe_model::cpu::CpuArgs,
+}
+
+impl Default for Args {
+    fn default() -> Self {
+        moe_config::defaults()
+    }
+}
+
+impl moe_config::Settings for Args {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.model.is_none() {
+            return Err(ConfigError::refused("model", "required (--model, MOE_MODEL, or `model` in the config file)"));
+        }
+        if self.etcd.is_some() && self.experts.is_some() {
+            return Err(ConfigError::refused("experts", "not with `etcd`: the cluster's controller assigns them"));
+        }
+        if self.max_message_mib == 0 || self.max_message_mib > 1024 {
+            return Err(ConfigError::refused(
+                "max-message-mib",
+                format!("{}: must be between 1 and 1024", self.max_message_mib),
+            ));
+        }
+        if let Some(g) = self.memory_gib {
+            if !(g.is_finite() && g > 0.0) {
+                return Err(ConfigError::refused("memory-gib", format!("{g}: must be a positive number")));
+            }
+        }
+        if !(self.shutdown_grace_secs.is_finite() && self.shutdown_grace_secs >= 0.0) {
+            return Err(ConfigError::refused("shutdown-grace-secs", "must be zero or more"));
+        }
+        if self.max_queued_requests == 0 {
+            return Err(ConfigError::refused("max-queued-requests", "must be positive"));
+        }
+        Ok(())
+    }
 }
 
 fn main() -> ExitCode {
@@ -80,7 +124,8 @@ fn main() -> ExitCode {
     // Fault injection from FAILPOINTS, in the builds the fault tests run only.
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();
-    match run(Args::parse()) {
+    let loaded = moe_config::load::<Args>(|a| &a.config);
+    match loaded.map_err(anyhow::Error::from).and_then(|(args, file)| run(args, &file)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -89,7 +134,11 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: Args) -> Result<()> {
+fn run(args: Args, file: &moe_config::ConfigFile) -> Result<()> {
+    if file.print_config {
+        print!("{}", moe_config::ConfigFile::print(&args)?);
+        return Ok(());
+    }
     let config = config(&args)?;
     args.cpu.apply()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -100,7 +149,7 @@ fn run(args: Args) -> Result<()> {
         .context("starting the async runtime")?;
     // Bind first, so that a taken port fails before minutes of loading.
     let (listener, addr) = runtime.block_on(expert_node::bind(args.listen))?;
-    let node = expert_node::run::load(&config, addr).with_context(|| format!("loading {}", args.model.display()))?;
+    let node = expert_node::run::load(&config, addr).with_context(|| format!("loading {}", config.model.display()))?;
     println!("listening on {addr}");
     let served = runtime.block_on(expert_node::run::run(config, node, listener, moe_telemetry::shutdown_signal()));
     // Tasks still running (a store call that does not return) do not hold the exit up.
@@ -108,7 +157,7 @@ fn run(args: Args) -> Result<()> {
     Ok(served?)
 }
 
-/// The node's configuration from its arguments, checked.
+/// The node's configuration from its settings (validated).
 fn config(args: &Args) -> Result<NodeConfig> {
     // The device is checked first, so that a machine without a GPU says so in one line before anything loads.
     let device: moe_cuda::Device = args.device.parse()?;
@@ -117,14 +166,7 @@ fn config(args: &Args) -> Result<NodeConfig> {
             tracing::info!(device = %found, "CUDA device found");
         }
     }
-    if args.max_message_mib == 0 || args.max_message_mib > 1024 {
-        bail!("--max-message-mib {}: must be between 1 and 1024", args.max_message_mib);
-    }
-    let memory_bytes = match args.memory_gib {
-        Some(g) if g > 0.0 && g.is_finite() => Some((g * (1u64 << 30) as f64) as u64),
-        Some(g) => bail!("--memory-gib {g}: must be a positive number"),
-        None => None,
-    };
+    let memory_bytes = args.memory_gib.map(|g| (g * (1u64 << 30) as f64) as u64);
     let cluster = args.etcd.clone().map(|etcd| ClusterConfig {
         etcd,
         name: args.cluster.clone(),
@@ -134,7 +176,7 @@ fn config(args: &Args) -> Result<NodeConfig> {
         drain_timeout: Duration::from_secs(args.drain_timeout_secs),
     });
     Ok(NodeConfig {
-        model: args.model.clone(),
+        model: args.model.clone().context("no model")?,
         experts: args.experts.clone(),
         device,
         residency: if args.mapped { Residency::Mapped } else { Residency::Resident },

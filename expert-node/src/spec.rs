@@ -12,7 +12,8 @@
 use std::fmt;
 
 /// A parsed `--experts` value.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct ExpertSpec {
     clauses: Vec<Clause>,
     text: String,
@@ -108,6 +109,19 @@ impl ExpertSpec {
 impl fmt::Display for ExpertSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.text)
+    }
+}
+
+impl From<ExpertSpec> for String {
+    fn from(spec: ExpertSpec) -> String {
+        spec.to_string()
+    }
+}
+
+impl TryFrom<String> for ExpertSpec {
+    type Error = SpecError;
+    fn try_from(s: String) -> Result<Self, SpecError> {
+        s.parse()
     }
 }
 

@@ -5,8 +5,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::Parser;
+use moe_config::ConfigError;
 use moe_model::Residency;
 use moe_proto::v1::Dtype;
 use router_node::cluster::ClusterOptions;
@@ -18,12 +19,19 @@ use router_node::server::{ExpertsAt, RouterOptions, ServeConfig};
 /// Serves a Qwen3.5-MoE / Qwen3-Next model over an OpenAI-compatible HTTP API (/v1/completions,
 /// /v1/chat/completions, /v1/models, /livez, /readyz, /health, /metrics) with continuous batching. The routed
 /// experts are computed on the expert nodes named by --experts-at, or in this process without it.
-#[derive(Debug, Parser)]
+///
+/// Every setting can also come from a TOML file (--config; keys are the flags' names) or from the MOE_*
+/// variables shown; flags override the environment, which overrides the file. --print-config shows the result.
+#[derive(Debug, Parser, serde::Serialize, serde::Deserialize)]
 #[command(version)]
+#[serde(default, rename_all = "kebab-case")]
 struct Args {
-    /// Model directory: config.json, the safetensors checkpoint, tokenizer.json.
+    #[command(flatten)]
+    #[serde(skip)]
+    config: moe_config::ConfigFile,
+    /// Model directory: config.json, the safetensors checkpoint, tokenizer.json (required).
     #[arg(long, env = "MOE_MODEL")]
-    model: PathBuf,
+    model: Option<PathBuf>,
     /// Address to serve HTTP on; port 0 picks a free one.
     #[arg(long, env = "MOE_LISTEN", default_value = "127.0.0.1:8000")]
     listen: SocketAddr,
@@ -106,7 +114,56 @@ struct Args {
     #[arg(long)]
     mapped: bool,
     #[command(flatten)]
+    #[serde(flatten)]
     cpu: moe_model::cpu::CpuArgs,
+}
+
+impl Default for Args {
+    fn default() -> Self {
+        moe_config::defaults()
+    }
+}
+
+impl moe_config::Settings for Args {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.model.is_none() {
+            return Err(ConfigError::refused("model", "required (--model, MOE_MODEL, or `model` in the config file)"));
+        }
+        if self.etcd.is_some() && !self.experts_at.is_empty() {
+            return Err(ConfigError::refused(
+                "experts-at",
+                "not with `etcd`: the cluster's controller places the experts",
+            ));
+        }
+        for (key, v) in [
+            ("max-batch-tokens", self.max_batch_tokens),
+            ("max-running", self.max_running),
+            ("micro-batches", self.micro_batches),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::refused(key, "must be positive"));
+            }
+        }
+        for (key, v) in [
+            ("state-budget-gib", self.state_budget_gib),
+            ("request-timeout-secs", self.request_timeout_secs),
+            ("max-queue-wait-secs", self.max_queue_wait_secs),
+            ("sse-keepalive-secs", self.sse_keepalive_secs),
+            ("hold-timeout-secs", self.hold_timeout_secs),
+            ("expert-deadline-secs", self.expert_deadline_secs),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(ConfigError::refused(key, format!("{v}: must be a positive number")));
+            }
+        }
+        if !(self.shutdown_grace_secs.is_finite() && self.shutdown_grace_secs >= 0.0) {
+            return Err(ConfigError::refused("shutdown-grace-secs", "must be zero or more"));
+        }
+        if self.wire_dtype != "f32" && self.wire_dtype != "bf16" {
+            return Err(ConfigError::refused("wire-dtype", format!("{:?}: f32 or bf16", self.wire_dtype)));
+        }
+        Ok(())
+    }
 }
 
 fn main() -> ExitCode {
@@ -114,7 +171,8 @@ fn main() -> ExitCode {
     // Fault injection from FAILPOINTS, in the builds the fault tests run only.
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();
-    match run(Args::parse()) {
+    let loaded = moe_config::load::<Args>(|a| &a.config);
+    match loaded.map_err(anyhow::Error::from).and_then(|(args, file)| run(args, &file)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -123,11 +181,17 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(mut args: Args) -> Result<()> {
+fn run(mut args: Args, file: &moe_config::ConfigFile) -> Result<()> {
+    if file.print_config {
+        let shown = Args { api_keys: vec!["<redacted>".into(); args.api_keys.len()], ..args };
+        print!("{}", moe_config::ConfigFile::print(&shown)?);
+        return Ok(());
+    }
     if let Some(port) = args.port {
         args.listen.set_port(port);
     }
     let options = options(&args)?;
+    let model = options.model.clone();
     args.cpu.apply()?;
     // Bind before loading, so that a taken port fails at once.
     let listener =
@@ -135,7 +199,7 @@ fn run(mut args: Args) -> Result<()> {
     listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
     let prepared = router_node::server::prepare(options, &|_, _| {})
-        .with_context(|| format!("starting the router for {}", args.model.display()))?;
+        .with_context(|| format!("starting the router for {}", model.display()))?;
     let config = ServeConfig {
         node_id: args.node_id.clone().unwrap_or_else(|| moe_placement::default_member_id("router", addr.port())),
         grace: Duration::from_secs_f64(args.shutdown_grace_secs.max(0.0)),
@@ -152,13 +216,8 @@ fn run(mut args: Args) -> Result<()> {
     served
 }
 
+/// What the router runs with; `args` is validated.
 fn options(args: &Args) -> Result<RouterOptions> {
-    if args.max_batch_tokens == 0 || args.max_running == 0 || args.micro_batches == 0 {
-        bail!("--max-batch-tokens, --max-running and --micro-batches must be positive");
-    }
-    if !(args.state_budget_gib.is_finite() && args.state_budget_gib > 0.0) {
-        bail!("--state-budget-gib {}: must be a positive number", args.state_budget_gib);
-    }
     let device: moe_cuda::Device = args.device.parse()?;
     if let moe_cuda::Device::Cuda(ordinals) = &device {
         for found in moe_cuda::probe(ordinals).with_context(|| format!("--device {device}"))? {
@@ -194,7 +253,7 @@ fn options(args: &Args) -> Result<RouterOptions> {
         ExpertsAt::Nodes(args.experts_at.clone(), remote)
     };
     Ok(RouterOptions {
-        model: args.model.clone(),
+        model: args.model.clone().context("no model")?,
         residency: if args.mapped { Residency::Mapped } else { Residency::Resident },
         experts,
         device,

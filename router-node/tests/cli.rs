@@ -34,5 +34,5 @@ fn bad_starts_fail_with_one_line() {
     assert!(stderr.contains("expert node 127.0.0.1:1 is unreachable"), "{stderr}");
     let (code, _, stderr) = run(&["--model", fixture, "--listen", "127.0.0.1:0", "--state-budget-gib", "0"]);
     assert_eq!(code, Some(1));
-    assert!(stderr.contains("--state-budget-gib 0"), "{stderr}");
+    assert!(stderr.contains("state-budget-gib: 0: must be a positive number"), "{stderr}");
 }

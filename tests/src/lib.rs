@@ -47,7 +47,7 @@ impl ServingProcess {
     }
 
     /// Starts `binary ARGS...` as `launch` says and waits until it prints where it listens.
-    fn start_with(binary: &str, args: &[&std::ffi::OsStr], launch: &Launch) -> Result<Self> {
+    pub fn start_with(binary: &str, args: &[&std::ffi::OsStr], launch: &Launch) -> Result<Self> {
         let log = tempfile::NamedTempFile::new().context("creating the log file")?;
         let mut command = match &launch.netns {
             // `ip netns exec` enters the namespace and then execs the binary: the child's pid is the binary's.

@@ -65,7 +65,8 @@ impl CpuOptions {
 
 /// The CPU flags every binary takes.
 #[cfg(feature = "cli")]
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Debug, Clone, clap::Args, serde::Serialize, serde::Deserialize)]
+#[serde(default, rename_all = "kebab-case")]
 pub struct CpuArgs {
     /// Compute threads [default: every core this process may run on].
     #[arg(long, env = "MOE_THREADS")]
@@ -80,6 +81,14 @@ pub struct CpuArgs {
     /// and its expert nodes) should run the same kernel.
     #[arg(long, env = "MOE_MATMUL_KERNEL", default_value = "auto")]
     pub matmul_kernel: String,
+}
+
+#[cfg(feature = "cli")]
+impl Default for CpuArgs {
+    /// As the flags' defaults.
+    fn default() -> Self {
+        CpuArgs { threads: None, matmul_precision: Precision::Split, matmul_kernel: "auto".into() }
+    }
 }
 
 #[cfg(feature = "cli")]

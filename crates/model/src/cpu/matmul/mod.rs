@@ -133,13 +133,27 @@ impl Kernel {
 }
 
 /// How activations meet the bf16 weights (see the module docs).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub enum Precision {
     /// bf16 high and low parts of each activation, two passes: about 16 significant bits, f32 accumulation.
     #[default]
     Split,
     /// The activations rounded to bf16, one pass.
     Bf16,
+}
+
+impl From<Precision> for String {
+    fn from(p: Precision) -> String {
+        p.name().to_owned()
+    }
+}
+
+impl TryFrom<String> for Precision {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        Precision::from_name(&s).ok_or_else(|| format!("{s:?} is not a precision (split or bf16)"))
+    }
 }
 
 impl Precision {
