@@ -228,6 +228,19 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             "Sequences waiting for admission.",
             g(s.waiting.load(Ordering::Relaxed) as u64),
         ),
+        // vLLM's names for the same two gauges, for autoscalers and dashboards written against vLLM.
+        (
+            "vllm:num_requests_running",
+            "gauge",
+            "Sequences in the running batch (vLLM's name).",
+            g(s.running.load(Ordering::Relaxed) as u64),
+        ),
+        (
+            "vllm:num_requests_waiting",
+            "gauge",
+            "Sequences waiting for admission (vLLM's name).",
+            g(s.waiting.load(Ordering::Relaxed) as u64),
+        ),
         (
             "moe_state_bytes_reserved",
             "gauge",

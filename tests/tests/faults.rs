@@ -451,6 +451,7 @@ async fn three_times_the_capacity_is_served_or_shed_and_memory_stays_bounded() {
     assert_eq!(metric(&url, "moe_requests_expired_total").await, 0.0, "an admitted request missed its deadline");
     assert_eq!(metric(&url, "moe_num_requests_running").await, 0.0);
     assert_eq!(metric(&url, "moe_num_requests_waiting").await, 0.0);
+    assert_eq!(metric(&url, "vllm:num_requests_waiting").await, 0.0);
     let (peak, _) = memory_of(router.pid());
     assert!(peak < idle_rss + (256 << 20), "the router's memory rose from {idle_rss} to a peak of {peak} bytes");
 }
