@@ -582,3 +582,47 @@ async fn etcd_restarted_during_a_re_placement_loses_nothing() {
     assert_eq!(metric(&url, "moe_expert_holding").await, 0.0);
     drop(nodes);
 }
+
+/// A client that goes away mid-stream: its sequence leaves the batch at the next step, so the expert nodes stop
+/// computing for it (their token counter stops), and the request is counted once, as cancelled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_disconnects_stops_the_nodes_work_for_it() {
+    use moe_proto::v1::StatusRequest;
+    let dir = fixture("qwen35");
+    let node = ExpertNodeProcess::start(&dir, "all", &[]).expect("node");
+    let router = RouterProcess::start(&dir, &["--experts-at", node.addr()]).expect("router");
+    let url = router.url().to_owned();
+    let mut grpc = moe_proto::ExpertServiceClient::connect(format!("http://{}", node.addr())).await.expect("grpc");
+    let mut node_tokens = async || grpc.status(StatusRequest {}).await.expect("status").into_inner().tokens;
+
+    let mut resp = client()
+        .post(format!("{url}/v1/completions"))
+        .json(&greedy(&prompt(1), 1500, true))
+        .send()
+        .await
+        .expect("sent");
+    let mut seen = 0;
+    while seen < 20 {
+        let chunk = resp.chunk().await.expect("a chunk").expect("the stream goes on");
+        seen += chunk.iter().filter(|&&b| b == b'\n').count() / 2;
+    }
+    let before = node_tokens().await;
+    assert!(before > 0, "the node computed nothing");
+    drop(resp);
+    // The router notices at the next write, and the engine drops the sequence at the next step.
+    let mut cancelled = false;
+    for _ in 0..100 {
+        if metric(&url, "moe_requests_cancelled_total").await == 1.0 {
+            cancelled = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(cancelled, "the disconnect was not noticed within 2 s");
+    let after_cancel = node_tokens().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(node_tokens().await, after_cancel, "the node kept computing for a client that left");
+    assert_eq!(metric(&url, "moe_num_requests_running").await, 0.0);
+    assert_eq!(metric(&url, "moe_requests_finished_total").await, 0.0);
+    eprintln!("node tokens: {before} when the client left, {after_cancel} once cancelled (of 1500 asked)");
+}
