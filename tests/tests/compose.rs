@@ -111,9 +111,10 @@ fn build_images(tag: &str, tmp: &Path) -> (String, String) {
     run("bash", &[base.to_str().expect("path"), BASE], &[]).expect("the base image");
 
     let context = tmp.join("moe");
-    std::fs::create_dir_all(context.join("bin")).expect("context");
+    let prebuilt = context.join("deploy/prebuilt");
+    std::fs::create_dir_all(&prebuilt).expect("context");
     for name in ["router-node", "expert-node", "moectl"] {
-        std::fs::copy(bin(name), context.join("bin").join(name)).expect("binary copied");
+        std::fs::copy(bin(name), prebuilt.join(name)).expect("binary copied");
     }
     let moe = format!("moe-mesh:{tag}");
     let dockerfile = repo().join("deploy/Dockerfile");
@@ -259,6 +260,9 @@ async fn the_compose_cluster_serves_exact_text_and_survives_a_stopped_and_a_cut_
     tokio::time::sleep(Duration::from_secs(2)).await;
     // A stopped container: SIGTERM through tini, the node drains and exits.
     cluster.compose(&["stop", "--timeout", "45", "expert-1"]).expect("expert-1 stops");
+    // It exited by itself (0), not killed at the timeout (137): tini passed SIGTERM on and the drain completed.
+    let code = run("docker", &["inspect", "--format", "{{.State.ExitCode}}", &cluster.container("expert-1")], &[]);
+    assert_eq!(code.expect("inspect").trim(), "0", "expert-1 did not drain and exit:\n{}", cluster.logs("expert-1"));
     // A container cut off its network, then put back under its name.
     let network = format!("{}_mesh", cluster.project);
     let cut = cluster.container("expert-2");
