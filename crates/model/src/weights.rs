@@ -67,6 +67,8 @@ enum Storage {
         len: usize,
     },
     Owned(Vec<bf16>),
+    /// Owned values that start on a cache line (packed copies, which the tile unit loads).
+    Aligned(crate::cpu::matmul::Aligned),
     /// A region of the resident-weight arena; matrices are carved out of it and written once, before they exist.
     Region(memmap2::MmapRaw),
 }
@@ -82,6 +84,7 @@ impl Storage {
                 bytemuck::cast_slice(bytes)
             }
             Storage::Owned(v) => &v[offset..offset + len],
+            Storage::Aligned(v) => &v.as_bf16()[offset..offset + len],
             Storage::Region(map) => {
                 assert!((offset + len) * 2 <= map.len(), "view inside its region");
                 // SAFETY: the range lies inside the mapping (asserted), which is page-aligned and lives as long as
@@ -233,10 +236,11 @@ impl Mat {
 
     /// An owned copy of a row-major matrix packed in groups of `group` rows.
     pub fn packed_copy(&self, group: usize) -> Mat {
-        let mut packed = vec![bf16::ZERO; crate::cpu::matmul::packed_len(self.rows, self.cols, group)];
-        crate::cpu::matmul::pack(self.data(), self.cols, (0, self.rows), group, &mut packed);
+        let mut packed =
+            crate::cpu::matmul::Aligned::zeroed(crate::cpu::matmul::packed_len(self.rows, self.cols, group));
+        crate::cpu::matmul::pack(self.data(), self.cols, (0, self.rows), group, packed.as_bf16_mut());
         Mat {
-            storage: Arc::new(Storage::Owned(packed)),
+            storage: Arc::new(Storage::Aligned(packed)),
             offset: 0,
             layout: Layout::Packed { group },
             rows: self.rows,

@@ -6,18 +6,16 @@
 //! chunk, then one `VDPBF16PS` per (token, row) and part, high before low. Each output element is one vector
 //! accumulator over the chunks in order, reduced by a fixed tree: the same operations for every token count.
 
-use half::bf16;
-
-use super::{Out, Weights, CHUNK, TOKEN_BLOCK};
+use super::{Aligned, Out, Weights, CHUNK, TOKEN_BLOCK};
 
 /// Rows per packed group: the rows one micro-kernel call reads.
 pub(super) const GROUP: usize = 4;
 
 /// Converts `ntok × k` activations to bf16 rows of whole chunks: `(hi, lo)`, `lo` empty unless `split`.
-pub(super) fn prepare(x: &[f32], ntok: usize, k: usize, split: bool) -> (Vec<u16>, Vec<u16>) {
+pub(super) fn prepare(x: &[f32], ntok: usize, k: usize, split: bool) -> (Aligned, Aligned) {
     let kp = k.div_ceil(CHUNK) * CHUNK;
-    let mut hi = vec![0u16; ntok * kp];
-    let mut lo = if split { vec![0u16; ntok * kp] } else { Vec::new() };
+    let mut hi = super::scratch(ntok * kp);
+    let mut lo = if split { super::scratch(ntok * kp) } else { Aligned::default() };
     for t in 0..ntok {
         let src = &x[t * k..(t + 1) * k];
         let h = &mut hi[t * kp..t * kp + k];
@@ -50,7 +48,7 @@ pub(super) unsafe fn matmul_rows(
 ) {
     let kp = w.chunks * CHUNK;
     assert!(hi.len() >= ntok * kp && lo.is_none_or(|l| l.len() >= ntok * kp));
-    let mut buf: Vec<bf16> = Vec::new();
+    let mut buf = Aligned::default();
     let mut out = [[0f32; 4]; 4];
     for tb in (0..ntok).step_by(TOKEN_BLOCK) {
         let tb_end = (tb + TOKEN_BLOCK).min(ntok);
