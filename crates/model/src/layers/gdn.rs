@@ -18,9 +18,9 @@ use rayon::prelude::*;
 
 use crate::config::{Family, ModelConfig};
 use crate::cpu::matmul::Activations;
-use crate::cpu::ops::{inv_rms, l2_norm_scaled, sigmoid, silu, softplus};
+use crate::cpu::ops::{inv_rms, l2_norm_scaled, sigmoid, softplus};
 use crate::cpu::profile::{self, dense_matmul as matmul, Stage};
-use crate::cpu::simd::dot_f64;
+use crate::cpu::simd::{self, dot_f64};
 use crate::error::Result;
 use crate::layers::{split_rows, Span};
 use crate::state::LayerState;
@@ -205,24 +205,29 @@ impl GatedDeltaNet {
         let (hk, hv, dk, dv, kk) = (self.hk, self.hv, self.dk, self.dv, self.kernel);
         let c = self.channels();
         // Causal depthwise conv over [state | inputs], then SiLU; the state keeps the last K−1 raw inputs.
-        let mut window = Vec::with_capacity((kk - 1 + n) * c);
-        window.extend_from_slice(conv_state);
-        window.extend_from_slice(inp.m);
         let mut u = vec![0f32; n * c];
-        for t in 0..n {
-            let ur = &mut u[t * c..(t + 1) * c];
-            for j in 0..kk {
-                let wr = &window[(t + j) * c..(t + j + 1) * c];
-                let taps = &self.conv[j * c..(j + 1) * c];
-                for ((acc, x), w) in ur.iter_mut().zip(wr).zip(taps) {
-                    *acc += w * x;
+        let window_row = |i: usize| -> &[f32] {
+            if i < kk - 1 {
+                &conv_state[i * c..(i + 1) * c]
+            } else {
+                &inp.m[(i - (kk - 1)) * c..(i - (kk - 1) + 1) * c]
+            }
+        };
+        let conv_rows = |t0: usize, rows: &mut [f32]| {
+            for (dt, ur) in rows.chunks_mut(c).enumerate() {
+                for j in 0..kk {
+                    conv_tap(ur, window_row(t0 + dt + j), &self.conv[j * c..(j + 1) * c]);
                 }
+                silu_in_place(ur);
             }
-            for v in ur.iter_mut() {
-                *v = silu(*v);
-            }
+        };
+        if n >= 2 * CONV_TOKENS {
+            u.par_chunks_mut(CONV_TOKENS * c).enumerate().for_each(|(b, rows)| conv_rows(b * CONV_TOKENS, rows));
+        } else {
+            conv_rows(0, &mut u);
         }
-        conv_state.copy_from_slice(&window[n * c..]);
+        let tail: Vec<f32> = (n..n + kk - 1).flat_map(|i| window_row(i).iter().copied()).collect();
+        conv_state.copy_from_slice(&tail);
 
         let r = hv / hk;
         let q_scale = 1.0 / (dk as f32).sqrt();
@@ -260,16 +265,18 @@ impl GatedDeltaNet {
             .collect();
 
         // RMSNormGated: normalise o, scale by the plain weight, gate by silu(z).
-        for t in 0..n {
+        let norm_token = |t: usize, yt: &mut [f32]| {
             for (j, oj) in outputs.iter().enumerate() {
                 let o = &oj[t * dv..(t + 1) * dv];
                 let inv = inv_rms(o, self.eps);
                 let zr = &inp.z[(t * hv + j) * dv..(t * hv + j + 1) * dv];
-                let yr = &mut y[(t * hv + j) * dv..(t * hv + j + 1) * dv];
-                for i in 0..dv {
-                    yr[i] = self.norm[i] * (o[i] * inv) * silu(zr[i]);
-                }
+                gated_norm(&mut yt[j * dv..(j + 1) * dv], o, inv, &self.norm, zr);
             }
+        };
+        if n >= 2 * CONV_TOKENS {
+            y.par_chunks_mut(hv * dv).enumerate().for_each(|(t, yt)| norm_token(t, yt));
+        } else {
+            y.chunks_mut(hv * dv).enumerate().for_each(|(t, yt)| norm_token(t, yt));
         }
     }
 }
@@ -292,6 +299,36 @@ struct HeadInputs<'a> {
     dv: usize,
 }
 
+/// Tokens per parallel task of the conv and the gated norm.
+const CONV_TOKENS: usize = 16;
+
+/// `acc += w · x` lane by lane (a product then a sum, not fused: the same bits on every vector level).
+#[inline(always)]
+fn conv_tap_body(acc: &mut [f32], x: &[f32], w: &[f32]) {
+    for ((a, x), w) in acc.iter_mut().zip(x).zip(w) {
+        *a += w * x;
+    }
+}
+
+/// `x ← silu(x)` with the vectorisable exp.
+#[inline(always)]
+fn silu_body(x: &mut [f32]) {
+    for v in x.iter_mut() {
+        *v = simd::silu(*v);
+    }
+}
+
+/// RMSNormGated for one head and token: `y = w · (o · inv) · silu(z)`.
+#[inline(always)]
+fn gated_norm_body(y: &mut [f32], o: &[f32], inv: f32, w: &[f32], z: &[f32]) {
+    for (((y, o), w), z) in y.iter_mut().zip(o).zip(w).zip(z) {
+        *y = w * (o * inv) * simd::silu(*z);
+    }
+}
+
+crate::multiversion!(fn conv_tap(acc: &mut [f32], x: &[f32], w: &[f32]) => conv_tap_body);
+crate::multiversion!(fn silu_in_place(x: &mut [f32]) => silu_body);
+crate::multiversion!(fn gated_norm(y: &mut [f32], o: &[f32], inv: f32, w: &[f32], z: &[f32]) => gated_norm_body);
 crate::multiversion!(fn recurrent_step(h: &HeadInputs<'_>, s: &mut [f32], o: &mut [f32]) => recurrent_body);
 crate::multiversion!(fn chunked(h: &HeadInputs<'_>, n: usize, s: &mut [f32], out: &mut [f32]) => chunked_body);
 
