@@ -561,6 +561,11 @@ impl<'w> Weights<'w> {
         Weights { rows: w.rows, cols: w.cols, chunks: w.cols.div_ceil(CHUNK), source }
     }
 
+    /// Whether the weights are stored packed (groups one after another), not re-laid on demand.
+    pub fn is_packed(&self) -> bool {
+        matches!(self.source, WeightSource::Packed { .. })
+    }
+
     /// The packed values of row group `g` (rows `g·group..`) for a kernel reading groups of `group` rows:
     /// `chunks × group × CHUNK` values, borrowed when stored so, else re-laid into `buf`.
     pub fn group<'b>(&'b self, g: usize, group: usize, buf: &'b mut Aligned) -> &'b [Bf16] {
