@@ -81,6 +81,19 @@ impl PendingExperts for Ready {
     }
 }
 
+/// Tokens per parallel task of the expert combine.
+const COMBINE_TOKENS: usize = 16;
+
+/// `o += w · y` lane by lane, a product then a sum (not fused), the same bits on every vector level.
+#[inline(always)]
+fn add_scaled_body(o: &mut [f32], w: f32, y: &[f32]) {
+    for (o, v) in o.iter_mut().zip(y) {
+        *o += w * v;
+    }
+}
+
+crate::multiversion!(fn add_scaled(o: &mut [f32], w: f32, y: &[f32]) => add_scaled_body);
+
 /// A SwiGLU MLP, `down · (silu(gate · x) ⊙ (up · x))`: a routed expert, the shared expert, or a dense MLP.
 #[derive(Debug, Clone)]
 pub struct SwiGlu {
@@ -522,19 +535,24 @@ impl LocalExperts {
                 mlp.forward(&x, tokens.len(), false)
             })
             .collect();
-        // Combine in expert order, so the sum for a token never depends on how the batch was formed.
-        out.fill(0.0);
+        // Combine in expert order, so the sum for a token never depends on how the batch was formed: each token
+        // lists its (result, row, weight) in expert order, and tokens are summed in parallel.
+        let mut rows: Vec<Vec<(usize, usize, f32)>> = vec![Vec::new(); ntok];
         let mut flops = 0u64;
         let mut bytes = 0u64;
-        for ((_, mlp, tokens), y) in work.iter().zip(&results) {
+        for (e, (_, mlp, tokens)) in work.iter().enumerate() {
             for (i, &(t, w)) in tokens.iter().enumerate() {
-                for (o, v) in out[t * h..(t + 1) * h].iter_mut().zip(&y[i * h..(i + 1) * h]) {
-                    *o += w * v;
-                }
+                rows[t].push((e, i, w));
             }
             flops += 2 * (mlp.bytes() as u64 / 2) * tokens.len() as u64;
             bytes += mlp.bytes() as u64;
         }
+        out.par_chunks_mut(h).zip(&rows).with_min_len(COMBINE_TOKENS).for_each(|(o, list)| {
+            o.fill(0.0);
+            for &(e, i, w) in list {
+                add_scaled(o, w, &results[e][i * h..(i + 1) * h]);
+            }
+        });
         self.stats.flops.fetch_add(flops, Ordering::Relaxed);
         self.stats.weight_bytes.fetch_add(bytes, Ordering::Relaxed);
         let nanos = started.elapsed().as_nanos() as u64;
