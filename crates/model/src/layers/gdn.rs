@@ -26,6 +26,8 @@ use crate::layers::{split_rows, Span};
 use crate::state::LayerState;
 use crate::weights::{Checkpoint, Mat};
 
+/// Rows of the forward substitution solved per block (the gemm's row block).
+const SOLVE_ROWS: usize = 8;
 /// Tokens per chunk of the chunked delta rule, as in the reference.
 const CHUNK: usize = 64;
 /// The eps of the q/k L2 normalisation (fixed in the reference, not rms_norm_eps).
@@ -549,6 +551,7 @@ fn chunked_body(h: &HeadInputs<'_>, n: usize, s: &mut [f32], out: &mut [f32]) {
     let mut q64 = vec![0f64; CHUNK * dk];
     let mut k64t = vec![0f64; dk * CHUNK];
     let mut kk = vec![0f64; CHUNK * CHUNK];
+    let mut neg_block = vec![0f64; SOLVE_ROWS * CHUNK];
     let mut qk = vec![0f64; CHUNK * CHUNK];
     let mut s64: Vec<f64> = s.iter().map(|&x| f64::from(x)).collect();
     let mut c0 = 0;
@@ -588,26 +591,44 @@ fn chunked_body(h: &HeadInputs<'_>, n: usize, s: &mut [f32], out: &mut [f32]) {
                 a[i * CHUNK + j] = beta[i] * kk[i * l + j] * decay[i * CHUNK + j];
             }
         }
-        // Forward substitution: U = (I+A)⁻¹ diag(β) V and W = (I+A)⁻¹ diag(β e^Γ) K.
+        // Forward substitution: U = (I+A)⁻¹ diag(β) V and W = (I+A)⁻¹ diag(β e^Γ) K, row i minus Σ_{j<i} A_ij row j.
+        // In blocks of SOLVE_ROWS rows: the rows solved before a block enter it as one product (−A_block · rows
+        // before), then the block's own triangle row by row; each element is the same FMA chain over j in order.
         for i in 0..l {
-            let (done, row) = u.split_at_mut(i * dv);
-            let ui = &mut row[..dv];
-            for (x, vi) in ui.iter_mut().zip(&v[i * dv..(i + 1) * dv]) {
+            for (x, vi) in u[i * dv..(i + 1) * dv].iter_mut().zip(&v[i * dv..(i + 1) * dv]) {
                 *x = beta[i] * f64::from(*vi);
             }
-            let (wdone, wrow) = w.split_at_mut(i * dk);
-            let wi = &mut wrow[..dk];
             let f = beta[i] * exp_flushed(gamma[i]);
-            for (x, ki) in wi.iter_mut().zip(&k[i * dk..(i + 1) * dk]) {
+            for (x, ki) in w[i * dk..(i + 1) * dk].iter_mut().zip(&k[i * dk..(i + 1) * dk]) {
                 *x = f * f64::from(*ki);
             }
-            for j in 0..i {
-                let aij = a[i * CHUNK + j];
-                for (x, uj) in ui.iter_mut().zip(&done[j * dv..(j + 1) * dv]) {
-                    *x = (-aij).mul_add(*uj, *x);
+        }
+        for i0 in (0..l).step_by(SOLVE_ROWS) {
+            let i1 = (i0 + SOLVE_ROWS).min(l);
+            if i0 > 0 {
+                let m = i1 - i0;
+                for ii in 0..m {
+                    for j in 0..i0 {
+                        neg_block[ii * i0 + j] = -a[(i0 + ii) * CHUNK + j];
+                    }
                 }
-                for (x, wj) in wi.iter_mut().zip(&wdone[j * dk..(j + 1) * dk]) {
-                    *x = (-aij).mul_add(*wj, *x);
+                let (done, rest) = u.split_at_mut(i0 * dv);
+                gemm_add(&mut rest[..m * dv], &neg_block[..m * i0], done, (m, i0, dv));
+                let (done, rest) = w.split_at_mut(i0 * dk);
+                gemm_add(&mut rest[..m * dk], &neg_block[..m * i0], done, (m, i0, dk));
+            }
+            for i in i0..i1 {
+                let (done, row) = u.split_at_mut(i * dv);
+                let (wdone, wrow) = w.split_at_mut(i * dk);
+                let (ui, wi) = (&mut row[..dv], &mut wrow[..dk]);
+                for j in i0..i {
+                    let aij = a[i * CHUNK + j];
+                    for (x, uj) in ui.iter_mut().zip(&done[j * dv..(j + 1) * dv]) {
+                        *x = (-aij).mul_add(*uj, *x);
+                    }
+                    for (x, wj) in wi.iter_mut().zip(&wdone[j * dk..(j + 1) * dk]) {
+                        *x = (-aij).mul_add(*wj, *x);
+                    }
                 }
             }
         }
