@@ -1,8 +1,9 @@
 //! Routed experts on real `expert-node` processes give what the single-process engine gives: the same greedy tokens
-//! and top-5 log-probabilities within 1e-5 (f32 on the wire), with the experts split over one, two and three nodes and with
-//! replicas, for prompts whose activations span several messages, and for batches cut into micro-batches.
+//! and top-5 log-probabilities within 1e-5 (f32 on the wire; 1e-4 with the matrix units' split precision), with the
+//! experts split over one, two and three nodes and with replicas, for prompts whose activations span several
+//! messages, and for batches cut into micro-batches.
 
-use moe_e2e::{fixture, ExpertNodeProcess};
+use moe_e2e::{fixture, regrouping_tolerance, ExpertNodeProcess};
 use moe_model::{generate, GenerateRequest, LoadedModel, LogitsFor, Residency, SamplingParams, Segment};
 use moe_proto::v1::Dtype;
 use router_node::{RemoteExperts, RemoteOptions};
@@ -154,10 +155,11 @@ fn check_model(model: &str, specs: &[&str], cases: &[Case<'_>]) {
             );
             match wire {
                 Dtype::F32 => {
-                    assert!(worst <= 1e-5, "{model} {}: echo log-probs differ by {worst}", case.name);
-                    // Partial sums added per node round differently from one sum over all experts: f32 noise.
-                    assert!(worst_all <= 5e-5, "{model} {}: some log-prob differs by {worst_all}", case.name);
-                    assert!(batch_worst <= 1e-5, "{model} {}: batched log-probs differ by {batch_worst}", case.name);
+                    // Partial sums added per node round differently from one sum over all experts.
+                    let tol = regrouping_tolerance();
+                    assert!(worst <= tol, "{model} {}: echo log-probs differ by {worst}", case.name);
+                    assert!(worst_all <= 5.0 * tol, "{model} {}: some log-prob differs by {worst_all}", case.name);
+                    assert!(batch_worst <= tol, "{model} {}: batched log-probs differ by {batch_worst}", case.name);
                     assert_eq!(got_greedy, want_greedy, "{model} {}: greedy tokens differ", case.name);
                 }
                 _ => {
