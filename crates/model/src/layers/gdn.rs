@@ -5,8 +5,9 @@
 //! The delta rule runs on the fp32 state as in the reference. Both of its forms are exact in exact arithmetic but
 //! round differently (the chunked form solves a triangular system, which amplifies rounding: all-f32 showed 4e-5
 //! logit differences between a prefill and the same tokens decoded one by one). So the chunked form solves its small
-//! triangular system in f64 and does the matrix products that carry its cost in f32 with FMAs; the recurrence is f32
-//! with FMAs. Both are vectorised for the CPU ([`crate::cpu::simd`]).
+//! triangular system in f64, carries the state in f64 within a call, and computes the outputs in f64; the two
+//! products that only feed the state's correction (`W·S` and `Kᵀ·V'`) run in f32 ([`gemm`]). The recurrence is f64
+//! arithmetic on the f32 state. Both are vectorised for the CPU ([`crate::cpu::simd`]).
 //!
 //! Qwen3-Next's grouped `in_proj_qkvz` / `in_proj_ba` are reordered into the Qwen3.5 layout on the projection
 //! *outputs*, per token, so that the weights stay memory-mapped as published.
@@ -25,6 +26,9 @@ use crate::error::Result;
 use crate::layers::{split_rows, Span};
 use crate::state::LayerState;
 use crate::weights::{Checkpoint, Mat};
+
+mod gemm;
+use gemm::{gemm_add, Left};
 
 /// Rows of the forward substitution solved per block (the gemm's row block).
 const SOLVE_ROWS: usize = 8;
@@ -355,6 +359,20 @@ fn state_f32(x: f64) -> f32 {
     }
 }
 
+/// An operand of the f32 products: values below 2⁻⁶³ are taken as zero, so that the product of any two operands is
+/// a normal f32 (≥ 2⁻¹²⁶). Strong decays make keys, weights and state entries tiny, and a subnormal product costs a
+/// microcode assist (measured: the rule at 0.8× the speed on the bench model's random weights). What is dropped is
+/// below 1e-19 in sums whose terms f32 resolves to 6e-8 of the largest.
+#[inline(always)]
+fn product_f32(x: f64) -> f32 {
+    const FLOOR: f64 = 1.0 / (1u64 << 63) as f64;
+    if x.abs() < FLOOR {
+        0.0
+    } else {
+        x as f32
+    }
+}
+
 crate::multiversion!(fn recurrent_step(h: &HeadInputs<'_>, s: &mut [f32], o: &mut [f32]) => recurrent_body);
 crate::multiversion!(fn chunked(h: &HeadInputs<'_>, n: usize, s: &mut [f32], out: &mut [f32]) => chunked_body);
 
@@ -391,148 +409,20 @@ fn recurrent_body(h: &HeadInputs<'_>, s: &mut [f32], o: &mut [f32]) {
     }
 }
 
-/// `c[m × n] += a[m × k] · b[k × n]`, row-major, in f64 with FMAs, four rows of `c` at a time so that each row of
-/// `b` read feeds four accumulators; every element accumulates over `k` in order.
-#[inline(always)]
-fn gemm_add(c: &mut [f64], a: &[f64], b: &[f64], (m, k, n): (usize, usize, usize)) {
-    assert!(c.len() >= m * n && a.len() >= m * k && b.len() >= k * n);
-    #[cfg(target_arch = "x86_64")]
-    if simd::level() == simd::Level::Avx512 {
-        // SAFETY: the CPU has AVX-512F (the level was detected from its features); sizes were asserted.
-        unsafe { gemm_x86::gemm_add(c, a, b, (m, k, n)) };
-        return;
-    }
-    let mut i = 0;
-    while i + 4 <= m {
-        gemm_rows::<4>(c, a, b, i, (k, n));
-        i += 4;
-    }
-    while i < m {
-        gemm_rows::<1>(c, a, b, i, (k, n));
-        i += 1;
-    }
-}
-
-#[inline(always)]
-fn gemm_rows<const MB: usize>(c: &mut [f64], a: &[f64], b: &[f64], i: usize, (k, n): (usize, usize)) {
-    const W: usize = 16;
-    let full = n / W * W;
-    for jc in (0..full).step_by(W) {
-        let mut acc = [[0f64; W]; MB];
-        for (ii, acc) in acc.iter_mut().enumerate() {
-            acc.copy_from_slice(&c[(i + ii) * n + jc..(i + ii) * n + jc + W]);
-        }
-        for r in 0..k {
-            let br = &b[r * n + jc..r * n + jc + W];
-            for (ii, acc) in acc.iter_mut().enumerate() {
-                let av = a[(i + ii) * k + r];
-                for t in 0..W {
-                    acc[t] = av.mul_add(br[t], acc[t]);
-                }
-            }
-        }
-        for (ii, acc) in acc.iter().enumerate() {
-            c[(i + ii) * n + jc..(i + ii) * n + jc + W].copy_from_slice(acc);
-        }
-    }
-    if full < n {
-        for ii in 0..MB {
-            for j in full..n {
-                let mut x = c[(i + ii) * n + j];
-                for r in 0..k {
-                    x = a[(i + ii) * k + r].mul_add(b[r * n + j], x);
-                }
-                c[(i + ii) * n + j] = x;
-            }
-        }
-    }
-}
-
-/// [`gemm_add`] in AVX-512 registers: 8 rows × 16 columns of `c` in 16 accumulators (the portable form keeps its
-/// accumulators in memory, at about a twentieth of the FMA rate). Each element is the same chain of FMAs over `k` in
-/// order as in the portable form, so the results are the same bits.
-#[cfg(target_arch = "x86_64")]
-mod gemm_x86 {
-    use std::arch::x86_64::*;
-
-    /// # Safety
-    /// The CPU has AVX-512F; `c`, `a` and `b` hold `m × n`, `m × k` and `k × n` values.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn gemm_add(c: &mut [f64], a: &[f64], b: &[f64], (m, k, n): (usize, usize, usize)) {
-        let full = n / 16 * 16;
-        let (cp, ap, bp) = (c.as_mut_ptr(), a.as_ptr(), b.as_ptr());
-        let mut i = 0;
-        // SAFETY (all blocks): rows i..i+R < m, columns jc..jc+16 ≤ full ≤ n, r < k: inside the asserted sizes.
-        unsafe {
-            while i + 8 <= m {
-                for jc in (0..full).step_by(16) {
-                    block::<8>(cp, ap, bp, i, jc, (k, n));
-                }
-                i += 8;
-            }
-            while i < m {
-                for jc in (0..full).step_by(16) {
-                    block::<1>(cp, ap, bp, i, jc, (k, n));
-                }
-                i += 1;
-            }
-        }
-        for i in 0..m {
-            for j in full..n {
-                let mut x = c[i * n + j];
-                for r in 0..k {
-                    x = a[i * k + r].mul_add(b[r * n + j], x);
-                }
-                c[i * n + j] = x;
-            }
-        }
-    }
-
-    /// Rows `i..i+R`, columns `jc..jc+16`.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn block<const R: usize>(
-        c: *mut f64,
-        a: *const f64,
-        b: *const f64,
-        i: usize,
-        jc: usize,
-        (k, n): (usize, usize),
-    ) {
-        // SAFETY: the caller's bounds.
-        unsafe {
-            let mut lo = [_mm512_setzero_pd(); R];
-            let mut hi = [_mm512_setzero_pd(); R];
-            for ii in 0..R {
-                lo[ii] = _mm512_loadu_pd(c.add((i + ii) * n + jc));
-                hi[ii] = _mm512_loadu_pd(c.add((i + ii) * n + jc + 8));
-            }
-            for r in 0..k {
-                let b0 = _mm512_loadu_pd(b.add(r * n + jc));
-                let b1 = _mm512_loadu_pd(b.add(r * n + jc + 8));
-                for ii in 0..R {
-                    let av = _mm512_set1_pd(*a.add((i + ii) * k + r));
-                    lo[ii] = _mm512_fmadd_pd(av, b0, lo[ii]);
-                    hi[ii] = _mm512_fmadd_pd(av, b1, hi[ii]);
-                }
-            }
-            for ii in 0..R {
-                _mm512_storeu_pd(c.add((i + ii) * n + jc), lo[ii]);
-                _mm512_storeu_pd(c.add((i + ii) * n + jc + 8), hi[ii]);
-            }
-        }
-    }
-}
-
 /// The chunked gated delta rule over `n` tokens, updating the f32 state `s` `[dk, dv]` in place; writes `out [n, dv]`.
 ///
-/// Per chunk of up to 64 tokens: the decays `e^{Γi−Γj}`, the strictly lower `A`, the forward substitution that solves
-/// `(I + A)`, then the work as four blocked matrix products with FMAs: `V' = U − W·S`, the inter-chunk read
-/// `e^Γ Q·S`, the intra-chunk read `(QKᵀ ⊙ D)·V'` and the state update `S ← e^{Γ_l} S + (K ⊙ e^{Γ_l−Γ})ᵀ·V'`. All
-/// in f64, with the state widened once per call: f32 products (measured) kept the rule itself within 2e-7 of the exact
-/// one, but rounding the state once per chunk instead of once per call moved the fixtures' logits between a prefill
-/// and the same tokens decoded one by one from 6e-6 to 1.3e-5, past the 1e-5 that test holds. In f64 the two forms
-/// agree to the f32 rounding of the state.
+/// Per chunk of up to 64 tokens: the decays `e^{Γi−Γj}`, the strictly lower `A = β KKᵀ ⊙ D`, the forward
+/// substitution that solves `(I + A)`, then four matrix products: `V' = U − W·S`, the inter-chunk read `e^Γ Q·S`,
+/// the intra-chunk read `(QKᵀ ⊙ D)·V'` and the state update `S ← e^{Γ_l} S + (K ⊙ e^{Γ_l−Γ})ᵀ·V'`.
+///
+/// Precision where it matters: the triangular solve amplifies rounding, so `A`, `U` and `W` are f64; the state is
+/// carried in f64 across the chunks of a call and rounded to f32 once, at the end (rounding it once per chunk moved
+/// the fixtures' prefill-versus-decode logits from 6e-6 to 1.3e-5). The outputs `O` are f64 products rounded once,
+/// like the recurrence's: computed in f32 they moved the same test from 4e-6 to 7.6e-6 on the f32 kernel and from
+/// 4.4e-5 to 1.4e-4 on the matrix units' split precision, whose bf16 split turns every last-bit difference into one
+/// of 2⁻¹⁷. The two products that only feed the state's correction, `W·S` and `Kᵀ·V'` (half the work), run in f32
+/// with 16 lanes and enter the f64 values by one addition; that left the same test where it was. Only the
+/// triangles' nonzero row bands are multiplied.
 #[inline(always)]
 fn chunked_body(h: &HeadInputs<'_>, n: usize, s: &mut [f32], out: &mut [f32]) {
     let (dk, dv) = (h.dk, h.dv);
@@ -541,18 +431,23 @@ fn chunked_body(h: &HeadInputs<'_>, n: usize, s: &mut [f32], out: &mut [f32]) {
     let mut a = vec![0f64; CHUNK * CHUNK];
     let mut u = vec![0f64; CHUNK * dv];
     let mut w = vec![0f64; CHUNK * dk];
-    let mut neg_w = vec![0f64; CHUNK * dk];
-    let mut qs = vec![0f64; CHUNK * dk];
-    let mut o64 = vec![0f64; CHUNK * dv];
-    let mut p = vec![0f64; CHUNK * CHUNK];
-    let mut kt = vec![0f64; dk * CHUNK];
-    // The chunk's keys and queries in f64, keys also transposed, for KKᵀ and QKᵀ as matrix products.
+    // The chunk's keys and queries in f64, keys also transposed, for KKᵀ and QKᵀ.
     let mut k64 = vec![0f64; CHUNK * dk];
     let mut q64 = vec![0f64; CHUNK * dk];
     let mut k64t = vec![0f64; dk * CHUNK];
     let mut kk = vec![0f64; CHUNK * CHUNK];
-    let mut neg_block = vec![0f64; SOLVE_ROWS * CHUNK];
     let mut qk = vec![0f64; CHUNK * CHUNK];
+    let mut neg_block = vec![0f64; SOLVE_ROWS * CHUNK];
+    let mut qs = vec![0f64; CHUNK * dk];
+    let mut p = vec![0f64; CHUNK * CHUNK];
+    let mut o64 = vec![0f64; CHUNK * dv];
+    // The f32 side of the products.
+    let mut s32 = vec![0f32; dk * dv];
+    let mut w32 = vec![0f32; CHUNK * dk];
+    let mut ws = vec![0f32; CHUNK * dv];
+    let mut v32 = vec![0f32; CHUNK * dv];
+    let mut kd32 = vec![0f32; CHUNK * dk];
+    let mut upd = vec![0f32; dk * dv];
     let mut s64: Vec<f64> = s.iter().map(|&x| f64::from(x)).collect();
     let mut c0 = 0;
     while c0 < n {
@@ -571,20 +466,27 @@ fn chunked_body(h: &HeadInputs<'_>, n: usize, s: &mut [f32], out: &mut [f32]) {
                 decay[i * CHUNK + j] = exp_flushed(gamma[i] - gamma[j]);
             }
         }
-        // KKᵀ and QKᵀ (l × l) as two matrix products.
+        // KKᵀ and QKᵀ (l × l), the row bands on and below the diagonal.
+        for (d, x) in k64[..l * dk].iter_mut().zip(k) {
+            *d = f64::from(*x);
+        }
+        for (d, x) in q64[..l * dk].iter_mut().zip(q) {
+            *d = f64::from(*x);
+        }
         for i in 0..l {
             for r in 0..dk {
-                let kv = f64::from(k[i * dk + r]);
-                k64[i * dk + r] = kv;
-                k64t[r * l + i] = kv;
-                q64[i * dk + r] = f64::from(q[i * dk + r]);
+                k64t[r * l + i] = k64[i * dk + r];
             }
         }
         let (kk, qk) = (&mut kk[..l * l], &mut qk[..l * l]);
         kk.fill(0.0);
         qk.fill(0.0);
-        gemm_add(kk, &k64, &k64t, (l, dk, l));
-        gemm_add(qk, &q64, &k64t, (l, dk, l));
+        for i0 in (0..l).step_by(SOLVE_ROWS) {
+            let i1 = (i0 + SOLVE_ROWS).min(l);
+            let band = (i1 - i0, dk, i1);
+            gemm_add(&mut kk[i0 * l..], l, Left::rows(&k64[i0 * dk..], dk), &k64t, l, band);
+            gemm_add(&mut qk[i0 * l..], l, Left::rows(&q64[i0 * dk..], dk), &k64t, l, band);
+        }
         // A_ij = β_i (k_i·k_j) e^{Γ_i−Γ_j}, j < i (strictly lower).
         for i in 0..l {
             for j in 0..i {
@@ -612,10 +514,11 @@ fn chunked_body(h: &HeadInputs<'_>, n: usize, s: &mut [f32], out: &mut [f32]) {
                         neg_block[ii * i0 + j] = -a[(i0 + ii) * CHUNK + j];
                     }
                 }
+                let minus_a = Left::rows(&neg_block[..m * i0], i0);
                 let (done, rest) = u.split_at_mut(i0 * dv);
-                gemm_add(&mut rest[..m * dv], &neg_block[..m * i0], done, (m, i0, dv));
+                gemm_add(rest, dv, minus_a, done, dv, (m, i0, dv));
                 let (done, rest) = w.split_at_mut(i0 * dk);
-                gemm_add(&mut rest[..m * dk], &neg_block[..m * i0], done, (m, i0, dk));
+                gemm_add(rest, dk, minus_a, done, dk, (m, i0, dk));
             }
             for i in i0..i1 {
                 let (done, row) = u.split_at_mut(i * dv);
@@ -632,43 +535,54 @@ fn chunked_body(h: &HeadInputs<'_>, n: usize, s: &mut [f32], out: &mut [f32]) {
                 }
             }
         }
-        // V' = U − W·S and O = e^Γ Q·S.
+        // V' = U − W·S, the product in f32 and the difference in f64.
+        for (d, x) in s32.iter_mut().zip(&s64) {
+            *d = product_f32(*x);
+        }
+        for (d, x) in w32[..l * dk].iter_mut().zip(&w[..l * dk]) {
+            *d = product_f32(*x);
+        }
+        let ws = &mut ws[..l * dv];
+        ws.fill(0.0);
+        gemm_add(ws, dv, Left::rows(&w32, dk), &s32, dv, (l, dk, dv));
+        for ((d, x), p) in v32[..l * dv].iter_mut().zip(u[..l * dv].iter_mut()).zip(ws.iter()) {
+            *x -= f64::from(*p);
+            *d = product_f32(*x);
+        }
+        // O = e^Γ Q·S + P·V', P_ij = (q_i·k_j) e^{Γ_i−Γ_j} for j ≤ i, else 0; by row bands, P's zero columns skipped.
         for i in 0..l {
-            for (d, x) in neg_w[i * dk..(i + 1) * dk].iter_mut().zip(&w[i * dk..(i + 1) * dk]) {
-                *d = -*x;
-            }
             let eg = exp_flushed(gamma[i]);
             for (d, x) in qs[i * dk..(i + 1) * dk].iter_mut().zip(&q[i * dk..(i + 1) * dk]) {
                 *d = f64::from(*x) * eg;
             }
-        }
-        let o = &mut o64[..l * dv];
-        o.fill(0.0);
-        gemm_add(&mut u, &neg_w, &s64, (l, dk, dv));
-        gemm_add(o, &qs, &s64, (l, dk, dv));
-        // O += P·V', P_ij = (q_i·k_j) e^{Γ_i−Γ_j} for j ≤ i, else 0.
-        for i in 0..l {
             for j in 0..l {
                 p[i * l + j] = if j <= i { qk[i * l + j] * decay[i * CHUNK + j] } else { 0.0 };
             }
         }
-        gemm_add(o, &p, &u, (l, l, dv));
+        let o = &mut o64[..l * dv];
+        o.fill(0.0);
+        gemm_add(o, dv, Left::rows(&qs, dk), &s64, dv, (l, dk, dv));
+        for i0 in (0..l).step_by(SOLVE_ROWS) {
+            let i1 = (i0 + SOLVE_ROWS).min(l);
+            gemm_add(&mut o[i0 * dv..], dv, Left::rows(&p[i0 * l..], l), &u, dv, (i1 - i0, i1, dv));
+        }
         for (d, x) in out[c0 * dv..(c0 + l) * dv].iter_mut().zip(o.iter()) {
             *d = *x as f32;
         }
-        // S ← e^{Γ_last} S + Σ_j e^{Γ_last−Γ_j} k_j ⊗ V'_j.
+        // S ← e^{Γ_last} S + Σ_j e^{Γ_last−Γ_j} k_j ⊗ V'_j: the keys scaled in place, read transposed.
         let last = gamma[l - 1];
-        let d = exp_flushed(last);
-        for x in s64.iter_mut() {
-            *x *= d;
-        }
         for j in 0..l {
             let f = exp_flushed(last - gamma[j]);
-            for r in 0..dk {
-                kt[r * l + j] = f64::from(k[j * dk + r]) * f;
+            for (d, x) in kd32[j * dk..(j + 1) * dk].iter_mut().zip(&k[j * dk..(j + 1) * dk]) {
+                *d = product_f32(f64::from(*x) * f);
             }
         }
-        gemm_add(&mut s64, &kt, &u, (dk, l, dv));
+        upd.fill(0.0);
+        gemm_add(&mut upd, dv, Left::transposed(&kd32, dk), &v32, dv, (dk, l, dv));
+        let d = exp_flushed(last);
+        for (x, p) in s64.iter_mut().zip(&upd) {
+            *x = d.mul_add(*x, f64::from(*p));
+        }
         c0 += l;
     }
     for (d, x) in s.iter_mut().zip(&s64) {
