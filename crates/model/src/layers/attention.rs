@@ -7,7 +7,7 @@ use crate::config::ModelConfig;
 use crate::cpu::matmul::Activations;
 use crate::cpu::ops::{rms_norm_offset, sigmoid, Rope};
 use crate::cpu::profile::{self, dense_matmul as matmul, Stage};
-use crate::cpu::simd::{axpy, dot};
+use crate::cpu::simd::{axpy, dot, exp};
 use crate::error::Result;
 use crate::layers::{split_rows, Span};
 use crate::state::{LayerState, PagedRows};
@@ -120,20 +120,20 @@ impl Attention {
         let v_cache = &*v_cache;
         let qg = &*qg;
         let shape = Shape { nh, nkv, hd, scale };
-        o.par_chunks_mut(nh * hd).enumerate().for_each(|(t, o_row)| {
-            attend_token(
-                &shape,
-                &qg[t * nh * 2 * hd..(t + 1) * nh * 2 * hd],
-                k_cache,
-                v_cache,
-                span.pos + t + 1,
-                o_row,
-            );
+        // Tasks of ATTEND_TOKENS tokens, each group's rows for all of them in turn: a group's cached keys and values
+        // (ctx · hd · 8 bytes) stay in L2 while the task's tokens read them.
+        o.par_chunks_mut(ATTEND_TOKENS * nh * hd).enumerate().for_each(|(b, o_rows)| {
+            let t0 = b * ATTEND_TOKENS;
+            let rows = Rows { qg, first_ctx: span.pos + t0 + 1, t0 };
+            attend_tokens(&shape, &rows, k_cache, v_cache, o_rows);
         });
     }
 }
 
-/// The head layout [`attend_token`] works on.
+/// Query tokens per parallel task of the attention core.
+const ATTEND_TOKENS: usize = 16;
+
+/// The head layout the attention core works on.
 struct Shape {
     nh: usize,
     nkv: usize,
@@ -141,52 +141,301 @@ struct Shape {
     scale: f32,
 }
 
-crate::multiversion!(fn attend_token(shape: &Shape, qg: &[f32], k_cache: &PagedRows, v_cache: &PagedRows, ctx: usize, o: &mut [f32]) => attend_token_body);
+/// A task's query tokens: the span's `[q | gate]` rows, the task's first token `t0` within them, and the context
+/// length of that token (each later token sees one position more).
+struct Rows<'a> {
+    qg: &'a [f32],
+    t0: usize,
+    first_ctx: usize,
+}
 
-/// One query token against the first `ctx` cached positions, all heads: `qg` holds `[q | gate]` per head, `o` gets
-/// `softmax(q·Kᵀ·scale)·V ⊙ sigmoid(gate)` per head.
+crate::multiversion!(fn attend_tokens(shape: &Shape, rows: &Rows<'_>, k_cache: &PagedRows, v_cache: &PagedRows, o: &mut [f32]) => attend_tokens_body);
+
+/// Causal attention for the tokens whose outputs are `o` (`tokens × nh × hd`), all heads: per head
+/// `softmax(q·Kᵀ·scale)·V ⊙ sigmoid(gate)` over the token's context.
 ///
-/// Blocked by key-value head: the query heads of a GQA group share each cached key and value row, so each row is read
-/// once per group (not once per query head) and feeds every head of the group while it is in registers and L1.
+/// By key-value group, then token: the query heads of a GQA group share each cached key and value row, and the
+/// products run as register blocks of [`HEADS`] heads × [`KEYS`] keys (scores) and [`HEADS`] heads × 64 value
+/// columns (the weighted sum), so that each row read from the cache feeds several heads from registers. Every score
+/// is [`dot`]'s lane chain and reduction and every output element one FMA chain over the positions in order, for any
+/// number of tokens: a token's numbers are the same alone, in a batch and in a prefill.
 #[inline(always)]
-fn attend_token_body(shape: &Shape, qg: &[f32], k_cache: &PagedRows, v_cache: &PagedRows, ctx: usize, o: &mut [f32]) {
+fn attend_tokens_body(shape: &Shape, rows: &Rows<'_>, k_cache: &PagedRows, v_cache: &PagedRows, o: &mut [f32]) {
     let Shape { nh, nkv, hd, scale } = *shape;
     let group = nh / nkv;
-    let mut scores = vec![0f32; group * ctx];
+    let tokens = o.len() / (nh * hd);
+    let max_ctx = rows.first_ctx + tokens - 1;
+    let mut scores = vec![0f32; group * max_ctx];
     for g in 0..nkv {
-        let heads = g * group..(g + 1) * group;
+        for t in 0..tokens {
+            let ctx = rows.first_ctx + t;
+            let qg = &rows.qg[(rows.t0 + t) * nh * 2 * hd..(rows.t0 + t + 1) * nh * 2 * hd];
+            let heads = g * group..(g + 1) * group;
+            let q_row = |i: usize| &qg[(g * group + i) * 2 * hd..(g * group + i) * 2 * hd + hd];
+            let k_row = |j: usize| &k_cache.row(j)[g * hd..(g + 1) * hd];
+            let scores = &mut scores[..group * ctx];
+            head_scores(&q_row, &k_row, (group, ctx), scale, scores);
+            for row in scores.chunks_exact_mut(ctx) {
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                // The exps in a loop of their own (vectorised), then the sum in order.
+                for s in row.iter_mut() {
+                    *s = exp(*s - max);
+                }
+                let sum = row.iter().fold(0f32, |a, s| a + s);
+                let inv = 1.0 / sum;
+                for s in row.iter_mut() {
+                    *s *= inv;
+                }
+            }
+            let out = &mut o[(t * nh + g * group) * hd..(t * nh + (g + 1) * group) * hd];
+            let v_row = |j: usize| &v_cache.row(j)[g * hd..(g + 1) * hd];
+            weighted_values(scores, &v_row, (group, ctx, hd), out);
+            for (i, h) in heads.enumerate() {
+                let gate = &qg[h * 2 * hd + hd..(h + 1) * 2 * hd];
+                for (a, gt) in out[i * hd..(i + 1) * hd].iter_mut().zip(gate) {
+                    *a *= sigmoid(*gt);
+                }
+            }
+        }
+    }
+}
+
+/// Heads per register block of the attention products.
+const HEADS: usize = 4;
+/// Keys per register block of the scores.
+const KEYS: usize = 4;
+
+/// `scores[i · ctx + j] = dot(q_i, k_j) · scale` for `heads` query rows and `ctx` keys.
+#[inline(always)]
+fn head_scores<'a>(
+    q: &dyn Fn(usize) -> &'a [f32],
+    k: &dyn Fn(usize) -> &'a [f32],
+    (heads, ctx): (usize, usize),
+    scale: f32,
+    scores: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::cpu::simd::level() == crate::cpu::simd::Level::Avx512 && q(0).len().is_multiple_of(16) {
+        // SAFETY (all blocks): AVX-512F is present (the level was detected); the rows and keys addressed exist,
+        // and every row holds a multiple of 16 values.
+        let mut i = 0;
+        while i < heads {
+            let mut j = 0;
+            if i + HEADS <= heads {
+                while j + KEYS <= ctx {
+                    unsafe { x86::scores::<HEADS, KEYS>(q, k, (i, j), ctx, scale, scores) };
+                    j += KEYS;
+                }
+                while j < ctx {
+                    unsafe { x86::scores::<HEADS, 1>(q, k, (i, j), ctx, scale, scores) };
+                    j += 1;
+                }
+                i += HEADS;
+            } else {
+                while j + KEYS <= ctx {
+                    unsafe { x86::scores::<1, KEYS>(q, k, (i, j), ctx, scale, scores) };
+                    j += KEYS;
+                }
+                while j < ctx {
+                    unsafe { x86::scores::<1, 1>(q, k, (i, j), ctx, scale, scores) };
+                    j += 1;
+                }
+                i += 1;
+            }
+        }
+        return;
+    }
+    for j in 0..ctx {
+        let kr = k(j);
+        for i in 0..heads {
+            scores[i * ctx + j] = dot(q(i), kr) * scale;
+        }
+    }
+}
+
+/// `out[i] = Σ_j p[i · ctx + j] · v_j` for `heads` rows, each element one FMA chain over `j` in order from zero.
+#[inline(always)]
+fn weighted_values<'a>(
+    p: &[f32],
+    v: &dyn Fn(usize) -> &'a [f32],
+    (heads, ctx, hd): (usize, usize, usize),
+    out: &mut [f32],
+) {
+    out.fill(0.0);
+    #[cfg(target_arch = "x86_64")]
+    if crate::cpu::simd::level() == crate::cpu::simd::Level::Avx512 && hd.is_multiple_of(16) {
+        for i in 0..heads {
+            let wide = i + HEADS <= heads && i % HEADS == 0;
+            if !wide && i / HEADS * HEADS + HEADS <= heads {
+                continue;
+            }
+            let mut c = 0;
+            // SAFETY (all blocks): AVX-512F is present (the level was detected); the rows, columns c..c+16·C ≤ hd
+            // and positions < ctx addressed exist.
+            while c + 64 <= hd {
+                unsafe {
+                    if wide {
+                        x86::values::<HEADS, 4>(p, v, (i, c), (ctx, hd), out);
+                    } else {
+                        x86::values::<1, 4>(p, v, (i, c), (ctx, hd), out);
+                    }
+                }
+                c += 64;
+            }
+            while c < hd {
+                unsafe {
+                    if wide {
+                        x86::values::<HEADS, 1>(p, v, (i, c), (ctx, hd), out);
+                    } else {
+                        x86::values::<1, 1>(p, v, (i, c), (ctx, hd), out);
+                    }
+                }
+                c += 16;
+            }
+        }
+        return;
+    }
+    for j in 0..ctx {
+        let vr = v(j);
+        for i in 0..heads {
+            axpy(&mut out[i * hd..(i + 1) * hd], p[i * ctx + j], vr);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+// Register blocks index their accumulators by row and column, as the math does.
+#[allow(clippy::needless_range_loop)]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// [`crate::cpu::simd::dot`]'s reduction of its 16 lane sums: halves, quarters, then `(0+2)+(1+3)`, plus the
+    /// empty remainder's zero.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn reduce(v: __m512) -> f32 {
+        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+        let y = _mm256_add_ps(_mm512_castps512_ps256(v), hi);
+        let x = _mm_add_ps(_mm256_castps256_ps128(y), _mm256_extractf128_ps(y, 1));
+        let t = _mm_add_ps(x, _mm_movehl_ps(x, x));
+        let r = _mm_add_ss(t, _mm_shuffle_ps(t, t, 1));
+        _mm_cvtss_f32(r) + 0.0
+    }
+
+    /// Scores of rows `i..i+H` against keys `j..j+K`.
+    ///
+    /// # Safety
+    /// AVX-512F; the rows and keys exist, hold the same multiple of 16 values, and `scores` holds their entries.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn scores<'a, const H: usize, const K: usize>(
+        q: &dyn Fn(usize) -> &'a [f32],
+        k: &dyn Fn(usize) -> &'a [f32],
+        (i, j): (usize, usize),
+        ctx: usize,
+        scale: f32,
+        scores: &mut [f32],
+    ) {
+        let qs: [*const f32; H] = std::array::from_fn(|h| q(i + h).as_ptr());
+        let ks: [*const f32; K] = std::array::from_fn(|c| k(j + c).as_ptr());
+        let hd = q(i).len();
+        let mut acc = [[_mm512_setzero_ps(); K]; H];
+        for c in (0..hd).step_by(16) {
+            // SAFETY: c + 16 ≤ hd, the rows' length.
+            let kv: [__m512; K] = std::array::from_fn(|x| unsafe { _mm512_loadu_ps(ks[x].add(c)) });
+            for h in 0..H {
+                // SAFETY: as above.
+                let qv = unsafe { _mm512_loadu_ps(qs[h].add(c)) };
+                for x in 0..K {
+                    acc[h][x] = _mm512_fmadd_ps(qv, kv[x], acc[h][x]);
+                }
+            }
+        }
+        for h in 0..H {
+            for x in 0..K {
+                scores[(i + h) * ctx + j + x] = reduce(acc[h][x]) * scale;
+            }
+        }
+    }
+
+    /// Rows `i..i+H`, value columns `c..c+16·C` of the weighted sum.
+    ///
+    /// # Safety
+    /// AVX-512F; `c + 16·C ≤ hd`, every value row holds `hd` values, `p` holds the rows' `ctx` weights.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn values<'a, const H: usize, const C: usize>(
+        p: &[f32],
+        v: &dyn Fn(usize) -> &'a [f32],
+        (i, c): (usize, usize),
+        (ctx, hd): (usize, usize),
+        out: &mut [f32],
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); C]; H];
         for j in 0..ctx {
-            let kr = &k_cache.row(j)[g * hd..(g + 1) * hd];
-            for (i, h) in heads.clone().enumerate() {
-                let q = &qg[h * 2 * hd..h * 2 * hd + hd];
-                scores[i * ctx + j] = dot(q, kr) * scale;
+            let vr = v(j).as_ptr();
+            // SAFETY: c + 16·C ≤ hd, the row's length.
+            let vv: [__m512; C] = std::array::from_fn(|x| unsafe { _mm512_loadu_ps(vr.add(c + 16 * x)) });
+            for h in 0..H {
+                let w = _mm512_set1_ps(p[(i + h) * ctx + j]);
+                for x in 0..C {
+                    acc[h][x] = _mm512_fmadd_ps(w, vv[x], acc[h][x]);
+                }
             }
         }
-        for i in 0..group {
-            let row = &mut scores[i * ctx..(i + 1) * ctx];
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for s in row.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            let inv = 1.0 / sum;
-            for s in row.iter_mut() {
-                *s *= inv;
+        for h in 0..H {
+            for x in 0..C {
+                // SAFETY: (i + h) · hd + c + 16x + 16 ≤ heads · hd, inside `out`.
+                unsafe { _mm512_storeu_ps(out.as_mut_ptr().add((i + h) * hd + c + 16 * x), acc[h][x]) };
             }
         }
-        let out = &mut o[g * group * hd..(g + 1) * group * hd];
-        out.fill(0.0);
-        for j in 0..ctx {
-            let vr = &v_cache.row(j)[g * hd..(g + 1) * hd];
-            for i in 0..group {
-                axpy(&mut out[i * hd..(i + 1) * hd], scores[i * ctx + j], vr);
-            }
-        }
-        for (i, h) in heads.enumerate() {
-            let gate = &qg[h * 2 * hd + hd..(h + 1) * 2 * hd];
-            for (a, gt) in out[i * hd..(i + 1) * hd].iter_mut().zip(gate) {
-                *a *= sigmoid(*gt);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The register blocks give the same bits as `dot` and the `axpy` chain, at every head count, context length and
+    /// head width (multiples of 16 and not).
+    #[test]
+    fn blocks_equal_dot_and_axpy() {
+        let mut seed = 4242u32;
+        let mut rnd = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 17;
+            seed ^= seed << 5;
+            seed as f32 / u32::MAX as f32 - 0.5
+        };
+        for hd in [24, 32, 80, 256] {
+            for heads in [1, 2, 3, 4, 5, 8, 9] {
+                for ctx in [1, 3, 4, 7, 37] {
+                    let q: Vec<f32> = (0..heads * hd).map(|_| rnd()).collect();
+                    let k: Vec<f32> = (0..ctx * hd).map(|_| rnd()).collect();
+                    let v: Vec<f32> = (0..ctx * hd).map(|_| rnd()).collect();
+                    let q_row = |i: usize| &q[i * hd..(i + 1) * hd];
+                    let k_row = |j: usize| &k[j * hd..(j + 1) * hd];
+                    let v_row = |j: usize| &v[j * hd..(j + 1) * hd];
+                    let mut got = vec![0f32; heads * ctx];
+                    head_scores(&q_row, &k_row, (heads, ctx), 0.125, &mut got);
+                    for i in 0..heads {
+                        for j in 0..ctx {
+                            let want = dot(q_row(i), k_row(j)) * 0.125;
+                            assert_eq!(got[i * ctx + j].to_bits(), want.to_bits(), "scores {hd} {heads} {ctx} {i} {j}");
+                        }
+                    }
+                    let p: Vec<f32> = (0..heads * ctx).map(|_| rnd()).collect();
+                    let mut out = vec![1f32; heads * hd];
+                    weighted_values(&p, &v_row, (heads, ctx, hd), &mut out);
+                    let mut want = vec![0f32; heads * hd];
+                    for j in 0..ctx {
+                        for i in 0..heads {
+                            axpy(&mut want[i * hd..(i + 1) * hd], p[i * ctx + j], v_row(j));
+                        }
+                    }
+                    let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&out), bits(&want), "values {hd} {heads} {ctx}");
+                }
             }
         }
     }
