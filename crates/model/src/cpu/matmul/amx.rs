@@ -44,8 +44,10 @@ pub(crate) fn prepare(x: &[f32], ntok: usize, k: usize, split: bool) -> (Aligned
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
         let len = ntok.div_ceil(TILE_TOKENS) * k.div_ceil(CHUNK) * TILE;
-        let mut hi = super::scratch(len);
-        let mut lo = if split { super::scratch(len) } else { Aligned::default() };
+        // The vector conversion stores every tile whole (zeros where there are no tokens or columns), so the
+        // buffers need no zeroing first.
+        let mut hi = super::scratch_for_overwrite(len);
+        let mut lo = if split { super::scratch_for_overwrite(len) } else { Aligned::default() };
         // SAFETY: the CPU has AVX-512F; the buffers hold every tile of the activations.
         unsafe { x86::prepare(x, ntok, k, &mut hi, split.then_some(&mut *lo)) };
         return (hi, lo);
@@ -752,6 +754,12 @@ mod tests {
                 }
             }
             for split in [true, false] {
+                // Spare buffers that hold other values: the conversion must write every one of them.
+                for _ in 0..2 {
+                    let mut dirty = super::super::scratch(ntok.div_ceil(TILE_TOKENS) * k.div_ceil(CHUNK) * TILE);
+                    dirty.fill(0xabcd);
+                    super::super::spare(dirty);
+                }
                 let want = prepare_scalar(&x, ntok, k, split);
                 let got = prepare(&x, ntok, k, split);
                 assert!(want.0 == *got.0 && want.1 == *got.1, "{ntok}x{k} split {split}");

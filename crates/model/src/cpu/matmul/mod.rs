@@ -363,6 +363,13 @@ impl Aligned {
         self.len = len;
     }
 
+    /// Makes this `len` values, keeping the allocation and whatever values it held (only lines added are zeroed):
+    /// for a caller that writes every value.
+    fn resize_for_overwrite(&mut self, len: usize) {
+        self.lines.resize(len.div_ceil(32), Line([0; 32]));
+        self.len = len;
+    }
+
     pub(crate) fn capacity(&self) -> usize {
         self.lines.capacity() * 32
     }
@@ -394,15 +401,27 @@ impl std::ops::DerefMut for Aligned {
 /// enough: a fresh allocation of this size is a fresh mapping, and faulting its pages in cost as much as converting
 /// into them.
 pub(crate) fn scratch(len: usize) -> Aligned {
-    let mut v = SPARE.with(|s| {
+    let mut v = take_spare(len);
+    v.zero(len);
+    v
+}
+
+/// [`scratch`] without the zeroing, for a caller that writes every value (the vectorised AMX conversion writes
+/// whole tiles, padding included): the values are whatever the buffer held before.
+pub(crate) fn scratch_for_overwrite(len: usize) -> Aligned {
+    let mut v = take_spare(len);
+    v.resize_for_overwrite(len);
+    v
+}
+
+fn take_spare(len: usize) -> Aligned {
+    SPARE.with(|s| {
         let mut s = s.borrow_mut();
         match s.iter().position(|v| v.capacity() >= len) {
             Some(i) => s.swap_remove(i),
             None => Aligned::default(),
         }
-    });
-    v.zero(len);
-    v
+    })
 }
 
 /// Returns a buffer from [`scratch`] to this thread's spares (a few are kept, the largest first).
