@@ -120,10 +120,12 @@ impl Attention {
         let v_cache = &*v_cache;
         let qg = &*qg;
         let shape = Shape { nh, nkv, hd, scale };
-        // Tasks of ATTEND_TOKENS tokens, each group's rows for all of them in turn: a group's cached keys and values
-        // (ctx · hd · 8 bytes) stay in L2 while the task's tokens read them.
-        o.par_chunks_mut(ATTEND_TOKENS * nh * hd).enumerate().for_each(|(b, o_rows)| {
-            let t0 = b * ATTEND_TOKENS;
+        // Tasks of up to ATTEND_TOKENS tokens, each group's rows for all of them in turn: a group's cached keys and
+        // values (ctx · hd · 8 bytes) stay in L2 while the task's tokens read them. A short span is cut finer, so
+        // that every thread gets a part (a token's numbers do not depend on its task).
+        let per_task = ATTEND_TOKENS.min(span.len.div_ceil(rayon::current_num_threads())).max(1);
+        o.par_chunks_mut(per_task * nh * hd).enumerate().for_each(|(b, o_rows)| {
+            let t0 = b * per_task;
             let rows = Rows { qg, first_ctx: span.pos + t0 + 1, t0 };
             attend_tokens(&shape, &rows, k_cache, v_cache, o_rows);
         });
