@@ -47,8 +47,9 @@ struct Args {
     /// Address routers reach this node at (with --etcd) [default: the address it listens on].
     #[arg(long)]
     advertise: Option<String>,
-    /// Memory offered for experts, in GiB (with --etcd); the controller places no more than fits
-    /// [default: 80% of the memory available at start].
+    /// Memory offered for experts, in GiB: the controller places no more than fits, and a LoadExperts beyond it is
+    /// refused [default: on GPUs 90% of their free memory, else the experts loaded at start plus 80% of the memory
+    /// available].
     #[arg(long)]
     memory_gib: Option<f64>,
     /// Seconds of the membership lease: a node that dies is out of the cluster within this time.
@@ -82,6 +83,9 @@ struct Args {
     #[command(flatten)]
     #[serde(flatten)]
     cpu: moe_model::cpu::CpuArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
+    tls: moe_tls::TlsArgs,
 }
 
 impl Default for Args {
@@ -112,6 +116,7 @@ impl moe_config::Settings for Args {
         if !(self.shutdown_grace_secs.is_finite() && self.shutdown_grace_secs >= 0.0) {
             return Err(ConfigError::refused("shutdown-grace-secs", "must be zero or more"));
         }
+        self.tls.files("an expert node")?;
         if self.max_queued_requests == 0 {
             return Err(ConfigError::refused("max-queued-requests", "must be positive"));
         }
@@ -139,7 +144,7 @@ fn run(args: Args, file: &moe_config::ConfigFile) -> Result<()> {
         print!("{}", moe_config::ConfigFile::print(&args)?);
         return Ok(());
     }
-    let config = config(&args)?;
+    let mut config = config(&args)?;
     args.cpu.apply()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -149,6 +154,7 @@ fn run(args: Args, file: &moe_config::ConfigFile) -> Result<()> {
         .context("starting the async runtime")?;
     // Bind first, so that a taken port fails before minutes of loading.
     let (listener, addr) = runtime.block_on(expert_node::bind(args.listen))?;
+    config.serve.tls = args.tls.load(&[moe_tls::Role::Expert], "an expert node")?;
     let node = expert_node::run::load(&config, addr).with_context(|| format!("loading {}", config.model.display()))?;
     println!("listening on {addr}");
     let served = runtime.block_on(expert_node::run::run(config, node, listener, moe_telemetry::shutdown_signal()));
@@ -186,6 +192,7 @@ fn config(args: &Args) -> Result<NodeConfig> {
             keepalive_interval: Duration::from_secs(args.keepalive_secs.max(1)),
             keepalive_timeout: Duration::from_secs(2 * args.keepalive_secs.max(1)),
             max_queued: args.max_queued_requests.max(1),
+            memory_limit: memory_bytes,
             ..ServeOptions::default()
         },
         grace: Duration::from_secs_f64(args.shutdown_grace_secs.max(0.0)),

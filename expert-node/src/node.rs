@@ -241,6 +241,23 @@ impl ExpertNode {
         self.experts.load_more(&self.ckpt, &self.config, wanted)
     }
 
+    /// Bytes the experts of `set` not held yet would add (three bf16 matrices each).
+    pub fn bytes_to_load(&self, set: &ExpertSet) -> u64 {
+        let c = &self.config;
+        let per_expert = 3 * c.hidden_size as u64 * c.moe_intermediate_size as u64 * 2;
+        let hosted: std::collections::BTreeSet<(u32, u32)> =
+            self.experts.hosted().into_iter().flat_map(|(l, es)| es.into_iter().map(move |e| (l as u32, e))).collect();
+        let mut missing = std::collections::BTreeSet::new();
+        for row in &set.layers {
+            for &e in &row.experts {
+                if !hosted.contains(&(row.layer, e)) {
+                    missing.insert((row.layer, e));
+                }
+            }
+        }
+        missing.len() as u64 * per_expert
+    }
+
     pub fn unload_set(&self, set: &ExpertSet) -> moe_model::ShardChange {
         let wanted = set_contains(set);
         self.experts.unload(wanted)

@@ -88,7 +88,11 @@ pub async fn run(
     let addr = listener.local_addr().map_err(|e| NodeError::Bind(([0, 0, 0, 0], 0).into(), e))?;
     tracing::info!(%addr, "serving moe.v1.ExpertService");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let mut server = tokio::spawn(crate::serve(node.clone(), listener, config.serve.clone(), async {
+    let mut serve = config.serve.clone();
+    if serve.memory_limit.is_none() {
+        serve.memory_limit = Some(memory_offer(&node, config.cluster.as_ref().and_then(|c| c.memory_bytes))?);
+    }
+    let mut server = tokio::spawn(crate::serve(node.clone(), listener, serve, async {
         let _ = stopped.await;
     }));
     let membership = match &config.cluster {
@@ -161,14 +165,7 @@ async fn join(
     use moe_placement::{Cluster, Member, Role, Session};
     let store = moe_placement::open_store(Some(&c.etcd)).await?;
     let cluster = Cluster::new(store, &c.name)?;
-    let memory_bytes = match c.memory_bytes {
-        Some(b) => b,
-        None => match node.device_memory() {
-            // On GPUs: 90% of what was free when the devices opened (the rest is for activations and cuBLAS).
-            Some(free) => free / 10 * 9,
-            None => available_memory()? / 5 * 4,
-        },
-    };
+    let memory_bytes = memory_offer(node, c.memory_bytes)?;
     let member = Member {
         id: node.node_id.clone(),
         role: Role::Expert,
@@ -188,6 +185,18 @@ async fn join(
     );
     let publisher = tokio::spawn(agent::publish_served(node.clone(), session.clone(), Duration::from_secs(5)));
     Ok((session, publisher))
+}
+
+/// The memory offered for experts: `configured`, else on GPUs 90% of what was free when the devices opened (the
+/// rest is for activations and cuBLAS), else what the experts already take plus 80% of the memory available.
+fn memory_offer(node: &ExpertNode, configured: Option<u64>) -> Result<u64, NodeError> {
+    Ok(match configured {
+        Some(b) => b,
+        None => match node.device_memory() {
+            Some(free) => free / 10 * 9,
+            None => node.resident_bytes() + available_memory()? / 5 * 4,
+        },
+    })
 }
 
 /// `MemAvailable` of /proc/meminfo, in bytes.

@@ -33,6 +33,11 @@ pub struct ServeOptions {
     /// Requests waiting for the compute thread, over all streams; beyond it requests are answered
     /// `RESOURCE_EXHAUSTED` at once (routers send them to another replica, or again after a backoff).
     pub max_queued: usize,
+    /// Mutual TLS: peers must present a certificate chained to the cluster CA, and their role decides what they
+    /// may call ([`moe_tls::Peer::may`]). `None`: plaintext, anyone who reaches the port may call anything.
+    pub tls: Option<Arc<moe_tls::Identity>>,
+    /// The most memory experts may take here: a `LoadExperts` beyond it is refused.
+    pub memory_limit: Option<u64>,
 }
 
 impl Default for ServeOptions {
@@ -44,9 +49,13 @@ impl Default for ServeOptions {
             stream_window_bytes: 16 << 20,
             connection_window_bytes: 64 << 20,
             max_queued: 256,
+            tls: None,
+            memory_limit: None,
         }
     }
 }
+
+const GIB: f64 = (1u64 << 30) as f64;
 
 /// 16 MiB: a 2048-wide bf16 activation block of 4096 tokens, with room for its routing.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 16 << 20;
@@ -59,6 +68,29 @@ const STREAM_DEPTH: usize = 64;
 struct Service {
     node: Arc<ExpertNode>,
     queue: ComputeQueue,
+    /// Whether peers are authenticated (mutual TLS); if not, every call is allowed.
+    authenticated: bool,
+    memory_limit: Option<u64>,
+}
+
+impl Service {
+    /// Allows `method` to the peer of `request` if its certificate's role may call it.
+    fn authorize<T>(&self, request: &Request<T>, method: &str) -> Result<(), Status> {
+        if !self.authenticated {
+            return Ok(());
+        }
+        // The handshake already refused clients without a certificate chained to the CA.
+        let certs = request.peer_certs().ok_or_else(|| Status::unauthenticated("no client certificate"))?;
+        let peer = certs
+            .first()
+            .and_then(moe_tls::Peer::of)
+            .ok_or_else(|| Status::permission_denied("the client certificate carries no moe-mesh role"))?;
+        if !peer.may(method) {
+            tracing::warn!(peer = %peer, addr = ?request.remote_addr(), "refused {method}: not allowed for its role");
+            return Err(Status::permission_denied(format!("{peer} may not call {method}")));
+        }
+        Ok(())
+    }
 }
 
 type ForwardStream = Pin<Box<dyn Stream<Item = Result<ForwardResponse, Status>> + Send>>;
@@ -68,6 +100,7 @@ impl ExpertService for Service {
     type ForwardStream = ForwardStream;
 
     async fn forward(&self, request: Request<Streaming<ForwardRequest>>) -> Result<Response<ForwardStream>, Status> {
+        self.authorize(&request, "Forward")?;
         let peer = request.remote_addr();
         let mut inbound = request.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel(STREAM_DEPTH);
@@ -125,9 +158,20 @@ impl ExpertService for Service {
     }
 
     async fn load_experts(&self, request: Request<LoadExpertsRequest>) -> Result<Response<ShardChange>, Status> {
+        self.authorize(&request, "LoadExperts")?;
         let set = request.into_inner().experts.unwrap_or_default();
         self.node.check_set(&set, "experts").map_err(refusal_status)?;
         let _guard = self.node.shard_lock.lock().await;
+        if let Some(limit) = self.memory_limit {
+            let after = self.node.resident_bytes() + self.node.bytes_to_load(&set);
+            if after > limit {
+                return Err(Status::resource_exhausted(format!(
+                    "experts: loading them would take {:.2} GiB, beyond the {:.2} GiB this node offers",
+                    after as f64 / GIB,
+                    limit as f64 / GIB
+                )));
+            }
+        }
         let node = Arc::clone(&self.node);
         let started = Instant::now();
         let change = tokio::task::spawn_blocking(move || node.load_set(&set))
@@ -139,6 +183,7 @@ impl ExpertService for Service {
     }
 
     async fn unload_experts(&self, request: Request<UnloadExpertsRequest>) -> Result<Response<ShardChange>, Status> {
+        self.authorize(&request, "UnloadExperts")?;
         let set = request.into_inner().experts.unwrap_or_default();
         self.node.check_set(&set, "experts").map_err(refusal_status)?;
         let _guard = self.node.shard_lock.lock().await;
@@ -147,7 +192,8 @@ impl ExpertService for Service {
         Ok(Response::new(self.shard_change(change)))
     }
 
-    async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+    async fn status(&self, request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        self.authorize(&request, "Status")?;
         let node = &self.node;
         Ok(Response::new(StatusResponse {
             node_id: node.node_id.clone(),
@@ -192,31 +238,40 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), NodeError> {
     let queue = ComputeQueue::start(Arc::clone(&node), options.max_queued).map_err(NodeError::Thread)?;
-    let service = ExpertServiceServer::new(Service { node, queue })
+    let service = Service { node, queue, authenticated: options.tls.is_some(), memory_limit: options.memory_limit };
+    let service = ExpertServiceServer::new(service)
         .max_decoding_message_size(options.max_message_bytes)
         .max_encoding_message_size(options.max_message_bytes);
-    // Accepted sockets get TCP_NODELAY here: the builder's setting only applies to listeners it binds itself, and
-    // without it Nagle's algorithm and delayed ACKs add 40 ms to every answer that spans several segments.
-    let incoming = TcpListenerStream::new(listener).map(|conn| {
-        conn.inspect(|stream| {
-            if let Err(e) = stream.set_nodelay(true) {
-                tracing::warn!("cannot set TCP_NODELAY: {e}");
-            }
-        })
-    });
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<ExpertServiceServer<Service>>().await;
-    tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(options.keepalive_interval))
         .http2_keepalive_timeout(Some(options.keepalive_timeout))
         .initial_stream_window_size(options.stream_window_bytes)
         .initial_connection_window_size(options.connection_window_bytes)
         .add_service(health)
-        .add_service(service)
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
-        .map_err(|e| NodeError::Transport(e.to_string()))
+        .add_service(service);
+    let served = match &options.tls {
+        Some(identity) => {
+            identity.watch();
+            router.serve_with_incoming_shutdown(moe_tls::incoming(listener, identity.clone()), shutdown).await
+        }
+        None => {
+            // Accepted sockets get TCP_NODELAY here: the builder's setting only applies to listeners it binds
+            // itself, and without it Nagle's algorithm and delayed ACKs add 40 ms to every answer that spans
+            // several segments. (The TLS acceptor sets it too.)
+            let incoming = TcpListenerStream::new(listener).map(|conn| {
+                conn.inspect(|stream| {
+                    if let Err(e) = stream.set_nodelay(true) {
+                        tracing::warn!("cannot set TCP_NODELAY: {e}");
+                    }
+                })
+            });
+            router.serve_with_incoming_shutdown(incoming, shutdown).await
+        }
+    };
+    served.map_err(|e| NodeError::Transport(e.to_string()))
 }
 
 /// Binds `addr` (port 0 picks a free port) and returns the listener with the address it got.

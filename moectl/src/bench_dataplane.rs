@@ -4,7 +4,9 @@
 //! 1. Round trip of one MoE layer on loopback (activations out, expert compute, partial sums back) per token count,
 //!    split into the router's encode and decode, the node's decode + encode, queueing, compute, and what is left:
 //!    transport (gRPC, HTTP/2, the kernel's loopback, thread wake-ups).
-//! 2. Decode throughput with the experts split evenly over N expert nodes, with and without micro-batch ping-pong,
+//!    Each token count runs against a node with mutual TLS and a plaintext one, call by call, so the TLS cost
+//!    reads as the ratio of the two.
+//! 2. Decode throughput with the experts split evenly over N expert nodes (mutual TLS, as deployed), with and without micro-batch ping-pong,
 //!    next to the single-process engine, in interleaved rounds; the median of the per-round ratios is reported.
 
 use std::path::PathBuf;
@@ -16,6 +18,8 @@ use moe_model::{Experts, LogitsFor, Routing, Segment, SequenceState};
 use moe_proto::v1::Dtype;
 use router_node::{RemoteExperts, RemoteOptions};
 use serde_json::json;
+
+use moe_tls::{Identity, Role};
 
 use crate::bench_model::tokens;
 use crate::cluster::{even_split, LocalNode};
@@ -62,13 +66,38 @@ pub struct Args {
     json: bool,
 }
 
+/// `n` tokens' routing: `top_k` distinct experts of `experts` each, equal weights.
+fn random_routing(n: usize, top_k: usize, experts: usize) -> Routing {
+    let mut routing = Routing { offsets: vec![0], ..Default::default() };
+    let mut it = tokens(n * top_k * 4, 7 + n as u64, experts).into_iter();
+    for _ in 0..n {
+        let mut chosen: Vec<u32> = Vec::new();
+        while chosen.len() < top_k {
+            let e = it.next().unwrap_or(chosen.len() as u32);
+            if !chosen.contains(&e) {
+                chosen.push(e);
+            }
+        }
+        chosen.sort_unstable();
+        routing.weights.extend(chosen.iter().map(|_| 1.0 / top_k as f32));
+        routing.experts.extend(chosen);
+        routing.offsets.push(routing.experts.len() as u32);
+    }
+    routing
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
 
-fn connect(addrs: &[String], lm: &moe_model::LoadedModel, wire: Dtype) -> Result<RemoteExperts> {
-    let options = RemoteOptions { wire_dtype: wire, ..RemoteOptions::default() };
+fn connect(
+    addrs: &[String],
+    lm: &moe_model::LoadedModel,
+    wire: Dtype,
+    tls: Option<std::sync::Arc<Identity>>,
+) -> Result<RemoteExperts> {
+    let options = RemoteOptions { wire_dtype: wire, tls, ..RemoteOptions::default() };
     RemoteExperts::connect(addrs, lm.model.config(), lm.fingerprint, options).context("connecting to the expert nodes")
 }
 
@@ -87,19 +116,33 @@ pub fn run(args: Args) -> Result<()> {
     report.insert("model".into(), json!(args.model.display().to_string()));
     let wires: Vec<Dtype> = if args.bf16 { vec![Dtype::F32, Dtype::Bf16] } else { vec![Dtype::F32] };
 
+    // The links as production runs them (mutual TLS, certificates from a CA made for this run), and plaintext next
+    // to them in the round trip, to show what TLS costs.
+    let certs = tempfile::tempdir().context("a directory for the certificates")?;
+    let ca = certs.path().join("ca");
+    moe_tls::dev_ca::ensure(&ca, &[(Role::Router, "bench"), (Role::Expert, "expert")])?;
+    let identity = Identity::load(moe_tls::dev_ca::files(&ca, "bench"), &[Role::Router])?;
+    let tls_flags = moe_tls::dev_ca::files(&ca, "expert").flags();
+    let insecure = ["--insecure".to_owned()];
+
     if !args.skip_round_trip {
-        eprintln!("starting 1 expert node with every expert...");
-        let node = LocalNode::start(&args.model, Some("all"), &[], args.verbose)?;
+        eprintln!("starting 2 expert nodes with every expert, one with mutual TLS and one plaintext...");
+        let nodes = [
+            ("tls", LocalNode::start(&args.model, Some("all"), &tls_flags, args.verbose)?),
+            ("plain", LocalNode::start(&args.model, Some("all"), &insecure, args.verbose)?),
+        ];
         let layer = (0..cfg.num_hidden_layers).find(|&l| cfg.is_moe_layer(l)).context("the model has no MoE layer")?;
         let h = cfg.hidden_size;
         println!(
-            "\nper-layer round trip on loopback (layer {layer}, hidden {h}, top-{} of {} experts; mean per call, µs)",
+            "\nper-layer round trip on loopback (layer {layer}, hidden {h}, top-{} of {} experts; mean per call, µs; \
+             the links' calls interleaved)",
             cfg.num_experts_per_tok, cfg.num_experts
         );
         println!(
-            "{:>6} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7}",
+            "{:>6} {:>5} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7} {:>7}",
             "tokens",
             "wire",
+            "link",
             "total",
             "r.encode",
             "r.decode",
@@ -108,83 +151,92 @@ pub fn run(args: Args) -> Result<()> {
             "n.compute",
             "transport",
             "local",
-            "ratio"
+            "ratio",
+            "vs.plain"
         );
         let mut rows = Vec::new();
         for &wire in &wires {
-            let remote = connect(std::slice::from_ref(&node.addr), &lm, wire)?;
+            let remotes = nodes
+                .iter()
+                .map(|(link, node)| {
+                    let tls = (*link == "tls").then(|| identity.clone());
+                    connect(std::slice::from_ref(&node.addr), &lm, wire, tls).map(|r| (*link, r))
+                })
+                .collect::<Result<Vec<_>>>()?;
             for &n in &args.round_trip_tokens {
                 let hidden: Vec<f32> =
                     tokens(n * h, n as u64, 1 << 16).iter().map(|&v| v as f32 / 32768.0 - 1.0).collect();
-                let mut routing = Routing { offsets: vec![0], ..Default::default() };
-                let picks = tokens(n * cfg.num_experts_per_tok * 4, 7 + n as u64, cfg.num_experts);
-                let mut it = picks.into_iter();
-                for _ in 0..n {
-                    let mut chosen: Vec<u32> = Vec::new();
-                    while chosen.len() < cfg.num_experts_per_tok {
-                        let e = it.next().unwrap_or(chosen.len() as u32);
-                        if !chosen.contains(&e) {
-                            chosen.push(e);
-                        }
-                    }
-                    chosen.sort_unstable();
-                    routing.weights.extend(chosen.iter().map(|_| 1.0 / cfg.num_experts_per_tok as f32));
-                    routing.experts.extend(chosen);
-                    routing.offsets.push(routing.experts.len() as u32);
-                }
+                let routing = random_routing(n, cfg.num_experts_per_tok, cfg.num_experts);
                 let mut out = vec![0f32; n * h];
-                // Warm up both paths (first touches, connection windows).
-                remote.forward(layer, &hidden, &routing, &mut out)?;
+                // Warm up every path (first touches, connection windows).
+                for (_, remote) in &remotes {
+                    remote.forward(layer, &hidden, &routing, &mut out)?;
+                }
                 lm.experts.forward(layer, &hidden, &routing, &mut out)?;
-                let s = &remote.stats;
-                let snap = || {
+                let snap = |remote: &RemoteExperts| {
+                    let s = &remote.stats;
                     [&s.encode_ns, &s.decode_ns, &s.node_codec_us, &s.node_queue_us, &s.node_compute_us]
                         .map(|c| c.load(Ordering::Relaxed))
                 };
-                let (mut total, mut local) = (Vec::new(), Vec::new());
-                let before = snap();
+                let before: Vec<_> = remotes.iter().map(|(_, r)| snap(r)).collect();
+                let mut total = vec![Vec::new(); remotes.len()];
+                let mut local = Vec::new();
                 for _ in 0..args.round_trip_calls {
-                    let t = Instant::now();
-                    remote.forward(layer, &hidden, &routing, &mut out)?;
-                    total.push(t.elapsed().as_secs_f64() * 1e6);
+                    for (i, (_, remote)) in remotes.iter().enumerate() {
+                        let t = Instant::now();
+                        remote.forward(layer, &hidden, &routing, &mut out)?;
+                        total[i].push(t.elapsed().as_secs_f64() * 1e6);
+                    }
                     let t = Instant::now();
                     lm.experts.forward(layer, &hidden, &routing, &mut out)?;
                     local.push(t.elapsed().as_secs_f64() * 1e6);
                 }
-                let after = snap();
                 let calls = args.round_trip_calls as f64;
-                let d = |i: usize, scale: f64| (after[i] - before[i]) as f64 * scale / calls;
-                let (encode, decode) = (d(0, 1e-3), d(1, 1e-3));
-                let (codec, queue, compute) = (d(2, 1.0), d(3, 1.0), d(4, 1.0));
-                let mean_total = total.iter().sum::<f64>() / calls;
                 let mean_local = local.iter().sum::<f64>() / calls;
-                let transport = (mean_total - encode - decode - codec - queue - compute).max(0.0);
-                println!(
-                    "{n:>6} {:>5} {mean_total:>9.0} {encode:>9.0} {decode:>9.0} {codec:>9.0} {queue:>9.0} {compute:>9.0} \
-                     {transport:>9.0} {mean_local:>9.0} {:>7.2}",
-                    format!("{wire:?}").to_lowercase(),
-                    mean_local / mean_total
-                );
-                rows.push(json!({
-                    "tokens": n, "wire": format!("{wire:?}").to_lowercase(), "total_us": mean_total,
-                    "router_encode_us": encode, "router_decode_us": decode, "node_codec_us": codec,
-                    "node_queue_us": queue, "node_compute_us": compute, "transport_us": transport,
-                    "in_process_us": mean_local,
-                }));
+                let means: Vec<f64> = total.iter().map(|t| t.iter().sum::<f64>() / calls).collect();
+                let plain = remotes.iter().position(|(l, _)| *l == "plain").map_or(f64::NAN, |i| means[i]);
+                for (i, (link, remote)) in remotes.iter().enumerate() {
+                    let after = snap(remote);
+                    let d = |k: usize, scale: f64| (after[k] - before[i][k]) as f64 * scale / calls;
+                    let (encode, decode) = (d(0, 1e-3), d(1, 1e-3));
+                    let (codec, queue, compute) = (d(2, 1.0), d(3, 1.0), d(4, 1.0));
+                    let mean_total = means[i];
+                    let transport = (mean_total - encode - decode - codec - queue - compute).max(0.0);
+                    let wire_name = format!("{wire:?}").to_lowercase();
+                    println!(
+                        "{n:>6} {wire_name:>5} {link:>5} {mean_total:>9.0} {encode:>9.0} {decode:>9.0} {codec:>9.0} \
+                         {queue:>9.0} {compute:>9.0} {transport:>9.0} {mean_local:>9.0} {:>7.2} {:>7.3}",
+                        mean_local / mean_total,
+                        mean_total / plain
+                    );
+                    rows.push(json!({
+                        "tokens": n, "wire": wire_name, "link": link, "total_us": mean_total,
+                        "router_encode_us": encode, "router_decode_us": decode, "node_codec_us": codec,
+                        "node_queue_us": queue, "node_compute_us": compute, "transport_us": transport,
+                        "in_process_us": mean_local, "ratio_to_plain": mean_total / plain,
+                    }));
+                }
             }
         }
-        println!("(r.: router, n.: node; transport = total − the rest; local = the same experts in this process; ratio = local / total)");
+        println!(
+            "(r.: router, n.: node; transport = total − the rest; local = the same experts in this process; ratio = \
+             local / total; vs.plain = total / the plaintext link's total)"
+        );
         report.insert("round_trip".into(), json!(rows));
     }
 
     if !args.skip_decode {
         let specs = even_split(cfg.num_experts, args.nodes);
         eprintln!("starting {} expert nodes ({})...", args.nodes, specs.join(" | "));
-        let nodes: Vec<LocalNode> =
-            specs.iter().map(|s| LocalNode::start(&args.model, Some(s), &[], args.verbose)).collect::<Result<_>>()?;
+        let nodes: Vec<LocalNode> = specs
+            .iter()
+            .map(|s| LocalNode::start(&args.model, Some(s), &tls_flags, args.verbose))
+            .collect::<Result<_>>()?;
         let addrs: Vec<String> = nodes.iter().map(|n| n.addr.clone()).collect();
-        let remotes: Vec<(Dtype, RemoteExperts)> =
-            wires.iter().map(|&w| connect(&addrs, &lm, w).map(|r| (w, r))).collect::<Result<_>>()?;
+        let remotes: Vec<(Dtype, RemoteExperts)> = wires
+            .iter()
+            .map(|&w| connect(&addrs, &lm, w, Some(identity.clone())).map(|r| (w, r)))
+            .collect::<Result<_>>()?;
         let mut configs: Vec<(String, &dyn Experts, usize)> = vec![("in-process".into(), &lm.experts, 1)];
         for (wire, remote) in &remotes {
             let w = format!("{wire:?}").to_lowercase();

@@ -9,6 +9,7 @@ mod bench;
 mod bench_cuda;
 mod bench_dataplane;
 mod bench_model;
+mod certs;
 mod cluster;
 mod generate;
 mod init_model;
@@ -32,6 +33,8 @@ enum Command {
     Bench(bench::Args),
     /// Generate text from a prompt with a model directory (in this process, or with the experts on expert nodes).
     Generate(generate::Args),
+    /// Create a development CA and issue the role certificates the cluster's links are authenticated with.
+    Certs(certs::Args),
     /// Write a random-weight model in the official Qwen3.5 checkpoint layout.
     InitModel(init_model::Args),
     /// Show and change where a cluster's experts live (etcd): show, plan, apply, rebalance, drain.
@@ -87,6 +90,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::run(args),
         Command::Generate(args) => generate::run(args),
         Command::InitModel(args) => init_model::run(args),
+        Command::Certs(args) => certs::run(args),
         Command::BenchModel(args) => bench_model::run(args),
         Command::Placement(args) => placement::run(args),
         Command::BenchDataplane(args) => bench_dataplane::run(args),

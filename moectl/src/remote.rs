@@ -26,6 +26,9 @@ pub struct RemoteArgs {
     /// Seconds an expert node may take to answer one message before the step fails.
     #[arg(long, default_value_t = 60.0, requires = "experts_at")]
     pub expert_deadline_secs: f64,
+    /// The links to the nodes: a router or controller certificate (`moectl certs issue`), or --insecure.
+    #[command(flatten)]
+    pub tls: moe_tls::TlsArgs,
 }
 
 impl RemoteArgs {
@@ -39,7 +42,9 @@ impl RemoteArgs {
         if !(secs.is_finite() && secs > 0.0) {
             anyhow::bail!("--expert-deadline-secs {secs}: must be a positive number of seconds");
         }
+        let tls = self.tls.load(&[moe_tls::Role::Router, moe_tls::Role::Controller], "--experts-at")?;
         let options = RemoteOptions {
+            tls,
             wire_dtype: match self.wire_dtype {
                 WireDtype::Bf16 => Dtype::Bf16,
                 WireDtype::F32 => Dtype::F32,

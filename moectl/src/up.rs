@@ -17,6 +17,8 @@ use router_node::http::ApiConfig;
 use router_node::remote::RemoteOptions;
 use router_node::server::{ExpertsAt, RouterOptions};
 
+use moe_tls::{dev_ca, Identity, Role};
+
 use crate::cluster::{even_split, LocalNode};
 use crate::remote::WireDtype;
 
@@ -65,6 +67,13 @@ pub struct Args {
     /// line `up` prints); the kernel and precision go to every process, so that they agree bit for bit.
     #[command(flatten)]
     cpu: moe_model::cpu::CpuArgs,
+    /// Directory of the cluster's development CA and certificates (made on first use; `moectl certs` can issue
+    /// more from it) [default: `certs` in the cache directory].
+    #[arg(long, env = "MOE_CERTS")]
+    certs: Option<PathBuf>,
+    /// Plaintext, unauthenticated links between the router and the expert nodes instead of mutual TLS.
+    #[arg(long)]
+    insecure: bool,
 }
 
 /// Compute threads of the router and of each expert node when `total` cores are shared by `nodes` expert nodes.
@@ -147,7 +156,29 @@ pub fn run(args: Args) -> Result<()> {
             selection.precision.name(),
         );
     }
-    let device_args = [
+    // The links run as in production: mutual TLS with role certificates from a CA kept in the cache directory.
+    let tls = match (args.insecure, args.expert_nodes) {
+        (_, 0) => None,
+        (true, _) => {
+            eprintln!("--insecure: the links to the expert nodes are plaintext and unauthenticated");
+            None
+        }
+        (false, _) => {
+            let dir = match &args.certs {
+                Some(dir) => dir.clone(),
+                None => cache_dir()?.join("certs"),
+            };
+            let identities = [(Role::Router, "router"), (Role::Expert, "expert"), (Role::Controller, "controller")];
+            dev_ca::ensure(&dir, &identities).with_context(|| format!("the certificates in {}", dir.display()))?;
+            eprintln!(
+                "mutual TLS between the router and the expert nodes (CA in {}; `moectl certs issue --dir {}` adds more)",
+                dir.display(),
+                dir.display()
+            );
+            Some(dir)
+        }
+    };
+    let mut device_args = vec![
         "--device".to_owned(),
         device.to_string(),
         "--threads".to_owned(),
@@ -157,6 +188,16 @@ pub fn run(args: Args) -> Result<()> {
         "--matmul-kernel".to_owned(),
         selection.kernel.name().to_owned(),
     ];
+    let router_tls = match &tls {
+        Some(dir) => {
+            device_args.extend(dev_ca::files(dir, "expert").flags());
+            Some(Identity::load(dev_ca::files(dir, "router"), &[Role::Router])?)
+        }
+        None => {
+            device_args.push("--insecure".into());
+            None
+        }
+    };
     // Bind first: a taken port fails before anything loads.
     let addr = SocketAddr::new(args.host, args.port);
     let listener = std::net::TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
@@ -194,7 +235,7 @@ pub fn run(args: Args) -> Result<()> {
         WireDtype::F32 => moe_proto::v1::Dtype::F32,
         WireDtype::Bf16 => moe_proto::v1::Dtype::Bf16,
     };
-    let remote = RemoteOptions { wire_dtype: wire, ..RemoteOptions::default() };
+    let remote = RemoteOptions { wire_dtype: wire, tls: router_tls.clone(), ..RemoteOptions::default() };
     let experts = if nodes.is_empty() {
         ExpertsAt::Local
     } else if let Some(etcd) = &args.etcd {
@@ -232,6 +273,9 @@ pub fn run(args: Args) -> Result<()> {
 
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     runtime.block_on(async {
+        if let Some(identity) = &router_tls {
+            identity.watch();
+        }
         let membership = match cluster {
             Some(join) => {
                 let membership = router_node::cluster::join_prepared(join, format!("router-{}", addr.port()), format!("http://{addr}")).await?;

@@ -116,6 +116,9 @@ struct Args {
     #[command(flatten)]
     #[serde(flatten)]
     cpu: moe_model::cpu::CpuArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
+    tls: moe_tls::TlsArgs,
 }
 
 impl Default for Args {
@@ -162,7 +165,17 @@ impl moe_config::Settings for Args {
         if self.wire_dtype != "f32" && self.wire_dtype != "bf16" {
             return Err(ConfigError::refused("wire-dtype", format!("{:?}: f32 or bf16", self.wire_dtype)));
         }
+        if self.has_links() {
+            self.tls.files("a router with remote experts")?;
+        }
         Ok(())
+    }
+}
+
+impl Args {
+    /// Whether the router talks to expert nodes (and so needs TLS settings).
+    fn has_links(&self) -> bool {
+        self.etcd.is_some() || !self.experts_at.is_empty()
     }
 }
 
@@ -192,6 +205,10 @@ fn run(mut args: Args, file: &moe_config::ConfigFile) -> Result<()> {
     }
     let options = options(&args)?;
     let model = options.model.clone();
+    let identity = match &options.experts {
+        ExpertsAt::Nodes(_, remote) | ExpertsAt::Cluster(_, remote) => remote.tls.clone(),
+        ExpertsAt::Local => None,
+    };
     args.cpu.apply()?;
     // Bind before loading, so that a taken port fails at once.
     let listener =
@@ -205,6 +222,10 @@ fn run(mut args: Args, file: &moe_config::ConfigFile) -> Result<()> {
         grace: Duration::from_secs_f64(args.shutdown_grace_secs.max(0.0)),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
+    if let Some(identity) = &identity {
+        let _runtime = runtime.enter();
+        identity.watch();
+    }
     let served = runtime.block_on(async move {
         let listener = tokio::net::TcpListener::from_std(listener)?;
         println!("listening on http://{addr}");
@@ -232,7 +253,12 @@ fn options(args: &Args) -> Result<RouterOptions> {
             Err(anyhow::anyhow!("--{name} {v}: must be a positive number of seconds"))
         }
     };
+    let tls = match args.has_links() {
+        true => args.tls.load(&[moe_tls::Role::Router], "a router with remote experts")?,
+        false => None,
+    };
     let remote = RemoteOptions {
+        tls,
         wire_dtype: wire,
         hold_timeout: secs("hold-timeout-secs", args.hold_timeout_secs)?,
         deadline: secs("expert-deadline-secs", args.expert_deadline_secs)?,

@@ -12,13 +12,8 @@ use anyhow::{bail, Context, Result};
 /// A binary of this workspace, built by `cargo build` / `cargo nextest run --workspace` next to the test executable
 /// (`target/<profile>/`), or in `$MOE_BIN_DIR` when set.
 pub fn bin(name: &str) -> PathBuf {
-    if let Some(dir) = std::env::var_os("MOE_BIN_DIR") {
-        return PathBuf::from(dir).join(name);
-    }
-    let exe = std::env::current_exe().expect("the test executable has a path");
     // target/<profile>/deps/<test>-<hash> → target/<profile>/<name>
-    let dir = exe.parent().and_then(Path::parent).expect("the test executable lives in target/<profile>/deps");
-    let path = dir.join(name);
+    let path = bin_dir().join(name);
     assert!(
         path.exists(),
         "{} is not built; run `cargo build --workspace --bins` (or the tests through `cargo nextest run --workspace`)",
@@ -39,6 +34,76 @@ pub fn regrouping_tolerance() -> f64 {
         1e-4
     } else {
         1e-5
+    }
+}
+
+/// The cluster CA of the tests, with a certificate per role (`router`, `expert`, `controller`, `etcd`): made once
+/// per build directory (`target/<profile>/test-certs`), shared by every test process, and given to every node and
+/// router the harness starts, so that the end-to-end tests run the links with mutual TLS as production does.
+pub mod tls {
+    use std::path::PathBuf;
+    use std::sync::{Arc, OnceLock};
+
+    use moe_tls::{dev_ca, Identity, Role, TlsFiles};
+
+    pub const ROLES: [(Role, &str); 4] =
+        [(Role::Router, "router"), (Role::Expert, "expert"), (Role::Controller, "controller"), (Role::Etcd, "etcd")];
+
+    /// The directory of the CA and the role certificates.
+    pub fn dir() -> &'static PathBuf {
+        static DIR: OnceLock<PathBuf> = OnceLock::new();
+        DIR.get_or_init(|| {
+            let dir = super::bin_dir().join("test-certs");
+            dev_ca::ensure(&dir, &ROLES).expect("the test CA");
+            dir
+        })
+    }
+
+    /// The files of `role`'s certificate.
+    pub fn files(role: Role) -> TlsFiles {
+        dev_ca::files(dir(), role.name())
+    }
+
+    /// The flags giving `role`'s certificate to a binary.
+    pub fn flags(role: Role) -> Vec<String> {
+        files(role).flags()
+    }
+
+    /// `role`'s identity in this process (for in-process routers and gRPC clients).
+    pub fn identity(role: Role) -> Arc<Identity> {
+        Identity::load(files(role), &[role]).expect("a test identity")
+    }
+
+    /// A channel to the expert node at `addr`, authenticated as `role`.
+    pub async fn channel(addr: &str, role: Role) -> tonic::transport::Channel {
+        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .expect("an address")
+            .connect_with_connector(moe_tls::Connector::new(identity(role), Role::Expert))
+            .await
+            .expect("connects with TLS")
+    }
+
+    /// A gRPC client of the expert node at `addr`, authenticated as `role`.
+    pub async fn client(addr: &str, role: Role) -> moe_proto::ExpertServiceClient<tonic::transport::Channel> {
+        moe_proto::ExpertServiceClient::new(channel(addr, role).await)
+    }
+}
+
+/// `target/<profile>/`, where the workspace's binaries are built (or `$MOE_BIN_DIR`).
+fn bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("MOE_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    let exe = std::env::current_exe().expect("the test executable has a path");
+    exe.parent().and_then(Path::parent).expect("the test executable lives in target/<profile>/deps").to_owned()
+}
+
+/// Unless `extra` chooses the links' security itself (`--insecure` or `--tls-cert`), `role`'s TLS flags.
+fn tls_unless_chosen(role: moe_tls::Role, extra: &[&str]) -> Vec<String> {
+    if extra.iter().any(|a| *a == "--insecure" || *a == "--tls-cert") {
+        Vec::new()
+    } else {
+        tls::flags(role)
     }
 }
 
@@ -188,8 +253,13 @@ impl ExpertNodeProcess {
 
     /// Starts an expert node on `listen` as `launch` says.
     pub fn launch(model: &Path, listen: &str, experts: &str, extra: &[&str], launch: &Launch) -> Result<Self> {
+        let tls = tls_unless_chosen(moe_tls::Role::Expert, extra);
         let mut args: Vec<&std::ffi::OsStr> = vec!["--model".as_ref(), model.as_os_str()];
-        for a in ["--listen", listen, "--experts", experts, "--threads", "2"].into_iter().chain(extra.iter().copied()) {
+        for a in ["--listen", listen, "--experts", experts, "--threads", "2"]
+            .into_iter()
+            .chain(extra.iter().copied())
+            .chain(tls.iter().map(String::as_str))
+        {
             args.push(a.as_ref());
         }
         ServingProcess::start_with("expert-node", &args, launch).map(ExpertNodeProcess)
@@ -207,8 +277,11 @@ impl RouterProcess {
 
     /// Starts a router as `launch` says.
     pub fn launch(model: &Path, extra: &[&str], launch: &Launch) -> Result<Self> {
+        let tls = tls_unless_chosen(moe_tls::Role::Router, extra);
         let mut args: Vec<&std::ffi::OsStr> = vec!["--model".as_ref(), model.as_os_str()];
-        for a in ["--listen", "127.0.0.1:0"].into_iter().chain(extra.iter().copied()) {
+        for a in
+            ["--listen", "127.0.0.1:0"].into_iter().chain(extra.iter().copied()).chain(tls.iter().map(String::as_str))
+        {
             args.push(a.as_ref());
         }
         ServingProcess::start_with("router-node", &args, launch).map(RouterProcess)
@@ -249,11 +322,13 @@ impl std::ops::DerefMut for RouterProcess {
 impl ExpertNodeProcess {
     /// Starts an expert node that joins `cluster` on the etcd at `etcd` (the controller assigns its experts).
     pub fn join(model: &Path, etcd: &str, cluster: &str, extra: &[&str]) -> Result<Self> {
+        let tls = tls_unless_chosen(moe_tls::Role::Expert, extra);
         let mut args: Vec<&std::ffi::OsStr> = vec!["--model".as_ref(), model.as_os_str()];
         for a in
             ["--listen", "127.0.0.1:0", "--etcd", etcd, "--cluster", cluster, "--threads", "2", "--lease-ttl-secs", "2"]
                 .into_iter()
                 .chain(extra.iter().copied())
+                .chain(tls.iter().map(String::as_str))
         {
             args.push(a.as_ref());
         }

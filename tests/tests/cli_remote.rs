@@ -15,6 +15,7 @@ fn generate(extra: &[&str]) -> Value {
         .args(["--prompt-ids", "5,17,33,2,90,41,8", "--max-tokens", "16", "--temperature", "0", "--json"])
         .args(["--logprobs", "4", "--echo"])
         .args(extra)
+        .args(moe_e2e::tls::flags(moe_tls::Role::Controller))
         .output()
         .expect("moectl runs");
     assert!(out.status.success(), "moectl {extra:?}: {}", String::from_utf8_lossy(&out.stderr));
@@ -63,6 +64,7 @@ fn generate_reports_unreachable_and_incomplete_expert_nodes() {
         .arg("--model")
         .arg(&model)
         .args(["--prompt-ids", "1,2", "--experts-at", "127.0.0.1:1"])
+        .args(moe_e2e::tls::flags(moe_tls::Role::Controller))
         .output()
         .expect("moectl runs");
     assert_eq!(out.status.code(), Some(1));
@@ -78,6 +80,7 @@ fn generate_reports_unreachable_and_incomplete_expert_nodes() {
         .arg("--model")
         .arg(&model)
         .args(["--prompt-ids", "1,2", "--experts-at", half.addr()])
+        .args(moe_e2e::tls::flags(moe_tls::Role::Controller))
         .output()
         .expect("moectl runs");
     let stderr = String::from_utf8_lossy(&out.stderr);

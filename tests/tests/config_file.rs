@@ -20,10 +20,18 @@ async fn a_node_and_a_router_started_from_config_files_alone_serve() {
     let tmp = tempfile::tempdir().expect("tmp");
     let model = fixture("qwen35");
     let model = model.to_str().expect("path");
+    // The TLS files as config keys too.
+    let tls = |role| {
+        let f = moe_e2e::tls::files(role);
+        format!("tls-cert = {:?}\ntls-key = {:?}\ntls-ca = {:?}\n", f.cert, f.key, f.ca)
+    };
     let node_file = write(
         tmp.path(),
         "expert-node.toml",
-        &format!("model = {model:?}\nlisten = \"127.0.0.1:0\"\nexperts = \"all\"\nthreads = 2\n"),
+        &format!(
+            "model = {model:?}\nlisten = \"127.0.0.1:0\"\nexperts = \"all\"\nthreads = 2\n{}",
+            tls(moe_tls::Role::Expert)
+        ),
     );
     let node =
         ServingProcess::start_with("expert-node", &["--config".as_ref(), node_file.as_os_str()], &Launch::default())
@@ -31,7 +39,11 @@ async fn a_node_and_a_router_started_from_config_files_alone_serve() {
     let router_file = write(
         tmp.path(),
         "router-node.toml",
-        &format!("model = {model:?}\nlisten = \"127.0.0.1:0\"\nexperts-at = [{:?}]\nmax-running = 8\n", node.addr()),
+        &format!(
+            "model = {model:?}\nlisten = \"127.0.0.1:0\"\nexperts-at = [{:?}]\nmax-running = 8\n{}",
+            node.addr(),
+            tls(moe_tls::Role::Router)
+        ),
     );
     // MOE_CONFIG names the file, as a container would.
     let launch = Launch { env: vec![("MOE_CONFIG".into(), router_file.to_str().expect("path").into())], netns: None };

@@ -29,7 +29,11 @@ fn a_killed_replica_changes_no_token() {
     let router = LoadedModel::load_selected(&dir, Residency::Resident, &|_, _| {}, &|_, _| false).expect("loads");
     let mut doomed = ExpertNodeProcess::start(&dir, "all", &[]).expect("starts");
     let survivor = ExpertNodeProcess::start(&dir, "all", &[]).expect("starts");
-    let options = RemoteOptions { wire_dtype: Dtype::F32, ..RemoteOptions::default() };
+    let options = RemoteOptions {
+        wire_dtype: Dtype::F32,
+        tls: Some(moe_e2e::tls::identity(moe_tls::Role::Router)),
+        ..RemoteOptions::default()
+    };
     let remote = RemoteExperts::connect(
         &[doomed.addr().to_owned(), survivor.addr().to_owned()],
         router.model.config(),
@@ -69,6 +73,7 @@ fn a_frozen_node_is_noticed_by_keepalive_and_its_work_goes_to_a_replica() {
         wire_dtype: Dtype::F32,
         keepalive_interval: Duration::from_millis(300),
         keepalive_timeout: Duration::from_millis(700),
+        tls: Some(moe_e2e::tls::identity(moe_tls::Role::Router)),
         ..RemoteOptions::default()
     };
     let remote = RemoteExperts::connect(
@@ -108,6 +113,7 @@ fn a_killed_node_without_replica_holds_the_step_until_it_is_back_and_changes_no_
     let high = ExpertNodeProcess::start(&dir, "4-7", &[]).expect("starts");
     let options = RemoteOptions {
         reconnect_backoff: (Duration::from_millis(50), Duration::from_millis(200)),
+        tls: Some(moe_e2e::tls::identity(moe_tls::Role::Router)),
         ..RemoteOptions::default()
     };
     let remote = RemoteExperts::connect(
@@ -157,7 +163,11 @@ fn a_hold_ends_with_a_clear_error_at_its_limit() {
     let router = LoadedModel::load_selected(&dir, Residency::Resident, &|_, _| {}, &|_, _| false).expect("loads");
     let mut low = ExpertNodeProcess::start(&dir, "0-3", &[]).expect("starts");
     let high = ExpertNodeProcess::start(&dir, "4-7", &[]).expect("starts");
-    let options = RemoteOptions { hold_timeout: Duration::from_secs(2), ..RemoteOptions::default() };
+    let options = RemoteOptions {
+        hold_timeout: Duration::from_secs(2),
+        tls: Some(moe_e2e::tls::identity(moe_tls::Role::Router)),
+        ..RemoteOptions::default()
+    };
     let remote = RemoteExperts::connect(
         &[low.addr().to_owned(), high.addr().to_owned()],
         router.model.config(),

@@ -209,7 +209,7 @@ async fn unloading_every_expert_of_a_static_node_turns_readyz_false() {
     let router = RouterProcess::start(&dir, &["--experts-at", node.addr()]).expect("router");
     let url = router.url().to_owned();
     assert_eq!(status_of(&url, "/readyz").await, 200);
-    let mut grpc = moe_proto::ExpertServiceClient::connect(format!("http://{}", node.addr())).await.expect("grpc");
+    let mut grpc = moe_e2e::tls::client(node.addr(), moe_tls::Role::Controller).await;
     let config = moe_model::ModelConfig::from_file(&dir.join("config.json")).expect("config");
     let all = ExpertSet::from_rows(
         (0..config.num_hidden_layers)
@@ -331,8 +331,7 @@ fn a_router_that_stops_reading_stalls_nobody_else() {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     // The silent router: 400 requests of 32 tokens, never a read.
     let _silent = runtime.block_on(async {
-        let mut client =
-            moe_proto::ExpertServiceClient::connect(format!("http://{}", node.addr())).await.expect("connects");
+        let mut client = moe_e2e::tls::client(node.addr(), moe_tls::Role::Router).await;
         let (tx, rx) = tokio::sync::mpsc::channel(512);
         let responses = client.forward(tokio_stream::wrappers::ReceiverStream::new(rx)).await.expect("forward");
         for id in 0..400u64 {
@@ -366,7 +365,11 @@ fn a_router_that_stops_reading_stalls_nobody_else() {
         &[node.addr().to_owned()],
         lm.model.config(),
         lm.fingerprint,
-        RemoteOptions { deadline: Duration::from_secs(20), ..RemoteOptions::default() },
+        RemoteOptions {
+            deadline: Duration::from_secs(20),
+            tls: Some(moe_e2e::tls::identity(moe_tls::Role::Router)),
+            ..RemoteOptions::default()
+        },
     )
     .expect("connects");
     let req = GenerateRequest {
@@ -592,7 +595,7 @@ async fn a_client_that_disconnects_stops_the_nodes_work_for_it() {
     let node = ExpertNodeProcess::start(&dir, "all", &[]).expect("node");
     let router = RouterProcess::start(&dir, &["--experts-at", node.addr()]).expect("router");
     let url = router.url().to_owned();
-    let mut grpc = moe_proto::ExpertServiceClient::connect(format!("http://{}", node.addr())).await.expect("grpc");
+    let mut grpc = moe_e2e::tls::client(node.addr(), moe_tls::Role::Controller).await;
     let mut node_tokens = async || grpc.status(StatusRequest {}).await.expect("status").into_inner().tokens;
 
     let mut resp = client()

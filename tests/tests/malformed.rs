@@ -86,7 +86,7 @@ fn expect_sums(resp: &ForwardResponse, n: usize) -> Vec<f32> {
 }
 
 async fn connect(addr: &str) -> ExpertServiceClient<Channel> {
-    ExpertServiceClient::connect(format!("http://{addr}")).await.expect("connects")
+    moe_e2e::tls::client(addr, moe_tls::Role::Controller).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -169,10 +169,11 @@ async fn a_router_that_vanishes_mid_stream_leaves_the_node_serving() {
     // A router process that opens a stream, sends work and is killed while its requests are in flight.
     let script = format!(
         "exec {} generate --model {} --prompt-ids 1,2,3,4,5,6,7,8 --max-tokens 4000 --temperature 0 \
-         --experts-at {} --json",
+         --experts-at {} --json {}",
         bin("moectl").display(),
         fixture("qwen35").display(),
-        node.addr()
+        node.addr(),
+        moe_e2e::tls::flags(moe_tls::Role::Router).join(" ")
     );
     let mut router = std::process::Command::new("sh")
         .args(["-c", &script])
@@ -259,7 +260,7 @@ async fn experts_load_and_unload_while_serving_and_memory_follows_the_shard() {
     assert!(e.message().contains("experts.layers[0].experts[0]"), "{}", e.message());
 
     // The standard health service answers SERVING for the expert service.
-    let channel = Channel::from_shared(format!("http://{}", node.addr())).expect("uri").connect().await.expect("up");
+    let channel = moe_e2e::tls::channel(node.addr(), moe_tls::Role::Router).await;
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
     let resp = health
         .check(tonic_health::pb::HealthCheckRequest { service: "moe.v1.ExpertService".into() })

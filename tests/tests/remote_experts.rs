@@ -133,6 +133,7 @@ fn check_model(model: &str, specs: &[&str], cases: &[Case<'_>]) {
                 wire_dtype: wire,
                 // Small messages, so that a 150-token prompt's activations go out in several pieces per node.
                 max_message_bytes: 16 << 10,
+                tls: Some(moe_e2e::tls::identity(moe_tls::Role::Router)),
                 ..RemoteOptions::default()
             };
             let remote = RemoteExperts::connect(&addrs, router.model.config(), router.fingerprint, options)
@@ -215,7 +216,7 @@ fn a_router_refuses_nodes_that_do_not_cover_the_model_or_serve_another() {
         &[half.addr().to_owned()],
         router.model.config(),
         router.fingerprint,
-        RemoteOptions::default(),
+        RemoteOptions { tls: Some(moe_e2e::tls::identity(moe_tls::Role::Router)), ..RemoteOptions::default() },
     )
     .expect_err("experts 4-7 are nowhere");
     assert!(e.to_string().contains("expert 4 of layer 0 is hosted by none"), "{e}");
@@ -225,7 +226,7 @@ fn a_router_refuses_nodes_that_do_not_cover_the_model_or_serve_another() {
         &[other.addr().to_owned()],
         router.model.config(),
         router.fingerprint,
-        RemoteOptions::default(),
+        RemoteOptions { tls: Some(moe_e2e::tls::identity(moe_tls::Role::Router)), ..RemoteOptions::default() },
     )
     .expect_err("another checkpoint layout");
     assert!(e.to_string().contains("serves a different model"), "{e}");
@@ -234,7 +235,7 @@ fn a_router_refuses_nodes_that_do_not_cover_the_model_or_serve_another() {
         &["127.0.0.1:1".to_owned()],
         router.model.config(),
         router.fingerprint,
-        RemoteOptions::default(),
+        RemoteOptions { tls: Some(moe_e2e::tls::identity(moe_tls::Role::Router)), ..RemoteOptions::default() },
     )
     .expect_err("nothing listens on port 1");
     assert!(e.to_string().contains("unreachable"), "{e}");

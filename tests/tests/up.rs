@@ -14,7 +14,9 @@ fn running(pid: u32) -> bool {
 
 #[test]
 fn up_serves_and_ctrl_c_stops_the_whole_cluster() {
+    let cache = tempfile::tempdir().expect("tmp");
     let mut up = Command::new(bin("moectl"))
+        .env("MOE_MESH_CACHE", cache.path())
         .arg("up")
         .arg("--model")
         .arg(fixture("qwen35"))
@@ -71,6 +73,8 @@ fn up_serves_and_ctrl_c_stops_the_whole_cluster() {
     assert!(status.success(), "exit status {status}");
     let log: Vec<String> = erx.try_iter().collect();
     assert!(log.iter().any(|l| l.contains("stopped")), "{log:?}");
+    assert!(log.iter().any(|l| l.contains("mutual TLS between the router and the expert nodes")), "{log:?}");
+    assert!(cache.path().join("certs").join("ca.pem").exists(), "the development CA is in the cache directory");
     assert!(!log.iter().any(|l| l.contains("marking it down")), "a node was reported down on the way out: {log:?}");
     for pid in nodes {
         assert!(!running(pid), "expert node {pid} outlived moectl up");

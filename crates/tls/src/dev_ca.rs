@@ -92,6 +92,58 @@ pub fn issue(dir: &Path, role: Role, name: &str, hosts: &[String], days: u32) ->
     Ok(out)
 }
 
+/// Makes sure `dir` holds a CA and a certificate for each `(role, name)` (loopback hosts), issuing what is missing.
+/// A directory that does not exist yet is made complete beside it and renamed into place, so that processes racing
+/// to make the same one (parallel tests) all end up using one CA.
+pub fn ensure(dir: &Path, identities: &[(Role, &str)]) -> Result<(), TlsError> {
+    let complete = |d: &Path| {
+        d.join(CA_CERT).exists()
+            && identities.iter().all(|(_, n)| files(d, n).cert.exists() && files(d, n).key.exists())
+    };
+    if complete(dir) {
+        return Ok(());
+    }
+    if dir.join(CA_CERT).exists() {
+        for (role, name) in identities {
+            if !files(dir, name).cert.exists() {
+                issue(dir, *role, name, &[], 365)?;
+            }
+        }
+        return Ok(());
+    }
+    let parent = dir.parent().unwrap_or(Path::new("."));
+    let failed = |path: &Path, e: std::io::Error| TlsError::Write { path: path.into(), message: e.to_string() };
+    std::fs::create_dir_all(parent).map_err(|e| failed(parent, e))?;
+    let staging = parent.join(format!(
+        ".{}.{}.tmp",
+        dir.file_name().map_or("certs".into(), |n| n.to_string_lossy().into_owned()),
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&staging);
+    init(&staging, 3650, false)?;
+    for (role, name) in identities {
+        issue(&staging, *role, name, &[], 365)?;
+    }
+    match std::fs::rename(&staging, dir) {
+        Ok(()) => Ok(()),
+        // Another process got there first: use its CA.
+        Err(_) if complete(dir) => {
+            let _ = std::fs::remove_dir_all(&staging);
+            Ok(())
+        }
+        Err(e) => Err(failed(dir, e)),
+    }
+}
+
+/// The files of `name` in `dir`, with the CA there.
+pub fn files(dir: &Path, name: &str) -> crate::TlsFiles {
+    crate::TlsFiles {
+        cert: dir.join(format!("{name}.pem")),
+        key: dir.join(format!("{name}-key.pem")),
+        ca: dir.join(CA_CERT),
+    }
+}
+
 fn validity(params: &mut CertificateParams, days: u32) {
     let now = OffsetDateTime::now_utc();
     // An hour back, for clocks a little behind this one.
@@ -138,9 +190,9 @@ mod tests {
         let der = CertificateDer::from_pem_file(&router.cert).expect("PEM");
         assert_eq!(Peer::of(&der), Some(Peer { role: Role::Router, name: "router-1".into() }));
         let files = TlsFiles { cert: router.cert.clone(), key: router.key.clone(), ca: dir.path().join(CA_CERT) };
-        let identity = Identity::load(files.clone(), Role::Router).expect("loads");
+        let identity = Identity::load(files.clone(), &[Role::Router]).expect("loads");
         assert_eq!(identity.me().name, "router-1");
-        let err = Identity::load(files, Role::Expert).expect_err("not an expert").to_string();
+        let err = Identity::load(files, &[Role::Expert]).expect_err("not an expert").to_string();
         assert!(err.contains("role router") && err.contains("needs expert"), "{err}");
         #[cfg(unix)]
         {
@@ -158,7 +210,7 @@ mod tests {
         init(theirs.path(), 30, false).expect("CA");
         let stranger = issue(theirs.path(), Role::Expert, "e", &[], 30).expect("issues");
         let files = TlsFiles { cert: stranger.cert, key: stranger.key, ca: ours.path().join(CA_CERT) };
-        let err = Identity::load(files, Role::Expert).expect_err("untrusted").to_string();
+        let err = Identity::load(files, &[Role::Expert]).expect_err("untrusted").to_string();
         assert!(err.contains("does not chain to the CA"), "{err}");
     }
 
@@ -168,7 +220,7 @@ mod tests {
         init(dir.path(), 30, false).expect("CA");
         let e = issue(dir.path(), Role::Expert, "e", &[], 30).expect("issues");
         let files = TlsFiles { cert: e.cert.clone(), key: e.key.clone(), ca: dir.path().join(CA_CERT) };
-        let identity = Identity::load(files, Role::Expert).expect("loads");
+        let identity = Identity::load(files, &[Role::Expert]).expect("loads");
         assert!(!identity.reload().expect("unchanged"));
         let before = identity.pem().cert;
         // A new certificate of a different length, so the change shows even within the file time's resolution.

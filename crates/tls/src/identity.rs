@@ -22,11 +22,26 @@ pub struct TlsFiles {
     pub ca: PathBuf,
 }
 
+impl TlsFiles {
+    /// The flags that give these files to a binary of the workspace.
+    pub fn flags(&self) -> Vec<String> {
+        let path = |p: &PathBuf| p.display().to_string();
+        vec![
+            "--tls-cert".into(),
+            path(&self.cert),
+            "--tls-key".into(),
+            path(&self.key),
+            "--tls-ca".into(),
+            path(&self.ca),
+        ]
+    }
+}
+
 /// A process's TLS identity: its role, and the rustls configurations built from its files. Cheap to share; every
 /// handshake takes the configuration current at that moment.
 pub struct Identity {
     files: TlsFiles,
-    role: Role,
+    roles: Vec<Role>,
     current: RwLock<Arc<Material>>,
     /// The stamp of files that failed to load, so that they are not read (and reported) again until they change.
     failed: std::sync::Mutex<Option<Stamp>>,
@@ -63,14 +78,19 @@ type Stamp = [Option<(SystemTime, u64)>; 3];
 pub const POLL: Duration = Duration::from_secs(2);
 
 impl Identity {
-    /// Reads and checks the files: the leaf must carry `role`, chain to the CA, and match the key.
-    pub fn load(files: TlsFiles, role: Role) -> Result<Arc<Identity>, TlsError> {
-        let material = Material::read(&files, role)?;
+    /// Reads and checks the files: the leaf must carry one of `roles`, chain to the CA, and match the key.
+    pub fn load(files: TlsFiles, roles: &[Role]) -> Result<Arc<Identity>, TlsError> {
+        let material = Material::read(&files, roles)?;
         tracing::info!(
             role = %material.me.role, name = %material.me.name, cert = %files.cert.display(),
             "mutual TLS on internal links"
         );
-        Ok(Arc::new(Identity { files, role, current: RwLock::new(Arc::new(material)), failed: Default::default() }))
+        Ok(Arc::new(Identity {
+            files,
+            roles: roles.to_vec(),
+            current: RwLock::new(Arc::new(material)),
+            failed: Default::default(),
+        }))
     }
 
     fn material(&self) -> Arc<Material> {
@@ -106,7 +126,7 @@ impl Identity {
         if now == self.material().stamp || failed.as_ref() == Some(&now) {
             return Ok(false);
         }
-        let new = Material::read(&self.files, self.role).inspect_err(|_| *failed = Some(now))?;
+        let new = Material::read(&self.files, &self.roles).inspect_err(|_| *failed = Some(now))?;
         *failed = None;
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new);
         Ok(true)
@@ -148,7 +168,7 @@ impl Identity {
 }
 
 impl Material {
-    fn read(files: &TlsFiles, role: Role) -> Result<Material, TlsError> {
+    fn read(files: &TlsFiles, roles: &[Role]) -> Result<Material, TlsError> {
         // Stamped before reading: a write that lands in between is seen on the next look.
         let stamp = stamp(files);
         let pem = Pem { ca: read(&files.ca)?, cert: read(&files.cert)?, key: read(&files.key)? };
@@ -169,8 +189,9 @@ impl Material {
         };
         let key = PrivateKeyDer::from_pem_slice(&pem.key).map_err(|e| bad(&files.key, e.to_string()))?;
         let me = Peer::of(leaf).ok_or_else(|| TlsError::NoRole { path: files.cert.clone() })?;
-        if me.role != role {
-            return Err(TlsError::WrongRole { path: files.cert.clone(), found: me.role, wanted: role });
+        if !roles.contains(&me.role) {
+            let wanted = roles.iter().map(|r| r.name()).collect::<Vec<_>>().join(" or ");
+            return Err(TlsError::WrongRole { path: files.cert.clone(), found: me.role, wanted });
         }
         let roots = Arc::new(roots);
         let client_verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider()).build()?;

@@ -140,7 +140,7 @@ pub enum TlsError {
     #[error("{}: the certificate carries no role (a URI SAN spiffe://{TRUST_DOMAIN}/<role>/<name>); issue it with `moectl certs issue`", path.display())]
     NoRole { path: PathBuf },
     #[error("{}: the certificate is for role {found}, this process needs {wanted}", path.display())]
-    WrongRole { path: PathBuf, found: Role, wanted: Role },
+    WrongRole { path: PathBuf, found: Role, wanted: String },
     #[error("{}: does not chain to the CA in {}: {message}", cert.display(), ca.display())]
     Untrusted { cert: PathBuf, ca: PathBuf, message: String },
     #[error("TLS configuration: {0}")]
@@ -207,10 +207,10 @@ impl TlsArgs {
         }
     }
 
-    /// Loads the identity the flags name for `role`, or `None` with a warning when `insecure`.
-    pub fn load(&self, role: Role, needed_for: &str) -> Result<Option<std::sync::Arc<Identity>>, LoadError> {
+    /// Loads the identity the flags name, which must hold one of `roles`; `None` with a warning when `insecure`.
+    pub fn load(&self, roles: &[Role], needed_for: &str) -> Result<Option<std::sync::Arc<Identity>>, LoadError> {
         match self.files(needed_for)? {
-            Some(files) => Ok(Some(Identity::load(files, role)?)),
+            Some(files) => Ok(Some(Identity::load(files, roles)?)),
             None => {
                 tracing::warn!("--insecure: the internal links are plaintext and unauthenticated");
                 Ok(None)

@@ -183,7 +183,13 @@ pub(crate) async fn open(
         .keep_alive_while_idle(true)
         .initial_stream_window_size(options.stream_window_bytes)
         .initial_connection_window_size(options.connection_window_bytes);
-    let channel = endpoint.connect().await.map_err(|e| unreachable(error_chain(&e)))?;
+    let channel = match &options.tls {
+        Some(identity) => {
+            endpoint.connect_with_connector(moe_tls::Connector::new(identity.clone(), moe_tls::Role::Expert)).await
+        }
+        None => endpoint.connect().await,
+    }
+    .map_err(|e| unreachable(error_chain(&e)))?;
     let mut probe = ExpertServiceClient::new(channel.clone());
     let mut req = tonic::Request::new(StatusRequest {});
     req.set_timeout(options.connect_timeout);

@@ -64,6 +64,9 @@ pub struct RemoteOptions {
     /// With a static placement: how often the nodes' shards are read again (`UnloadExperts` / `LoadExperts` done by
     /// an operator show in `/readyz` and in planning within this time).
     pub refresh_interval: Duration,
+    /// Mutual TLS to the nodes: this router's identity, offered to them, and the CA their certificates must chain
+    /// to (with the expert role). `None`: plaintext.
+    pub tls: Option<std::sync::Arc<moe_tls::Identity>>,
 }
 
 impl Default for RemoteOptions {
@@ -79,6 +82,7 @@ impl Default for RemoteOptions {
             max_message_bytes: 16 << 20,
             hold_timeout: Duration::from_secs(600),
             reconnect_backoff: (Duration::from_millis(100), Duration::from_secs(5)),
+            tls: None,
             refresh_interval: Duration::from_secs(2),
         }
     }

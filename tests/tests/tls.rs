@@ -1,0 +1,190 @@
+//! Mutual TLS on the router ↔ expert-node links, against real expert-node processes: who gets in, what each role
+//! may call, the memory limit of a load, and certificates rotated under open streams.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use moe_e2e::{fixture, ExpertNodeProcess};
+use moe_model::{Experts, Routing};
+use moe_proto::v1::{ExpertSet, LayerExperts, LoadExpertsRequest, StatusRequest, UnloadExpertsRequest};
+use moe_tls::{dev_ca, Identity, Role, TlsFiles};
+use router_node::{RemoteExperts, RemoteOptions};
+
+fn one_token_routing(experts: &[u32]) -> Routing {
+    Routing {
+        offsets: vec![0, experts.len() as u32],
+        experts: experts.to_vec(),
+        weights: experts.iter().map(|_| 1.0 / experts.len() as f32).collect(),
+    }
+}
+
+/// A router in this process with `identity`, connected to `addr` (its long-lived Forward stream open).
+fn router(addr: &str, identity: Option<std::sync::Arc<Identity>>) -> Result<RemoteExperts, router_node::RouterError> {
+    let lm = moe_model::LoadedModel::load(&fixture("qwen35")).expect("loads");
+    let options = RemoteOptions { tls: identity, ..RemoteOptions::default() };
+    RemoteExperts::connect(&[addr.to_owned()], lm.model.config(), lm.fingerprint, options)
+}
+
+fn forward_once(remote: &RemoteExperts) -> Vec<f32> {
+    let hidden = vec![0.25f32; 64];
+    let mut out = vec![0f32; 64];
+    remote.forward(0, &hidden, &one_token_routing(&[0, 1]), &mut out).expect("forwards");
+    out
+}
+
+fn wait_for_log(node: &ExpertNodeProcess, text: &str) -> bool {
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(10) {
+        if node.log_text().contains(text) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_peers_with_a_certificate_of_the_cluster_ca_get_in() {
+    let node = ExpertNodeProcess::start(&fixture("qwen35"), "all", &[]).expect("node starts");
+
+    // Plaintext: the handshake fails; nothing reaches the service.
+    let plain = tonic::transport::Channel::from_shared(format!("http://{}", node.addr())).expect("uri");
+    let refused = match plain.connect().await {
+        Ok(channel) => moe_proto::ExpertServiceClient::new(channel).status(StatusRequest {}).await.is_err(),
+        Err(_) => true,
+    };
+    assert!(refused, "a plaintext client was served");
+
+    // A certificate from another CA (one that trusts the node's CA, so only the node's check can refuse it).
+    let other = tempfile::tempdir().expect("tmp");
+    dev_ca::init(other.path(), 30, false).expect("CA");
+    let stranger = dev_ca::issue(other.path(), Role::Router, "stranger", &[], 30).expect("issues");
+    let both = other.path().join("both.pem");
+    let cas = [std::fs::read(other.path().join(dev_ca::CA_CERT)), std::fs::read(&moe_e2e::tls::files(Role::Router).ca)];
+    std::fs::write(&both, cas.map(|c| c.expect("CA")).concat()).expect("written");
+    let stranger = Identity::load(TlsFiles { cert: stranger.cert, key: stranger.key, ca: both }, &[Role::Router])
+        .expect("a well-formed identity");
+    let addr = node.addr().to_owned();
+    let e = tokio::task::spawn_blocking(move || router(&addr, Some(stranger)).err()).await.expect("joins");
+    assert!(e.is_some_and(|e| e.to_string().contains("unreachable")), "a stranger's certificate was accepted");
+    assert!(wait_for_log(&node, "TLS handshake refused"), "the node says why:\n{}", node.log_text());
+
+    // The cluster's router gets in, and computes what a plaintext node computes.
+    let addr = node.addr().to_owned();
+    let tls = tokio::task::spawn_blocking(move || {
+        forward_once(&router(&addr, Some(moe_e2e::tls::identity(Role::Router))).expect("connects"))
+    });
+    let open = ExpertNodeProcess::start(&fixture("qwen35"), "all", &["--insecure"]).expect("node starts");
+    let addr = open.addr().to_owned();
+    let plain = tokio::task::spawn_blocking(move || forward_once(&router(&addr, None).expect("connects")));
+    assert_eq!(tls.await.expect("tls"), plain.await.expect("plain"), "TLS changes nothing in the sums");
+    assert!(open.log_text().contains("plaintext"), "--insecure is logged:\n{}", open.log_text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_may_forward_but_only_the_controller_changes_what_a_node_hosts() {
+    let node = ExpertNodeProcess::start(&fixture("qwen35"), "all", &[]).expect("node starts");
+    let set = ExpertSet { layers: vec![LayerExperts { layer: 0, experts: vec![0] }] };
+
+    let mut as_router = moe_e2e::tls::client(node.addr(), Role::Router).await;
+    let status = as_router.status(StatusRequest {}).await.expect("a router may read the status").into_inner();
+    let e = as_router
+        .unload_experts(UnloadExpertsRequest { experts: Some(set.clone()) })
+        .await
+        .expect_err("a router may not unload");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("router") && e.message().contains("UnloadExperts"), "{}", e.message());
+    let e = as_router
+        .load_experts(LoadExpertsRequest { experts: Some(set.clone()) })
+        .await
+        .expect_err("a router may not load");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied);
+    let mut as_expert = moe_e2e::tls::client(node.addr(), Role::Expert).await;
+    let e = as_expert.status(StatusRequest {}).await.expect_err("another expert node is not a router");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied);
+    let after = as_router.status(StatusRequest {}).await.expect("status").into_inner();
+    assert_eq!(after.resident_bytes, status.resident_bytes, "nothing was unloaded");
+
+    let mut as_controller = moe_e2e::tls::client(node.addr(), Role::Controller).await;
+    let change = as_controller
+        .unload_experts(UnloadExpertsRequest { experts: Some(set) })
+        .await
+        .expect("the controller may")
+        .into_inner();
+    assert_eq!(change.experts_changed, 1);
+    assert!(node.log_text().contains("refused UnloadExperts"), "refusals are logged:\n{}", node.log_text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_beyond_the_node_s_memory_limit_is_refused() {
+    let dir = fixture("qwen35");
+    let config = moe_model::ModelConfig::from_file(&dir.join("config.json")).expect("config");
+    let per_expert = 3 * config.hidden_size * config.moe_intermediate_size * 2;
+    // Room for the two experts it starts with and one more.
+    let gib = format!("{}", (3 * per_expert) as f64 / (1u64 << 30) as f64);
+    let node = ExpertNodeProcess::start(&dir, "layers=0:experts=0-1", &["--memory-gib", &gib]).expect("starts");
+    let mut client = moe_e2e::tls::client(node.addr(), Role::Controller).await;
+    let two = ExpertSet { layers: vec![LayerExperts { layer: 0, experts: vec![2, 3] }] };
+    let e = client.load_experts(LoadExpertsRequest { experts: Some(two) }).await.expect_err("beyond the limit");
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("beyond the"), "{}", e.message());
+    let one = ExpertSet { layers: vec![LayerExperts { layer: 0, experts: vec![2] }] };
+    let change = client.load_experts(LoadExpertsRequest { experts: Some(one) }).await.expect("fits").into_inner();
+    assert_eq!(change.experts_changed, 1);
+}
+
+fn copy_identity(from: &TlsFiles, to: &Path, name: &str) -> TlsFiles {
+    let files = dev_ca::files(to, name);
+    std::fs::copy(&from.cert, &files.cert).expect("cert");
+    std::fs::copy(&from.key, &files.key).expect("key");
+    files
+}
+
+#[test]
+fn a_node_moved_to_a_new_ca_on_sighup_keeps_its_open_streams() {
+    // The node's files in a directory of its own, so that the test can replace them.
+    let mine = tempfile::tempdir().expect("tmp");
+    let node_files = copy_identity(&moe_e2e::tls::files(Role::Expert), mine.path(), "node");
+    let old_ca = moe_e2e::tls::files(Role::Expert).ca;
+    std::fs::copy(&old_ca, &node_files.ca).expect("ca");
+    let flags = node_files.flags();
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let node = ExpertNodeProcess::start(&fixture("qwen35"), "all", &flags).expect("node starts");
+    let old = router(node.addr(), Some(moe_e2e::tls::identity(Role::Router))).expect("connects");
+    let before = forward_once(&old);
+
+    // A new CA: the node gets a certificate from it and trusts both, as in the middle of a rotation.
+    let fresh = tempfile::tempdir().expect("tmp");
+    dev_ca::init(fresh.path(), 30, false).expect("CA");
+    let issued = dev_ca::issue(fresh.path(), Role::Expert, "node", &[], 30).expect("issues");
+    let both = [std::fs::read(&old_ca), std::fs::read(fresh.path().join(dev_ca::CA_CERT))].map(|c| c.expect("CA"));
+    std::fs::write(&node_files.ca, both.concat()).expect("written");
+    std::fs::copy(&issued.key, &node_files.key).expect("key");
+    std::fs::copy(&issued.cert, &node_files.cert).expect("cert");
+    node.signal("HUP").expect("SIGHUP");
+    assert!(wait_for_log(&node, "TLS certificate reloaded"), "{}", node.log_text());
+
+    // The stream opened before goes on, on the session it started with.
+    assert_eq!(forward_once(&old), before, "the open stream still answers");
+    // New handshakes get the new certificate: a router that trusts only the old CA is turned away, one that trusts
+    // both (its own certificate is still from the old one) gets in.
+    let e = router(node.addr(), Some(moe_e2e::tls::identity(Role::Router))).map(drop).expect_err("the old CA only");
+    assert!(e.to_string().contains("unreachable"), "{e}");
+    let renewed = tempfile::tempdir().expect("tmp");
+    let r = copy_identity(&moe_e2e::tls::files(Role::Router), renewed.path(), "router");
+    std::fs::write(&r.ca, both.concat()).expect("ca");
+    let new = router(node.addr(), Some(Identity::load(r, &[Role::Router]).expect("loads"))).expect("connects");
+    assert_eq!(forward_once(&new), before);
+    assert_eq!(forward_once(&old), before, "and the old stream still does");
+}
+
+#[test]
+fn a_process_refuses_to_start_with_a_certificate_of_the_wrong_role_or_none() {
+    let dir = fixture("qwen35");
+    let flags = moe_e2e::tls::flags(Role::Router);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let err = ExpertNodeProcess::start(&dir, "all", &flags).map(drop).expect_err("a router certificate on a node");
+    assert!(err.to_string().contains("is for role router, this process needs expert"), "{err}");
+    let err = ExpertNodeProcess::start(&dir, "all", &["--tls-cert", "/nonexistent.pem"]).map(drop).expect_err("half");
+    assert!(err.to_string().contains("tls-key and tls-ca also needed"), "{err}");
+}
