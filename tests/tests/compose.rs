@@ -229,6 +229,12 @@ async fn the_compose_cluster_serves_exact_text_and_survives_a_stopped_and_a_cut_
         }
     }
 
+    // The links are mutual TLS with the certificates init-certs wrote.
+    for service in ["expert-1", "router-1"] {
+        let log = cluster.logs(service);
+        assert!(log.contains("mutual TLS on internal links"), "{service}:\n{log}");
+    }
+
     // The reference: the same model (same preset and seed) written here and run in this process.
     let model = tmp.path().join("model");
     let out = model.to_str().expect("path");
