@@ -155,6 +155,10 @@ fn run(args: Args, file: &moe_config::ConfigFile) -> Result<()> {
     // Bind first, so that a taken port fails before minutes of loading.
     let (listener, addr) = runtime.block_on(expert_node::bind(args.listen))?;
     config.serve.tls = args.tls.load(&[moe_tls::Role::Expert], "an expert node")?;
+    if let (Some(cluster), Some(identity)) = (config.cluster.as_mut(), &config.serve.tls) {
+        let pem = identity.pem();
+        cluster.etcd_tls = Some(moe_placement::EtcdTls { ca: pem.ca, cert: pem.cert, key: pem.key });
+    }
     let node = expert_node::run::load(&config, addr).with_context(|| format!("loading {}", config.model.display()))?;
     println!("listening on {addr}");
     let served = runtime.block_on(expert_node::run::run(config, node, listener, moe_telemetry::shutdown_signal()));
@@ -180,6 +184,7 @@ fn config(args: &Args) -> Result<NodeConfig> {
         memory_bytes,
         lease_ttl: Duration::from_secs(args.lease_ttl_secs.max(1)),
         drain_timeout: Duration::from_secs(args.drain_timeout_secs),
+        etcd_tls: None,
     });
     Ok(NodeConfig {
         model: args.model.clone().context("no model")?,

@@ -44,6 +44,8 @@ pub struct ClusterConfig {
     pub lease_ttl: Duration,
     /// The longest a drain waits for the node's experts to move (also when etcd does not answer).
     pub drain_timeout: Duration,
+    /// What the node shows an `https://` etcd.
+    pub etcd_tls: Option<moe_placement::EtcdTls>,
 }
 
 /// Loads the experts the node starts with (blocking: reads the checkpoint), logging progress. `addr` is where the
@@ -163,7 +165,7 @@ async fn join(
     addr: SocketAddr,
 ) -> Result<(Arc<moe_placement::Session>, tokio::task::JoinHandle<()>), NodeError> {
     use moe_placement::{Cluster, Member, Role, Session};
-    let store = moe_placement::open_store(Some(&c.etcd)).await?;
+    let store = moe_placement::open_store_with(Some(&c.etcd), c.etcd_tls.as_ref()).await?;
     let cluster = Cluster::new(store, &c.name)?;
     let memory_bytes = memory_offer(node, c.memory_bytes)?;
     let member = Member {

@@ -19,6 +19,13 @@ pub struct Args {
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
+    /// For an `https://` etcd: the certificate (a controller's, say), key and CA shown to it.
+    #[arg(long, global = true, value_name = "FILE")]
+    tls_cert: Option<std::path::PathBuf>,
+    #[arg(long, global = true, value_name = "FILE")]
+    tls_key: Option<std::path::PathBuf>,
+    #[arg(long, global = true, value_name = "FILE")]
+    tls_ca: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -50,7 +57,15 @@ async fn run_async(args: Args) -> Result<()> {
     let Some(etcd) = args.etcd.as_deref() else {
         bail!("--etcd is required: the cluster's state lives in etcd (or set MOE_ETCD)");
     };
-    let store = moe_placement::open_store(Some(etcd)).await?;
+    let tls = match (&args.tls_cert, &args.tls_key, &args.tls_ca) {
+        (Some(cert), Some(key), Some(ca)) => {
+            let read = |p: &std::path::Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+            Some(moe_placement::EtcdTls { ca: read(ca)?, cert: read(cert)?, key: read(key)? })
+        }
+        (None, None, None) => None,
+        _ => bail!("--tls-cert, --tls-key and --tls-ca go together"),
+    };
+    let store = moe_placement::open_store_with(Some(etcd), tls.as_ref()).await?;
     let cluster = Cluster::new(store, &args.cluster)?;
     let view = cluster.snapshot().await?;
     match args.command {

@@ -239,8 +239,15 @@ pub fn run(args: Args) -> Result<()> {
     let experts = if nodes.is_empty() {
         ExpertsAt::Local
     } else if let Some(etcd) = &args.etcd {
-        let cluster =
-            ClusterOptions { etcd: Some(etcd.clone()), cluster: args.cluster.clone(), ..ClusterOptions::default() };
+        let cluster = ClusterOptions {
+            etcd: Some(etcd.clone()),
+            cluster: args.cluster.clone(),
+            etcd_tls: router_tls.as_ref().map(|identity| {
+                let pem = identity.pem();
+                moe_placement::EtcdTls { ca: pem.ca, cert: pem.cert, key: pem.key }
+            }),
+            ..ClusterOptions::default()
+        };
         ExpertsAt::Cluster(cluster, remote)
     } else {
         ExpertsAt::Nodes(nodes.iter().map(|n| n.addr.clone()).collect(), remote)

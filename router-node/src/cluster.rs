@@ -25,6 +25,8 @@ pub struct ClusterOptions {
     pub load_window: Duration,
     /// Stand for election as the placement controller.
     pub controller: bool,
+    /// What this router shows an `https://` etcd.
+    pub etcd_tls: Option<moe_placement::EtcdTls>,
 }
 
 impl Default for ClusterOptions {
@@ -35,6 +37,7 @@ impl Default for ClusterOptions {
             lease_ttl: moe_placement::DEFAULT_TTL,
             load_window: Duration::from_secs(5),
             controller: true,
+            etcd_tls: None,
         }
     }
 }
@@ -170,7 +173,8 @@ pub async fn join_prepared(
     id: String,
     addr: String,
 ) -> Result<Membership, moe_placement::StoreError> {
-    let store = moe_placement::open_store(prepared.options.etcd.as_deref()).await?;
+    let store =
+        moe_placement::open_store_with(prepared.options.etcd.as_deref(), prepared.options.etcd_tls.as_ref()).await?;
     let cluster = Cluster::new(store, &prepared.options.cluster)?;
     let member = Member {
         id,

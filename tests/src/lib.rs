@@ -350,10 +350,21 @@ pub struct EtcdServer {
     peer_url: String,
     dir: tempfile::TempDir,
     log: PathBuf,
+    tls: bool,
 }
 
 impl EtcdServer {
     pub fn start() -> Result<Self> {
+        Self::start_as(false)
+    }
+
+    /// An etcd that serves clients over TLS with the test CA's `etcd` certificate and requires client
+    /// certificates of that CA (`--client-cert-auth`); its endpoint is `https://127.0.0.1:PORT`.
+    pub fn start_tls() -> Result<Self> {
+        Self::start_as(true)
+    }
+
+    fn start_as(tls: bool) -> Result<Self> {
         let mut last = String::new();
         // etcd cannot announce a port it picked itself, so ports are picked here; another process may take one in
         // between, hence a few tries.
@@ -361,10 +372,10 @@ impl EtcdServer {
             let dir = tempfile::tempdir().context("creating etcd's data directory")?;
             let (client, peer) = (free_port()?, free_port()?);
             let log = dir.path().join("etcd.log");
-            let endpoint = format!("http://127.0.0.1:{client}");
+            let endpoint = format!("{}://127.0.0.1:{client}", if tls { "https" } else { "http" });
             let peer_url = format!("http://127.0.0.1:{peer}");
-            let child = Self::spawn(dir.path(), &endpoint, &peer_url, &log)?;
-            let mut server = EtcdServer { child, endpoint, peer_url, dir, log };
+            let child = Self::spawn(dir.path(), &endpoint, &peer_url, &log, tls)?;
+            let mut server = EtcdServer { child, endpoint, peer_url, dir, log, tls };
             if server.wait_ready(0) {
                 return Ok(server);
             }
@@ -373,9 +384,15 @@ impl EtcdServer {
         bail!("etcd did not start:\n{last}")
     }
 
-    fn spawn(dir: &Path, endpoint: &str, peer_url: &str, log: &Path) -> Result<Child> {
+    fn spawn(dir: &Path, endpoint: &str, peer_url: &str, log: &Path, tls: bool) -> Result<Child> {
         let binary = std::env::var("MOE_ETCD_BIN").unwrap_or_else(|_| "etcd".into());
-        Command::new(&binary)
+        let mut command = Command::new(&binary);
+        if tls {
+            let f = tls::files(moe_tls::Role::Etcd);
+            command.arg("--cert-file").arg(&f.cert).arg("--key-file").arg(&f.key);
+            command.arg("--trusted-ca-file").arg(&f.ca).arg("--client-cert-auth");
+        }
+        command
             .args(["--name", "test", "--data-dir"])
             .arg(dir.join("data"))
             .args(["--listen-client-urls", endpoint, "--advertise-client-urls", endpoint])
@@ -412,14 +429,14 @@ impl EtcdServer {
     pub fn restart(&mut self) -> Result<()> {
         self.kill();
         let before = self.ready_lines();
-        self.child = Self::spawn(self.dir.path(), &self.endpoint, &self.peer_url, &self.log)?;
+        self.child = Self::spawn(self.dir.path(), &self.endpoint, &self.peer_url, &self.log, self.tls)?;
         if !self.wait_ready(before) {
             bail!("etcd did not restart:\n{}", self.log_text());
         }
         Ok(())
     }
 
-    /// `http://127.0.0.1:PORT`.
+    /// `http://127.0.0.1:PORT` (`https://` with [`EtcdServer::start_tls`]).
     pub fn endpoint(&self) -> &str {
         &self.endpoint
     }

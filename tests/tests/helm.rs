@@ -79,6 +79,15 @@ fn the_chart_lints_renders_valid_manifests_and_config_files_the_binaries_accept(
         }
         if values == Some("ci/gpu-values.yaml") {
             assert!(manifests.contains("nvidia.com/gpu: 8") && manifests.contains("--device=cuda:0,1,2,3,4,5,6,7"));
+            // Mutual TLS: each binary's file names its role's files in the mounted Secret.
+            for (key, role) in [("router-node.toml", "router"), ("expert-node.toml", "expert")] {
+                let file = config_file(&manifests, key);
+                assert!(file.contains(&format!("tls-cert = \"/etc/moe-mesh-tls/{role}.pem\"")), "{file}");
+                assert!(!file.contains("insecure"), "{file}");
+            }
+            assert!(manifests.contains("secretName: moe-mesh-tls") && manifests.contains("tcpSocket"));
+        } else {
+            assert!(config_file(&manifests, "expert-node.toml").contains("insecure = true"), "{values:?}");
         }
     }
     // A value the schema refuses.

@@ -188,3 +188,78 @@ fn a_process_refuses_to_start_with_a_certificate_of_the_wrong_role_or_none() {
     let err = ExpertNodeProcess::start(&dir, "all", &["--tls-cert", "/nonexistent.pem"]).map(drop).expect_err("half");
     assert!(err.to_string().contains("tls-key and tls-ca also needed"), "{err}");
 }
+
+fn etcd_tls(role: Role) -> moe_placement::EtcdTls {
+    let f = moe_e2e::tls::files(role);
+    let read = |p: &Path| std::fs::read(p).expect("PEM");
+    moe_placement::EtcdTls { ca: read(&f.ca), cert: read(&f.cert), key: read(&f.key) }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_on_an_etcd_that_requires_client_certificates() {
+    use moe_placement::{Cluster, EtcdStore};
+    let dir = fixture("qwen35");
+    let etcd = moe_e2e::EtcdServer::start_tls().expect("etcd with TLS");
+    let endpoint = vec![etcd.endpoint().to_owned()];
+    assert!(endpoint[0].starts_with("https://"));
+
+    // Without a certificate, or with one of another CA, etcd does not answer.
+    let e = EtcdStore::connect_with(&endpoint, Duration::from_secs(3), None).await.expect_err("no TLS material");
+    assert!(e.to_string().contains("give this process its TLS files"), "{e}");
+    let other = tempfile::tempdir().expect("tmp");
+    dev_ca::init(other.path(), 30, false).expect("CA");
+    let stranger = dev_ca::issue(other.path(), Role::Controller, "stranger", &[], 30).expect("issues");
+    let ours = etcd_tls(Role::Controller);
+    let foreign = moe_placement::EtcdTls {
+        ca: ours.ca.clone(),
+        cert: std::fs::read(&stranger.cert).expect("cert"),
+        key: std::fs::read(&stranger.key).expect("key"),
+    };
+    let refused = EtcdStore::connect_with(&endpoint, Duration::from_secs(3), Some(&foreign)).await;
+    assert!(refused.is_err(), "etcd accepted a certificate of another CA");
+
+    // The cluster's processes, with their role certificates, join and serve.
+    let node = ExpertNodeProcess::join(&dir, &endpoint[0], "tls", &["--memory-gib", "0.0004"]).expect("node joins");
+    let router =
+        moe_e2e::RouterProcess::start(&dir, &["--etcd", &endpoint[0], "--cluster", "tls"]).expect("router joins");
+    let store = EtcdStore::connect_with(&endpoint, Duration::from_secs(5), Some(&ours)).await.expect("controller");
+    let cluster = Cluster::new(std::sync::Arc::new(store), "tls").expect("cluster");
+    let started = Instant::now();
+    let client = reqwest::Client::new();
+    while !client.get(format!("{}/readyz", router.url())).send().await.is_ok_and(|r| r.status().is_success()) {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "never ready:\n{}\n{}",
+            router.log_text(),
+            node.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let view = cluster.snapshot().await.expect("snapshot");
+    assert!(view.placement.is_some_and(|p| p.nodes.len() == 1), "placed on the node");
+    let lm = moe_model::LoadedModel::load(&dir).expect("loads");
+    let body = serde_json::json!({"prompt": [5, 17, 33], "max_tokens": 8, "temperature": 0, "ignore_eos": true});
+    let resp: serde_json::Value = client
+        .post(format!("{}/v1/completions", router.url()))
+        .json(&body)
+        .send()
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(resp["choices"][0]["text"].as_str(), Some(moe_e2e::local_greedy(&lm, &[5, 17, 33], 8).as_str()));
+    // And `moectl placement` reads it with the controller's certificate.
+    let f = moe_e2e::tls::files(Role::Controller);
+    let out = std::process::Command::new(moe_e2e::bin("moectl"))
+        .args(["placement", "show", "--json", "--etcd", &endpoint[0], "--cluster", "tls"])
+        .arg("--tls-cert")
+        .arg(&f.cert)
+        .arg("--tls-key")
+        .arg(&f.key)
+        .arg("--tls-ca")
+        .arg(&f.ca)
+        .output()
+        .expect("runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}

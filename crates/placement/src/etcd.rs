@@ -43,17 +43,60 @@ fn lease_or_unavailable(e: etcd_client::Error, lease: Option<LeaseId>) -> StoreE
     }
 }
 
+/// What a process shows etcd over TLS (PEM text): the CA etcd's certificate must chain to, and this process's
+/// certificate and key, which etcd checks with `--client-cert-auth`.
+#[derive(Clone)]
+pub struct EtcdTls {
+    pub ca: Vec<u8>,
+    pub cert: Vec<u8>,
+    pub key: Vec<u8>,
+}
+
+impl std::fmt::Debug for EtcdTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EtcdTls { .. }")
+    }
+}
+
 impl EtcdStore {
     /// Connects to `endpoints` (`host:port` or `http://host:port`); every call is bounded by `timeout`.
     pub async fn connect(endpoints: &[String], timeout: Duration) -> Result<Self> {
+        Self::connect_with(endpoints, timeout, None).await
+    }
+
+    /// Connects to `endpoints`: `https://host:port` ones over TLS with `tls` (required for them), the others
+    /// (`host:port`, `http://host:port`) in plaintext. All of one kind.
+    pub async fn connect_with(endpoints: &[String], timeout: Duration, tls: Option<&EtcdTls>) -> Result<Self> {
         if endpoints.is_empty() {
             return Err(StoreError::Invalid("no etcd endpoint given".into()));
         }
-        let options = ConnectOptions::new()
+        let secure = endpoints.iter().filter(|e| e.starts_with("https://")).count();
+        if secure != 0 && secure != endpoints.len() {
+            return Err(StoreError::Invalid(format!(
+                "etcd endpoints {}: either all https:// or none",
+                endpoints.join(",")
+            )));
+        }
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(timeout)
             .with_timeout(timeout)
             .with_keep_alive(Duration::from_secs(2), timeout)
             .with_keep_alive_while_idle(true);
+        if secure > 0 {
+            let tls = tls.ok_or_else(|| {
+                StoreError::Invalid(format!(
+                    "etcd at {} is https: give this process its TLS files (--tls-cert, --tls-key, --tls-ca)",
+                    endpoints.join(",")
+                ))
+            })?;
+            options = options.with_tls(
+                etcd_client::TlsOptions::new()
+                    .ca_certificate(etcd_client::Certificate::from_pem(&tls.ca))
+                    .identity(etcd_client::Identity::from_pem(&tls.cert, &tls.key)),
+            );
+        } else if tls.is_some() {
+            tracing::warn!(etcd = %endpoints.join(","), "etcd is reached in plaintext (give https:// endpoints for TLS)");
+        }
         let client = Client::connect(endpoints, Some(options))
             .await
             .map_err(|e| StoreError::Unavailable(format!("cannot reach etcd at {}: {e}", endpoints.join(","))))?;

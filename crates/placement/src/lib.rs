@@ -19,7 +19,7 @@ pub use cluster::{
     default_member_id, unix_ms, Cluster, ClusterView, ControlRequest, LoadReport, LoadWindow, Member, ModelShape,
     Outcome, PlacedNode, Placement, RequestKind, Role,
 };
-pub use etcd::EtcdStore;
+pub use etcd::{EtcdStore, EtcdTls};
 pub use session::{Session, DEFAULT_TTL};
 pub use store::{Expect, LeaseId, MemoryStore, PlacementStore, StoreError};
 
@@ -28,12 +28,17 @@ use std::time::Duration;
 
 /// Opens the store an operator named: `memory` (this process only) or etcd endpoints, comma-separated.
 pub async fn open_store(etcd: Option<&str>) -> Result<Arc<dyn PlacementStore>, StoreError> {
+    open_store_with(etcd, None).await
+}
+
+/// [`open_store`] with the TLS material used for `https://` etcd endpoints.
+pub async fn open_store_with(etcd: Option<&str>, tls: Option<&EtcdTls>) -> Result<Arc<dyn PlacementStore>, StoreError> {
     match etcd {
         None => Ok(Arc::new(MemoryStore::new())),
         Some(list) => {
             let endpoints: Vec<String> =
                 list.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect();
-            Ok(Arc::new(EtcdStore::connect(&endpoints, Duration::from_secs(5)).await?))
+            Ok(Arc::new(EtcdStore::connect_with(&endpoints, Duration::from_secs(5), tls).await?))
         }
     }
 }

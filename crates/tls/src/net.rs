@@ -66,6 +66,10 @@ async fn accept(listener: TcpListener, identity: Arc<Identity>, tx: mpsc::Sender
                 Ok(Ok(tls)) => {
                     let _ = tx.send(tls).await;
                 }
+                // A connection closed before it said anything: a TCP probe or a port scan, not worth a warning.
+                Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                    tracing::debug!(peer = %addr, "connection closed before the TLS handshake: {e}")
+                }
                 Ok(Err(e)) => tracing::warn!(peer = %addr, "TLS handshake refused: {e}"),
                 Err(_) => tracing::warn!(peer = %addr, "TLS handshake not finished within {HANDSHAKE_TIMEOUT:?}"),
             }

@@ -56,6 +56,21 @@ app.kubernetes.io/component: {{ .component }}
 - name: config
   configMap:
     name: {{ include "moe-mesh.fullname" . }}
+{{- if .Values.tls.secretName }}
+- name: tls
+  secret:
+    secretName: {{ .Values.tls.secretName }}
+    defaultMode: 0440
+{{- end }}
+{{- end -}}
+
+{{/* The TLS settings of a binary's config file, for role `role` (router or expert). */}}
+{{- define "moe-mesh.tlsSettings" -}}
+{{- if .root.Values.tls.secretName -}}
+{{- dict "tls-cert" (printf "/etc/moe-mesh-tls/%s.pem" .role) "tls-key" (printf "/etc/moe-mesh-tls/%s-key.pem" .role) "tls-ca" "/etc/moe-mesh-tls/ca.pem" | toJson -}}
+{{- else -}}
+{{- dict "insecure" true | toJson -}}
+{{- end -}}
 {{- end -}}
 
 {{/* A flat TOML table from a dict: whole numbers as integers (YAML gives Helm every number as a float, and an
