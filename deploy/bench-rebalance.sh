@@ -22,6 +22,10 @@ c = json.load(open(sys.argv[1] + "/config.json")); t = c.get("text_config", c)
 print(t["num_hidden_layers"] * t["num_experts"] * 3 * t["hidden_size"] * t["moe_intermediate_size"] * 2 / 2**31)' "$model")}
 bin="${MOE_BIN_DIR:-$(cd "$(dirname "$0")/.." && pwd)/target/release}"
 work=$(mktemp -d)
+# The links as in production: mutual TLS with certificates of a CA made for this run.
+"$bin/moectl" certs init --dir "$work/certs" >/dev/null
+for role in expert router; do "$bin/moectl" certs issue $role $role --dir "$work/certs" >/dev/null; done
+tls() { echo --tls-cert "$work/certs/$1.pem" --tls-key "$work/certs/$1-key.pem" --tls-ca "$work/certs/ca.pem"; }
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
@@ -43,12 +47,12 @@ ETCD="127.0.0.1:$cport"
 export MOE_ETCD=$ETCD MOE_CLUSTER=bench
 
 for n in a b c; do
-  "$bin/expert-node" --model "$model" --listen 127.0.0.1:0 --node-id "node-$n" --memory-gib "$memory" \
+  "$bin/expert-node" --model "$model" --listen 127.0.0.1:0 $(tls expert) --node-id "node-$n" --memory-gib "$memory" \
     >"$work/node-$n.out" 2>"$work/node-$n.log" &
   pids+=($!)
 done
 for n in a b c; do wait_line "$work/node-$n.out" "listening on"; done
-"$bin/router-node" --model "$model" --listen 127.0.0.1:0 >"$work/router.out" 2>"$work/router.log" &
+"$bin/router-node" --model "$model" --listen 127.0.0.1:0 $(tls router) >"$work/router.out" 2>"$work/router.log" &
 pids+=($!)
 wait_line "$work/router.out" "listening on"
 url=$(sed -n 's/^listening on //p' "$work/router.out")

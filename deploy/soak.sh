@@ -20,6 +20,10 @@ c = json.load(open(sys.argv[1] + "/config.json")); t = c.get("text_config", c)
 print(1.2 * t["num_hidden_layers"] * t["num_experts"] * 3 * t["hidden_size"] * t["moe_intermediate_size"] * 2 / 2**30)' "$model")}
 bin="${MOE_BIN_DIR:-$(cd "$(dirname "$0")/.." && pwd)/target/release}"
 work=$(mktemp -d)
+# The links as in production: mutual TLS with certificates of a CA made for this run.
+"$bin/moectl" certs init --dir "$work/certs" >/dev/null
+for role in expert router; do "$bin/moectl" certs issue $role $role --dir "$work/certs" >/dev/null; done
+tls() { echo --tls-cert "$work/certs/$1.pem" --tls-key "$work/certs/$1-key.pem" --tls-ca "$work/certs/ca.pem"; }
 declare -A pid
 cleanup() { for p in "${pid[@]}"; do kill -CONT "$p" 2>/dev/null || true; kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
@@ -44,13 +48,13 @@ export MOE_ETCD="127.0.0.1:$cport" MOE_CLUSTER=soak RUST_LOG=${RUST_LOG:-warn}
 
 start_node() { # NAME
   : >"$work/node-$1.out"
-  "$bin/expert-node" --model "$model" --listen 127.0.0.1:0 --node-id "node-$1" --memory-gib "$memory" \
+  "$bin/expert-node" --model "$model" --listen 127.0.0.1:0 $(tls expert) --node-id "node-$1" --memory-gib "$memory" \
     --lease-ttl-secs 2 >"$work/node-$1.out" 2>>"$work/node-$1.log" &
   pid[$1]=$!
   wait_line "$work/node-$1.out" "listening on"
 }
 for n in a b c; do start_node $n; done
-"$bin/router-node" --model "$model" --listen 127.0.0.1:0 --lease-ttl-secs 2 >"$work/router.out" 2>"$work/router.log" &
+"$bin/router-node" --model "$model" --listen 127.0.0.1:0 $(tls router) --lease-ttl-secs 2 >"$work/router.out" 2>"$work/router.log" &
 pid[router]=$!
 wait_line "$work/router.out" "listening on"
 url=$(sed -n 's/^listening on //p' "$work/router.out")
