@@ -1,0 +1,152 @@
+//! The OpenAI-compatible HTTP API (axum): `/v1/completions`, `/v1/chat/completions` (SSE with `stream: true`),
+//! `/v1/models`, vLLM's `/tokenize` and `/detokenize`, probes (`/livez`, `/readyz`, `/health`, `/ready`) and
+//! `/metrics`.
+//!
+//! Bodies are read under a size limit and parsed by hand from JSON values, so that every bad field gets an OpenAI
+//! error naming it (`{"error": {"message", "type", "param", "code"}}`) and unknown fields are ignored. Each choice is
+//! one engine sequence; dropping the response (a client that disconnects) drops the sequence's event channel, and the
+//! engine frees its state at the next step.
+
+mod auth;
+mod chat;
+mod choices;
+mod completions;
+mod error;
+mod info;
+mod parse;
+mod probes;
+mod stream;
+mod text;
+
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::Router;
+use moe_model::{ChatTemplate, GenerationConfig, Tokenizer};
+
+use crate::engine::EngineHandle;
+
+use chat::chat_completions;
+use completions::completions;
+use error::ApiError;
+use info::{detokenize, models, tokenize};
+use probes::{livez, metrics, readyz};
+
+/// Settings of the HTTP front end.
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    /// The model id clients send and `/v1/models` lists (empty: the model directory's name).
+    pub model_name: String,
+    /// Accepted bearer tokens; empty means no authentication.
+    pub api_keys: Vec<String>,
+    /// Largest request body, in bytes (413 beyond).
+    pub max_body_bytes: usize,
+    /// Context length: prompt + max_tokens may not exceed it.
+    pub max_model_len: usize,
+    /// Most choices per request (`n` × prompts).
+    pub max_choices: usize,
+    /// The longest a request may take, queue included (also the most a request's own `request_timeout` may ask);
+    /// past it the request ends with HTTP 503 or, streamed, a last SSE error event.
+    pub request_timeout: Duration,
+    /// SSE keep-alive comments, sent after this long without an event once a stream's first data event is out
+    /// (never before it: some clients cannot parse a stream that begins with a comment).
+    pub sse_keepalive: Duration,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            model_name: String::new(),
+            api_keys: Vec::new(),
+            max_body_bytes: 8 << 20,
+            max_model_len: 4096,
+            max_choices: 64,
+            request_timeout: Duration::from_secs(600),
+            sse_keepalive: Duration::from_secs(15),
+        }
+    }
+}
+
+/// Whether every routed expert has a reachable replica; `Err` says what is missing.
+pub type ReadinessCheck = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+
+/// Everything a handler needs.
+pub struct AppState {
+    pub engine: EngineHandle,
+    pub tokenizer: Arc<Tokenizer>,
+    pub chat_template: Option<Arc<ChatTemplate>>,
+    pub generation: GenerationConfig,
+    pub eos_ids: Vec<u32>,
+    pub vocab_size: usize,
+    pub config: ApiConfig,
+    pub experts_ready: ReadinessCheck,
+    pub draining: AtomicBool,
+    pub created: u64,
+    /// The experts on expert nodes, when they are there: their counters and placement epoch go to /metrics.
+    pub remote: Option<Arc<crate::remote::RemoteExperts>>,
+    next_id: AtomicU64,
+}
+
+impl AppState {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        engine: EngineHandle,
+        tokenizer: Arc<Tokenizer>,
+        chat_template: Option<Arc<ChatTemplate>>,
+        generation: GenerationConfig,
+        eos_ids: Vec<u32>,
+        vocab_size: usize,
+        config: ApiConfig,
+        experts_ready: ReadinessCheck,
+    ) -> Self {
+        AppState {
+            engine,
+            tokenizer,
+            chat_template,
+            generation,
+            eos_ids,
+            vocab_size,
+            config,
+            experts_ready,
+            draining: AtomicBool::new(false),
+            created: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            remote: None,
+            next_id: AtomicU64::new(1),
+        }
+    }
+}
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState").field("model", &self.config.model_name).finish_non_exhaustive()
+    }
+}
+
+/// The routes.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(models))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
+        .route("/livez", get(livez))
+        .route("/readyz", get(readyz))
+        .route("/ready", get(readyz))
+        .route("/health", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route", None, "not_found") })
+        .with_state(state)
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves; requests in flight finish.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+}

@@ -1,0 +1,359 @@
+//! Request bodies: read under a size limit, then parsed field by field from JSON values, so that every bad field
+//! gets an error naming it and unknown fields are ignored.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::extract::Request;
+use axum::http::StatusCode;
+use moe_model::{Message, SamplingParams};
+use serde_json::{Map, Value};
+
+use super::error::ApiError;
+use super::AppState;
+
+pub(super) fn check_model(state: &AppState, f: &Fields<'_>) -> Result<(), ApiError> {
+    match f.string("model")? {
+        Some(model) if model != state.config.model_name => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("the model `{model}` does not exist (this server serves `{}`)", state.config.model_name),
+            Some("model"),
+            "model_not_found",
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Reads the body under the size limit and parses it as a JSON object.
+pub(super) async fn read_json(state: &AppState, req: Request) -> Result<Map<String, Value>, ApiError> {
+    let limit = state.config.max_body_bytes;
+    let bytes = axum::body::to_bytes(req.into_body(), limit).await.map_err(|_| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the request body exceeds {limit} bytes"),
+            None,
+            "payload_too_large",
+        )
+    })?;
+    if std::str::from_utf8(&bytes).is_err() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "the request body is not valid UTF-8",
+            None,
+            "invalid_json",
+        ));
+    }
+    match serde_json::from_slice::<Value>(&bytes) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => {
+            Err(ApiError::new(StatusCode::BAD_REQUEST, "the request body must be a JSON object", None, "invalid_json"))
+        }
+        Err(e) => Err(ApiError::new(StatusCode::BAD_REQUEST, format!("malformed JSON: {e}"), None, "invalid_json")),
+    }
+}
+
+/// Typed access to the fields of a request object; `null` counts as absent.
+pub(super) struct Fields<'a>(pub(super) &'a Map<String, Value>);
+
+impl Fields<'_> {
+    pub(super) fn get(&self, key: &str) -> Option<&Value> {
+        self.0.get(key).filter(|v| !v.is_null())
+    }
+
+    pub(super) fn bool(&self, key: &str) -> Result<Option<bool>, ApiError> {
+        self.get(key)
+            .map(|v| v.as_bool().ok_or_else(|| ApiError::schema(key, format!("`{key}` must be a boolean"))))
+            .transpose()
+    }
+
+    pub(super) fn int(&self, key: &str) -> Result<Option<i64>, ApiError> {
+        self.get(key)
+            .map(|v| {
+                v.as_i64()
+                    .or_else(|| v.as_f64().filter(|f| f.fract() == 0.0 && f.abs() < 9e15).map(|f| f as i64))
+                    .ok_or_else(|| ApiError::schema(key, format!("`{key}` must be an integer")))
+            })
+            .transpose()
+    }
+
+    pub(super) fn float(&self, key: &str) -> Result<Option<f64>, ApiError> {
+        self.get(key)
+            .map(|v| v.as_f64().ok_or_else(|| ApiError::schema(key, format!("`{key}` must be a number"))))
+            .transpose()
+    }
+
+    pub(super) fn string(&self, key: &str) -> Result<Option<&str>, ApiError> {
+        self.get(key)
+            .map(|v| v.as_str().ok_or_else(|| ApiError::schema(key, format!("`{key}` must be a string"))))
+            .transpose()
+    }
+}
+
+/// What a request asks, after checking.
+pub(super) struct Common {
+    pub(super) stream: bool,
+    pub(super) include_usage: bool,
+    pub(super) n: usize,
+    pub(super) max_tokens: Option<usize>,
+    pub(super) sampling: SamplingParams,
+    pub(super) stop: Vec<String>,
+    pub(super) stop_token_ids: Vec<u32>,
+    pub(super) ignore_eos: bool,
+    pub(super) min_tokens: usize,
+    pub(super) repetition_penalty: f32,
+    pub(super) skip_special_tokens: bool,
+    /// Top log-probs per token (`Some(0)`: the chosen token's only).
+    pub(super) logprobs: Option<usize>,
+    /// When the request must have ended.
+    pub(super) deadline: Instant,
+}
+
+/// `request_timeout` (seconds; an extension, like vLLM's extra sampling fields), at most the server's limit.
+pub(super) fn request_timeout(state: &AppState, f: &Fields<'_>) -> Result<Duration, ApiError> {
+    let limit = state.config.request_timeout;
+    match f.float("request_timeout")? {
+        None => Ok(limit),
+        Some(t) if t.is_finite() && t > 0.0 => Ok(Duration::from_secs_f64(t.min(limit.as_secs_f64()))),
+        Some(t) => Err(ApiError::invalid("request_timeout", format!("{t}: must be a positive number of seconds"))),
+    }
+}
+
+pub(super) fn parse_common(state: &AppState, f: &Fields<'_>, chat: bool) -> Result<Common, ApiError> {
+    check_model(state, f)?;
+    let stream = f.bool("stream")?.unwrap_or(false);
+    let include_usage = match f.get("stream_options") {
+        None => false,
+        Some(Value::Object(o)) => Fields(o)
+            .bool("include_usage")
+            .map_err(|_| {
+                ApiError::schema("stream_options.include_usage", "`stream_options.include_usage` must be a boolean")
+            })?
+            .unwrap_or(false),
+        Some(_) => return Err(ApiError::schema("stream_options", "`stream_options` must be an object")),
+    };
+    let n = f.int("n")?.unwrap_or(1);
+    if n < 1 {
+        return Err(ApiError::invalid("n", format!("`n` must be at least 1, got {n}")));
+    }
+    let max_key = if chat && f.get("max_completion_tokens").is_some() { "max_completion_tokens" } else { "max_tokens" };
+    let max_tokens = match f.int(max_key)? {
+        Some(v) if v <= 0 => {
+            return Err(ApiError::invalid(max_key, format!("`{max_key}` must be at least 1, got {v}")))
+        }
+        Some(v) => Some(v as usize),
+        None => None,
+    };
+    let g = &state.generation;
+    let greedy_default = g.do_sample == Some(false);
+    let temperature = match f.float("temperature")? {
+        Some(t) if !(t.is_finite() && t >= 0.0) => {
+            return Err(ApiError::invalid("temperature", format!("`temperature` must be ≥ 0, got {t}")))
+        }
+        Some(t) => t as f32,
+        None if greedy_default => 0.0,
+        None => g.temperature.unwrap_or(1.0),
+    };
+    let top_p = match f.float("top_p")? {
+        Some(p) if !(p > 0.0 && p <= 1.0) => {
+            return Err(ApiError::invalid("top_p", format!("`top_p` must be in (0, 1], got {p}")))
+        }
+        Some(p) => p as f32,
+        None => g.top_p.unwrap_or(1.0),
+    };
+    let top_k = match f.int("top_k")? {
+        Some(k) if k < -1 => {
+            return Err(ApiError::invalid("top_k", format!("`top_k` must be -1, 0 or positive, got {k}")))
+        }
+        Some(k) if k <= 0 => 0,
+        Some(k) => k as usize,
+        None => g.top_k.unwrap_or(0),
+    };
+    let seed = f.int("seed")?.map(|s| s as u64);
+    let stop = match f.get("stop") {
+        None => Vec::new(),
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|v| {
+                v.as_str()
+                    .map(str::to_owned)
+                    .ok_or_else(|| ApiError::schema("stop", "`stop` must be a string or a list of strings"))
+            })
+            .collect::<Result<_, _>>()?,
+        Some(_) => return Err(ApiError::schema("stop", "`stop` must be a string or a list of strings")),
+    };
+    if stop.iter().any(String::is_empty) {
+        return Err(ApiError::invalid("stop", "stop strings must not be empty"));
+    }
+    let stop_token_ids = match f.get("stop_token_ids") {
+        None => Vec::new(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|v| {
+                v.as_u64().filter(|&t| (t as usize) < state.vocab_size).map(|t| t as u32).ok_or_else(|| {
+                    ApiError::invalid("stop_token_ids", "`stop_token_ids` must be token ids of this model")
+                })
+            })
+            .collect::<Result<_, _>>()?,
+        Some(_) => return Err(ApiError::schema("stop_token_ids", "`stop_token_ids` must be a list of integers")),
+    };
+    let min_tokens = match f.int("min_tokens")? {
+        Some(v) if v < 0 => return Err(ApiError::invalid("min_tokens", "`min_tokens` must be ≥ 0")),
+        v => v.unwrap_or(0) as usize,
+    };
+    let repetition_penalty = match f.float("repetition_penalty")? {
+        Some(p) if !(p.is_finite() && p > 0.0) => {
+            return Err(ApiError::invalid("repetition_penalty", format!("`repetition_penalty` must be > 0, got {p}")))
+        }
+        p => p.unwrap_or(1.0) as f32,
+    };
+    let logprobs = if chat {
+        let on = f.bool("logprobs")?.unwrap_or(false);
+        let top = f.int("top_logprobs")?;
+        match top {
+            Some(t) if !(0..=20).contains(&t) => {
+                return Err(ApiError::invalid("top_logprobs", "`top_logprobs` must be between 0 and 20"))
+            }
+            Some(_) if !on => return Err(ApiError::invalid("top_logprobs", "`top_logprobs` needs `logprobs: true`")),
+            _ => {}
+        }
+        on.then(|| top.unwrap_or(0) as usize)
+    } else {
+        // Completions: an integer (how many alternatives), or a boolean some clients send.
+        match f.get("logprobs") {
+            None | Some(Value::Bool(false)) => None,
+            Some(Value::Bool(true)) => Some(0),
+            Some(_) => match f.int("logprobs")? {
+                Some(t) if !(0..=20).contains(&t) => {
+                    return Err(ApiError::invalid("logprobs", "`logprobs` must be between 0 and 20"))
+                }
+                t => t.map(|t| t as usize),
+            },
+        }
+    };
+    Ok(Common {
+        stream,
+        include_usage,
+        n: n as usize,
+        max_tokens,
+        sampling: SamplingParams { temperature, top_p, top_k, seed: seed.unwrap_or(0) },
+        stop,
+        stop_token_ids,
+        ignore_eos: f.bool("ignore_eos")?.unwrap_or(false),
+        min_tokens,
+        repetition_penalty,
+        skip_special_tokens: f.bool("skip_special_tokens")?.unwrap_or(true),
+        logprobs,
+        deadline: Instant::now() + request_timeout(state, f)?,
+    })
+    .map(|mut c| {
+        if seed.is_none() {
+            // Unseeded sampling differs per request, as clients expect.
+            c.sampling.seed = state.next_id.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                ^ SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+        }
+        c
+    })
+}
+
+/// Prompts of a completions request: a string, a list of strings, a list of ids, or a list of lists of ids.
+pub(super) fn parse_prompts(state: &AppState, f: &Fields<'_>) -> Result<Vec<Vec<u32>>, ApiError> {
+    let encode = |text: &str| {
+        state.tokenizer.encode(text, false).map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("cannot tokenize the prompt: {e}"),
+                Some("prompt"),
+                "invalid_value",
+            )
+        })
+    };
+    let ids = |a: &[Value]| -> Result<Vec<u32>, ApiError> {
+        a.iter()
+            .map(|v| {
+                v.as_u64().filter(|&t| (t as usize) < state.vocab_size).map(|t| t as u32).ok_or_else(|| {
+                    ApiError::invalid("prompt", format!("prompt token ids must be integers below {}", state.vocab_size))
+                })
+            })
+            .collect()
+    };
+    let schema = || {
+        ApiError::schema(
+            "prompt",
+            "`prompt` must be a string, a list of strings, a list of token ids or a list of lists of token ids",
+        )
+    };
+    let prompts = match f.get("prompt") {
+        None => return Err(ApiError::schema("prompt", "`prompt` is required")),
+        Some(Value::String(s)) => vec![encode(s)?],
+        Some(Value::Array(a)) if a.is_empty() => return Err(ApiError::invalid("prompt", "`prompt` is empty")),
+        Some(Value::Array(a)) if a.iter().all(Value::is_string) => {
+            a.iter().map(|v| encode(v.as_str().unwrap_or_default())).collect::<Result<_, _>>()?
+        }
+        Some(Value::Array(a)) if a.iter().all(Value::is_number) => vec![ids(a)?],
+        Some(Value::Array(a)) if a.iter().all(Value::is_array) => {
+            a.iter().map(|v| ids(v.as_array().map_or(&[][..], Vec::as_slice))).collect::<Result<_, _>>()?
+        }
+        Some(_) => return Err(schema()),
+    };
+    if prompts.iter().any(Vec::is_empty) {
+        return Err(ApiError::invalid("prompt", "a prompt has no tokens"));
+    }
+    Ok(prompts)
+}
+
+pub(super) fn parse_messages(state: &AppState, f: &Fields<'_>) -> Result<Vec<u32>, ApiError> {
+    let Some(messages) = f.get("messages") else {
+        return Err(ApiError::schema("messages", "`messages` is required"));
+    };
+    let list = messages.as_array().ok_or_else(|| ApiError::schema("messages", "`messages` must be a list"))?;
+    if list.is_empty() {
+        return Err(ApiError::invalid("messages", "`messages` is empty"));
+    }
+    let mut out = Vec::with_capacity(list.len());
+    for (i, m) in list.iter().enumerate() {
+        let field = |k: &str| format!("messages[{i}].{k}");
+        let role = m
+            .get("role")
+            .and_then(Value::as_str)
+            .ok_or_else(|| ApiError::schema(&field("role"), "each message needs a string `role`"))?;
+        let content = match m.get("content") {
+            None | Some(Value::Null) => String::new(),
+            Some(Value::String(s)) => s.clone(),
+            // Content parts: the text ones, joined (images are not for this model).
+            Some(Value::Array(parts)) => {
+                let mut text = String::new();
+                for p in parts {
+                    match (p.get("type").and_then(Value::as_str), p.get("text").and_then(Value::as_str)) {
+                        (Some("text"), Some(t)) => text.push_str(t),
+                        _ => return Err(ApiError::invalid(&field("content"), "only text content parts are supported")),
+                    }
+                }
+                text
+            }
+            Some(_) => {
+                return Err(ApiError::schema(&field("content"), "`content` must be a string or a list of parts"))
+            }
+        };
+        out.push(Message { role: role.to_owned(), content });
+    }
+    let template = state.chat_template.as_ref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "this model has no chat template; use /v1/completions",
+            Some("messages"),
+            "invalid_value",
+        )
+    })?;
+    let text = template
+        .render(&out, true)
+        .map_err(|e| ApiError::invalid("messages", format!("the chat template failed: {e}")))?;
+    state.tokenizer.encode(&text, false).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("cannot tokenize the messages: {e}"),
+            Some("messages"),
+            "invalid_value",
+        )
+    })
+}
