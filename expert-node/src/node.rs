@@ -401,6 +401,14 @@ impl ExpertNode {
                 None => Refusal { code: ErrorCode::Internal, field: String::new(), message: e.to_string() },
             }
         })?;
+        // A node that computes garbage, for the fault tests (`FAILPOINTS=expert-nan-sums=N*return`).
+        let poisoned = || -> bool {
+            fail::fail_point!("expert-nan-sums", |_| true);
+            false
+        };
+        if poisoned() {
+            out.fill(f32::NAN);
+        }
         let t2 = Instant::now();
         let sums = codec::encode(&out, dtype);
         let t3 = Instant::now();

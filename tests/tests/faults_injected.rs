@@ -37,6 +37,24 @@ async fn a_slow_node_s_work_moves_to_a_replica_after_the_expert_deadline() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_finite_partial_sums_are_never_added_and_the_work_goes_to_a_replica() {
+    let dir = fixture("qwen35");
+    // Experts 0-3 on a node whose first six answers are NaN, and everything on a healthy one.
+    let bad = Launch::failpoints("expert-nan-sums=6*return");
+    let bad = ExpertNodeProcess::launch(&dir, "127.0.0.1:0", "0-3", &[], &bad).expect("node");
+    let healthy = ExpertNodeProcess::start(&dir, "all", &[]).expect("node");
+    let at = format!("{},{}", bad.addr(), healthy.addr());
+    let router = RouterProcess::start(&dir, &["--experts-at", &at]).expect("router");
+    let url = router.url().to_owned();
+    let lm = LoadedModel::load(&dir).expect("loads");
+    start_greedy_streams(&url, &lm, 2, 32).finish("a node answering NaN").await;
+    assert!(metric(&url, "moe_expert_pieces_resent_total").await >= 1.0, "nothing moved off the bad node");
+    assert_eq!(metric(&url, "moe_requests_finished_total").await, 2.0);
+    assert_eq!(metric(&url, "moe_requests_failed_total").await, 0.0);
+    assert!(router.log_text().contains("non-finite partial sums"), "{}", router.log_text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_slower_than_the_deadline_with_no_replica_is_asked_again_and_nothing_is_lost() {
     let dir = fixture("qwen35");
     // Its first four computations take 1.5 s, three times the deadline; nobody else hosts experts 0-3.

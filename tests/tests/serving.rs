@@ -161,6 +161,27 @@ async fn every_bad_request_gets_an_openai_error_naming_the_field() {
     }
     let resp = c.get(format!("{url}/v1/models")).bearer_auth("k1").send().await.expect("sent");
     assert_eq!(resp.status().as_u16(), 200);
+    // The scheme in any case (RFC 9110); the key exactly.
+    let resp = c.get(format!("{url}/v1/models")).header("authorization", "bearer k1").send().await.expect("sent");
+    assert_eq!(resp.status().as_u16(), 200);
+    let resp = c.get(format!("{url}/v1/models")).bearer_auth("k1x").send().await.expect("sent");
+    assert_eq!(resp.status().as_u16(), 401);
+    // Every route but the probes needs the key; the probes say only yes or no, /v1/status says why.
+    for path in ["/metrics", "/v1/status", "/v1/models"] {
+        assert_eq!(c.get(format!("{url}{path}")).send().await.expect("sent").status().as_u16(), 401, "{path}");
+    }
+    for path in ["/tokenize", "/detokenize"] {
+        let resp = c.post(format!("{url}{path}")).json(&json!({"prompt": "x"})).send().await.expect("sent");
+        assert_eq!(resp.status().as_u16(), 401, "{path}");
+    }
+    for path in ["/livez", "/readyz", "/health", "/ready"] {
+        let resp = c.get(format!("{url}{path}")).send().await.expect("sent");
+        assert_eq!(resp.status().as_u16(), 200, "{path}");
+        let text = resp.text().await.expect("text");
+        assert!(text == "ok" || text == "ready", "{path} says more than yes: {text:?}");
+    }
+    let status: Value = auth(c.get(format!("{url}/v1/status"))).send().await.expect("sent").json().await.expect("json");
+    assert_eq!(status["ready"], true, "{status}");
 
     let cases: Vec<(&str, Vec<u8>, u16, Option<&str>)> = vec![
         ("/v1/completions", b"{\"prompt\": \"x\"".to_vec(), 400, None),
@@ -178,6 +199,28 @@ async fn every_bad_request_gets_an_openai_error_naming_the_field() {
         ("/v1/completions", br#"{"prompt": "x", "top_p": 0}"#.to_vec(), 400, Some("top_p")),
         ("/v1/completions", br#"{"prompt": "x", "top_p": 1.5}"#.to_vec(), 400, Some("top_p")),
         ("/v1/completions", br#"{"prompt": "x", "n": 0}"#.to_vec(), 400, Some("n")),
+        ("/v1/completions", br#"{"prompt": "x", "n": 1000000}"#.to_vec(), 400, Some("n")),
+        // Prompts × n past usize (it wraps in a release build if multiplied unchecked).
+        ("/v1/completions", br#"{"prompt": ["a", "b", "c"], "n": 9223372036854775807}"#.to_vec(), 400, Some("n")),
+        ("/v1/completions", br#"{"prompt": ["a", "b", "c", "d"], "n": 20}"#.to_vec(), 400, Some("n")),
+        (
+            "/v1/completions",
+            format!("{{\"prompt\": \"x\", \"stop_token_ids\": {:?}}}", vec![1; 257]).into_bytes(),
+            400,
+            Some("stop_token_ids"),
+        ),
+        (
+            "/v1/completions",
+            format!("{{\"prompt\": \"x\", \"stop\": [{}]}}", vec!["\"s\""; 100_000].join(",")).into_bytes(),
+            400,
+            Some("stop"),
+        ),
+        (
+            "/v1/completions",
+            format!("{{\"prompt\": \"x\", \"stop\": [\"{}\"]}}", "s".repeat(5000)).into_bytes(),
+            400,
+            Some("stop"),
+        ),
         ("/v1/completions", br#"{"prompt": [1, 99999]}"#.to_vec(), 400, Some("prompt")),
         ("/v1/completions", br#"{"prompt": "x", "stop": 3}"#.to_vec(), 422, Some("stop")),
         ("/v1/completions", br#"{"prompt": "x", "logprobs": 50}"#.to_vec(), 400, Some("logprobs")),
@@ -231,6 +274,20 @@ async fn every_bad_request_gets_an_openai_error_naming_the_field() {
     };
     assert_eq!(status, 200, "{resp}");
     assert_eq!(resp["usage"]["completion_tokens"], 4);
+
+    // A temperature too small to divide by is greedy, as in vLLM: the same text as temperature 0.
+    let mut texts = Vec::new();
+    for t in [0.0, 1e-40, 1e-6] {
+        let r = auth(c.post(format!("{url}/v1/completions")))
+            .json(&json!({"prompt": "Hello", "max_tokens": 8, "temperature": t, "seed": 3}))
+            .send()
+            .await
+            .expect("sent");
+        assert_eq!(r.status().as_u16(), 200, "temperature {t}");
+        let v: Value = r.json().await.expect("json");
+        texts.push(v["choices"][0]["text"].as_str().expect("text").to_owned());
+    }
+    assert!(texts.iter().all(|t| t == &texts[0]), "{texts:?}");
 
     // The server goes on.
     let mut router = router;

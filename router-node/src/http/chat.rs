@@ -10,7 +10,6 @@ use futures::StreamExt;
 use moe_model::Tokenizer;
 use serde_json::{json, Value};
 
-use super::auth::authorize;
 use super::choices::{admitted, budget, sequence_params, start_choice, token_text, unix_now, ChoiceSpec, Delta};
 use super::completions::collect;
 use super::error::ApiError;
@@ -20,7 +19,6 @@ use super::AppState;
 use crate::engine::TokenLogprob;
 
 pub(super) async fn chat_completions(State(state): State<Arc<AppState>>, req: Request) -> Result<Response, ApiError> {
-    authorize(&state, req.headers())?;
     let body = read_json(&state, req).await?;
     let f = Fields(&body);
     let common = parse_common(&state, &f, true)?;

@@ -13,7 +13,6 @@ use moe_model::Tokenizer;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use super::auth::authorize;
 use super::choices::{
     admitted, budget, sequence_params, start_choice, token_text, unix_now, ChoiceResult, ChoiceSpec, Delta,
 };
@@ -24,13 +23,12 @@ use super::AppState;
 use crate::engine::TokenLogprob;
 
 pub(super) async fn completions(State(state): State<Arc<AppState>>, req: Request) -> Result<Response, ApiError> {
-    authorize(&state, req.headers())?;
     let body = read_json(&state, req).await?;
     let f = Fields(&body);
     let common = parse_common(&state, &f, false)?;
     let prompts = parse_prompts(&state, &f)?;
     let echo = f.bool("echo")?.unwrap_or(false);
-    if prompts.len() * common.n > state.config.max_choices {
+    if prompts.len().checked_mul(common.n).is_none_or(|choices| choices > state.config.max_choices) {
         return Err(ApiError::invalid("n", format!("at most {} choices per request", state.config.max_choices)));
     }
     let mut receivers = Vec::new();

@@ -33,7 +33,7 @@ use chat::chat_completions;
 use completions::completions;
 use error::ApiError;
 use info::{detokenize, models, tokenize};
-use probes::{livez, metrics, readyz};
+use probes::{livez, metrics, readyz, status};
 
 /// Settings of the HTTP front end.
 #[derive(Debug, Clone)]
@@ -127,17 +127,22 @@ impl std::fmt::Debug for AppState {
 
 /// The routes.
 pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
+    // With API keys, everything but the probes needs one; the probes say only whether the router is alive or ready.
+    let guarded = Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
+        .route("/metrics", get(metrics))
+        .route("/v1/status", get(status))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_key));
+    Router::new()
+        .merge(guarded)
         .route("/livez", get(livez))
         .route("/readyz", get(readyz))
         .route("/ready", get(readyz))
         .route("/health", get(readyz))
-        .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route", None, "not_found") })
         .with_state(state)
 }

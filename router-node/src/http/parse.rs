@@ -52,6 +52,16 @@ pub(super) async fn read_json(state: &AppState, req: Request) -> Result<Map<Stri
     }
 }
 
+/// Bounds on what one request may ask for, so that no field makes the work of a request grow without limit: the
+/// stop strings are scanned at every token of every choice.
+pub(super) const MAX_STOP_STRINGS: usize = 64;
+pub(super) const MAX_STOP_BYTES: usize = 4096;
+pub(super) const MAX_STOP_TOKEN_IDS: usize = 256;
+pub(super) const MAX_MESSAGES: usize = 4096;
+pub(super) const MAX_CONTENT_PARTS: usize = 1024;
+/// Temperatures below this sample greedily, as in vLLM.
+pub(super) const MIN_TEMPERATURE: f64 = 1e-5;
+
 /// Typed access to the fields of a request object; `null` counts as absent.
 pub(super) struct Fields<'a>(pub(super) &'a Map<String, Value>);
 
@@ -135,6 +145,12 @@ pub(super) fn parse_common(state: &AppState, f: &Fields<'_>, chat: bool) -> Resu
     if n < 1 {
         return Err(ApiError::invalid("n", format!("`n` must be at least 1, got {n}")));
     }
+    if n as u64 > state.config.max_choices as u64 {
+        return Err(ApiError::invalid(
+            "n",
+            format!("at most {} choices per request, got {n}", state.config.max_choices),
+        ));
+    }
     let max_key = if chat && f.get("max_completion_tokens").is_some() { "max_completion_tokens" } else { "max_tokens" };
     let max_tokens = match f.int(max_key)? {
         Some(v) if v <= 0 => {
@@ -149,6 +165,8 @@ pub(super) fn parse_common(state: &AppState, f: &Fields<'_>, chat: bool) -> Resu
         Some(t) if !(t.is_finite() && t >= 0.0) => {
             return Err(ApiError::invalid("temperature", format!("`temperature` must be ≥ 0, got {t}")))
         }
+        // As vLLM does: a temperature this close to 0 is greedy (dividing logits by it would overflow).
+        Some(t) if t < MIN_TEMPERATURE => 0.0,
         Some(t) => t as f32,
         None if greedy_default => 0.0,
         None => g.temperature.unwrap_or(1.0),
@@ -185,8 +203,24 @@ pub(super) fn parse_common(state: &AppState, f: &Fields<'_>, chat: bool) -> Resu
     if stop.iter().any(String::is_empty) {
         return Err(ApiError::invalid("stop", "stop strings must not be empty"));
     }
+    let stop_bytes: usize = stop.iter().map(String::len).sum();
+    if stop.len() > MAX_STOP_STRINGS || stop_bytes > MAX_STOP_BYTES {
+        return Err(ApiError::invalid(
+            "stop",
+            format!(
+                "at most {MAX_STOP_STRINGS} stop strings of {MAX_STOP_BYTES} bytes in all, got {} of {stop_bytes}",
+                stop.len()
+            ),
+        ));
+    }
     let stop_token_ids = match f.get("stop_token_ids") {
         None => Vec::new(),
+        Some(Value::Array(a)) if a.len() > MAX_STOP_TOKEN_IDS => {
+            return Err(ApiError::invalid(
+                "stop_token_ids",
+                format!("at most {MAX_STOP_TOKEN_IDS} stop token ids, got {}", a.len()),
+            ))
+        }
         Some(Value::Array(a)) => a
             .iter()
             .map(|v| {
@@ -310,6 +344,9 @@ pub(super) fn parse_messages(state: &AppState, f: &Fields<'_>) -> Result<Vec<u32
     if list.is_empty() {
         return Err(ApiError::invalid("messages", "`messages` is empty"));
     }
+    if list.len() > MAX_MESSAGES {
+        return Err(ApiError::invalid("messages", format!("at most {MAX_MESSAGES} messages, got {}", list.len())));
+    }
     let mut out = Vec::with_capacity(list.len());
     for (i, m) in list.iter().enumerate() {
         let field = |k: &str| format!("messages[{i}].{k}");
@@ -321,6 +358,12 @@ pub(super) fn parse_messages(state: &AppState, f: &Fields<'_>) -> Result<Vec<u32
             None | Some(Value::Null) => String::new(),
             Some(Value::String(s)) => s.clone(),
             // Content parts: the text ones, joined (images are not for this model).
+            Some(Value::Array(parts)) if parts.len() > MAX_CONTENT_PARTS => {
+                return Err(ApiError::invalid(
+                    &field("content"),
+                    format!("at most {MAX_CONTENT_PARTS} content parts, got {}", parts.len()),
+                ))
+            }
             Some(Value::Array(parts)) => {
                 let mut text = String::new();
                 for p in parts {

@@ -7,6 +7,8 @@ use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 
+use serde_json::json;
+
 use super::AppState;
 
 /// Alive while the engine thread runs: a router whose engine died is restarted by its supervisor.
@@ -18,17 +20,39 @@ pub(super) async fn livez(State(state): State<Arc<AppState>>) -> Response {
     }
 }
 
+/// Ready to take requests: not draining, the engine alive, every routed expert reachable. Unauthenticated, so it
+/// says only yes or no; `/v1/status` (behind the API key) says why.
 pub(super) async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    match why_not_ready(&state) {
+        None => (StatusCode::OK, "ready").into_response(),
+        Some(_) => (StatusCode::SERVICE_UNAVAILABLE, "not ready").into_response(),
+    }
+}
+
+fn why_not_ready(state: &AppState) -> Option<String> {
     if state.draining.load(Ordering::Acquire) {
-        return (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response();
+        return Some("draining".into());
     }
     if !state.engine.is_alive() {
-        return (StatusCode::SERVICE_UNAVAILABLE, "the engine thread has stopped").into_response();
+        return Some("the engine thread has stopped".into());
     }
-    match (state.experts_ready)() {
-        Ok(()) => (StatusCode::OK, "ready").into_response(),
-        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why).into_response(),
-    }
+    (state.experts_ready)().err()
+}
+
+/// Readiness with its reason, and the engine's occupancy.
+pub(super) async fn status(State(state): State<Arc<AppState>>) -> Response {
+    let why = why_not_ready(&state);
+    let s = &state.engine.stats;
+    axum::Json(json!({
+        "ready": why.is_none(),
+        "reason": why,
+        "draining": state.draining.load(Ordering::Acquire),
+        "engine_alive": state.engine.is_alive(),
+        "model": state.config.model_name,
+        "running": s.running.load(Ordering::Relaxed),
+        "waiting": s.waiting.load(Ordering::Relaxed),
+    }))
+    .into_response()
 }
 
 pub(super) async fn metrics(State(state): State<Arc<AppState>>) -> Response {

@@ -17,6 +17,8 @@ pub(crate) enum Failure {
     Refused { code: ErrorCode, field: String, message: String },
     /// No answer within the message's deadline while the stream stayed up.
     Deadline { after: Duration },
+    /// An answer that cannot be right (non-finite partial sums): never added in, and the node is distrusted.
+    BadAnswer { message: String },
 }
 
 /// Where a failed piece may go next.
@@ -56,7 +58,7 @@ impl Failure {
     pub(crate) fn next(&self) -> Next {
         match self {
             Failure::NodeDown { .. } => Next::Elsewhere(Mark::Down),
-            Failure::Deadline { .. } => Next::Elsewhere(Mark::Suspect),
+            Failure::Deadline { .. } | Failure::BadAnswer { .. } => Next::Elsewhere(Mark::Suspect),
             Failure::Refused { code, field, .. } => match code {
                 ErrorCode::FailedPrecondition if field == "epoch" => Next::AfterPlacementChange,
                 // Not (or no longer) loaded there: another replica may have it, or the next placement will.
@@ -88,6 +90,7 @@ impl std::fmt::Display for Failure {
                 }
             }
             Failure::Deadline { after } => write!(f, "no answer within {after:?}"),
+            Failure::BadAnswer { message } => write!(f, "a bad answer: {message}"),
         }
     }
 }
@@ -113,6 +116,7 @@ mod tests {
         assert_eq!(Failure::NodeDown { reason: "x".into() }.next(), Next::Elsewhere(Mark::Down));
         assert_eq!(Failure::Deadline { after: Duration::from_secs(1) }.next(), Next::Elsewhere(Mark::Suspect));
         assert_eq!(refused(ErrorCode::Internal, "").next(), Next::Elsewhere(Mark::Suspect));
+        assert_eq!(Failure::BadAnswer { message: "NaN".into() }.next(), Next::Elsewhere(Mark::Suspect));
         assert_eq!(refused(ErrorCode::Unavailable, "").next(), Next::Elsewhere(Mark::Down));
         assert_eq!(refused(ErrorCode::ResourceExhausted, "").next(), Next::Backoff);
     }

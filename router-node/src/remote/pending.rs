@@ -327,6 +327,9 @@ impl PendingExperts for RemotePending<'_> {
                 Ok(Ok(result)) => result,
             };
             let failure = match result {
+                Ok(sums) if !sums_finite(&sums) => Failure::BadAnswer {
+                    message: format!("expert node {} answered non-finite partial sums", piece.link.addr),
+                },
                 Ok(sums) => {
                     add_sums(remote, piece, &sums, h, out).map_err(fail)?;
                     piece.link.answered_well();
@@ -375,6 +378,19 @@ fn placeholder() -> Piece {
         avoid: None,
         not_before: None,
     })
+}
+
+/// Whether every partial sum of an answer is finite (checked before any is added). A NaN or infinity from a node
+/// is a fault of that node; computed on valid activations with finite weights, no partial sum is one.
+fn sums_finite(sums: &v1::PartialSums) -> bool {
+    let bytes: &[u8] = &sums.sums;
+    match Dtype::try_from(sums.dtype) {
+        Ok(Dtype::F32) => bytes.chunks_exact(4).all(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]).is_finite()),
+        // bf16: all exponent bits set is an infinity or a NaN.
+        Ok(Dtype::Bf16) => bytes.chunks_exact(2).all(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7f80 != 0x7f80),
+        // Checked, and refused, where the sums are added.
+        _ => true,
+    }
 }
 
 /// Checks one answer against its piece and adds its partial sums into `out`.
