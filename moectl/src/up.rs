@@ -308,7 +308,8 @@ pub fn run(args: Args) -> Result<()> {
         );
         println!("Ctrl-C stops the cluster.");
         let drain = Arc::clone(&state);
-        router_node::http::serve(listener, router_node::http::router(Arc::clone(&state)), async move {
+        let limits = state.config.connections;
+        router_node::http::serve(listener, router_node::http::router(Arc::clone(&state)), limits, async move {
             moe_telemetry::shutdown_signal().await;
             drain.draining.store(true, Ordering::Release);
             eprintln!("\nstopping: requests in flight finish, then the expert nodes stop");

@@ -89,6 +89,16 @@ struct Args {
     /// Seconds without an event after which a stream gets an SSE keep-alive comment (only after its first event).
     #[arg(long, default_value_t = 15.0)]
     sse_keepalive_secs: f64,
+    /// Seconds a client may take to send a request's headers (and to start its next request on a kept-alive
+    /// connection) before the connection is closed.
+    #[arg(long, default_value_t = 30.0)]
+    header_read_timeout_secs: f64,
+    /// Seconds a request body may take to arrive (408 beyond).
+    #[arg(long, default_value_t = 30.0)]
+    body_read_timeout_secs: f64,
+    /// Open HTTP connections at most; more are closed as they are accepted.
+    #[arg(long, default_value_t = 4096)]
+    max_connections: usize,
     /// The longest a step waits for experts that lost their last live replica (a repair epoch, or the node back).
     #[arg(long, default_value_t = 600.0)]
     hold_timeout_secs: f64,
@@ -142,6 +152,7 @@ impl moe_config::Settings for Args {
             ("max-batch-tokens", self.max_batch_tokens),
             ("max-running", self.max_running),
             ("micro-batches", self.micro_batches),
+            ("max-connections", self.max_connections),
         ] {
             if v == 0 {
                 return Err(ConfigError::refused(key, "must be positive"));
@@ -152,6 +163,8 @@ impl moe_config::Settings for Args {
             ("request-timeout-secs", self.request_timeout_secs),
             ("max-queue-wait-secs", self.max_queue_wait_secs),
             ("sse-keepalive-secs", self.sse_keepalive_secs),
+            ("header-read-timeout-secs", self.header_read_timeout_secs),
+            ("body-read-timeout-secs", self.body_read_timeout_secs),
             ("hold-timeout-secs", self.hold_timeout_secs),
             ("expert-deadline-secs", self.expert_deadline_secs),
         ] {
@@ -304,6 +317,11 @@ fn options(args: &Args) -> Result<RouterOptions> {
             max_model_len: args.max_model_len.unwrap_or(0),
             request_timeout: secs("request-timeout-secs", args.request_timeout_secs)?,
             sse_keepalive: secs("sse-keepalive-secs", args.sse_keepalive_secs)?,
+            body_read_timeout: secs("body-read-timeout-secs", args.body_read_timeout_secs)?,
+            connections: router_node::http::ConnectionLimits {
+                max_connections: args.max_connections.max(1),
+                header_read_timeout: secs("header-read-timeout-secs", args.header_read_timeout_secs)?,
+            },
             ..ApiConfig::default()
         },
     })

@@ -205,7 +205,8 @@ pub async fn run(
     tracing::info!(%addr, model = %state.config.model_name, "serving");
     let app = crate::http::router(Arc::clone(&state));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let mut server = tokio::spawn(crate::http::serve(listener, app, async {
+    let limits = state.config.connections;
+    let mut server = tokio::spawn(crate::http::serve(listener, app, limits, async {
         let _ = stopped.await;
     }));
     tokio::pin!(shutdown);

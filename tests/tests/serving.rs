@@ -435,3 +435,68 @@ async fn an_expert_node_lost_mid_stream_ends_it_with_an_error_event() {
     assert_eq!(reqwest::get(format!("{url}/livez")).await.expect("livez").status().as_u16(), 200);
     assert_eq!(reqwest::get(format!("{url}/readyz")).await.expect("readyz").status().as_u16(), 503);
 }
+
+/// Reads from `stream` until it closes or `within` passes; returns what came and whether it closed.
+fn read_until_closed(stream: &mut std::net::TcpStream, within: Duration) -> (String, bool) {
+    use std::io::Read;
+    stream.set_read_timeout(Some(Duration::from_millis(200))).expect("timeout");
+    let started = std::time::Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while started.elapsed() < within {
+        match stream.read(&mut buf) {
+            Ok(0) => return (String::from_utf8_lossy(&got).into_owned(), true),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(_) => return (String::from_utf8_lossy(&got).into_owned(), true),
+        }
+    }
+    (String::from_utf8_lossy(&got).into_owned(), false)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_and_connection_floods_are_cut_off_and_the_server_goes_on() {
+    use std::io::Write;
+    let dir = fixture("qwen35");
+    let args = ["--header-read-timeout-secs", "1", "--body-read-timeout-secs", "1", "--max-connections", "3"];
+    let router = RouterProcess::start(&dir, &args).expect("router");
+    let url = router.url().to_owned();
+    let addr = url.trim_start_matches("http://").to_owned();
+    let result = tokio::task::spawn_blocking(move || {
+        // Slowloris: headers a byte at a time, never finished. Cut after the header timeout.
+        let mut slow = std::net::TcpStream::connect(&addr).expect("connects");
+        let started = std::time::Instant::now();
+        for b in b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nX-Slow: ".iter().cycle().take(40) {
+            if slow.write_all(&[*b]).is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let (_, closed) = read_until_closed(&mut slow, Duration::from_secs(5));
+        let slowloris = (closed, started.elapsed());
+
+        // A body that never arrives: 408.
+        let mut body = std::net::TcpStream::connect(&addr).expect("connects");
+        body.write_all(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"pro")
+            .expect("written");
+        let (answer, _) = read_until_closed(&mut body, Duration::from_secs(5));
+
+        // A flood: beyond 3 open connections, the next is closed at once.
+        let held: Vec<_> = (0..3).map(|_| std::net::TcpStream::connect(&addr).expect("connects")).collect();
+        std::thread::sleep(Duration::from_millis(200));
+        let mut extra = std::net::TcpStream::connect(&addr).expect("connects");
+        let (_, refused) = read_until_closed(&mut extra, Duration::from_millis(800));
+        drop(held);
+        (slowloris, answer, refused)
+    })
+    .await
+    .expect("joins");
+    let ((closed, took), answer, refused) = result;
+    assert!(closed && took < Duration::from_secs(6), "the slow client held its connection for {took:?}");
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(refused, "a connection beyond the cap was kept");
+    // The server goes on.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, resp) = post(&url, "/v1/completions", json!({"prompt": "x", "max_tokens": 2})).await;
+    assert_eq!(status, 200, "{resp}");
+}

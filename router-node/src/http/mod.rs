@@ -51,6 +51,10 @@ pub struct ApiConfig {
     /// The longest a request may take, queue included (also the most a request's own `request_timeout` may ask);
     /// past it the request ends with HTTP 503 or, streamed, a last SSE error event.
     pub request_timeout: Duration,
+    /// The longest a request body may take to arrive (408 beyond).
+    pub body_read_timeout: Duration,
+    /// Connections and header reads.
+    pub connections: ConnectionLimits,
     /// SSE keep-alive comments, sent after this long without an event once a stream's first data event is out
     /// (never before it: some clients cannot parse a stream that begins with a comment).
     pub sse_keepalive: Duration,
@@ -66,6 +70,8 @@ impl Default for ApiConfig {
             max_choices: 64,
             request_timeout: Duration::from_secs(600),
             sse_keepalive: Duration::from_secs(15),
+            body_read_timeout: Duration::from_secs(30),
+            connections: ConnectionLimits::default(),
         }
     }
 }
@@ -147,11 +153,73 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// Serves `app` on `listener` until `shutdown` resolves; requests in flight finish.
+/// What one connection may hold.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    /// Open connections at most; one more is closed as soon as it is accepted (a flood of idle sockets cannot
+    /// take the router's memory or descriptors).
+    pub max_connections: usize,
+    /// The longest a client may take to send a request's headers, and to start the next request on a kept-alive
+    /// connection: a slowloris client holds a connection no longer than this.
+    pub header_read_timeout: Duration,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        ConnectionLimits { max_connections: 4096, header_read_timeout: Duration::from_secs(30) }
+    }
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves; requests in flight finish (streams included), idle
+/// connections are closed. HTTP/1.1 and HTTP/2 (prior knowledge), within `limits`; request bodies have their own
+/// read timeout ([`ApiConfig::body_read_timeout`]).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
+    limits: ConnectionLimits,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto;
+    use hyper_util::service::TowerToHyperService;
+
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
+    builder.http2().timer(TokioTimer::new()).keep_alive_interval(Some(Duration::from_secs(20)));
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Out of descriptors, most likely: wait for some to be freed rather than spin.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "{} connections are open: connection closed", limits.max_connections);
+            continue;
+        };
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!("cannot set TCP_NODELAY: {e}");
+        }
+        let service = TowerToHyperService::new(app.clone());
+        let connection =
+            graceful.watch(builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned());
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(%peer, "connection ended: {e}");
+            }
+            drop(slot);
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
 }

@@ -27,7 +27,16 @@ pub(super) fn check_model(state: &AppState, f: &Fields<'_>) -> Result<(), ApiErr
 /// Reads the body under the size limit and parses it as a JSON object.
 pub(super) async fn read_json(state: &AppState, req: Request) -> Result<Map<String, Value>, ApiError> {
     let limit = state.config.max_body_bytes;
-    let bytes = axum::body::to_bytes(req.into_body(), limit).await.map_err(|_| {
+    let timeout = state.config.body_read_timeout;
+    let read = tokio::time::timeout(timeout, axum::body::to_bytes(req.into_body(), limit)).await.map_err(|_| {
+        ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            format!("the request body did not arrive within {} s", timeout.as_secs_f64()),
+            None,
+            "request_timeout",
+        )
+    })?;
+    let bytes = read.map_err(|_| {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!("the request body exceeds {limit} bytes"),
