@@ -69,6 +69,18 @@ pub mod tls {
         files(role).flags()
     }
 
+    /// A certificate of the test CA for `role`, valid for `hosts` (a node on an address other than loopback), in a
+    /// directory of its own that lives as long as the returned guard.
+    pub fn issue_for(role: Role, hosts: &[String]) -> (tempfile::TempDir, TlsFiles) {
+        let tmp = tempfile::tempdir().expect("tmp");
+        for f in [dev_ca::CA_CERT, dev_ca::CA_KEY] {
+            std::fs::copy(dir().join(f), tmp.path().join(f)).expect("the test CA");
+        }
+        dev_ca::issue(tmp.path(), role, role.name(), hosts, 30).expect("issues");
+        let files = dev_ca::files(tmp.path(), role.name());
+        (tmp, files)
+    }
+
     /// `role`'s identity in this process (for in-process routers and gRPC clients).
     pub fn identity(role: Role) -> Arc<Identity> {
         Identity::load(files(role), &[role]).expect("a test identity")

@@ -26,7 +26,11 @@ async fn a_partitioned_node_is_noticed_held_for_and_reconnected_after_the_heal()
     let Some(mut ns) = netns_or_skip() else { return };
     let dir = fixture("qwen35");
     let inside = Launch { netns: Some(ns.name().to_owned()), ..Launch::default() };
-    let far = ExpertNodeProcess::launch(&dir, &format!("{}:0", ns.inside()), "0-3", &[], &inside).expect("node");
+    // Its certificate names the namespace's address, which the router dials.
+    let (_certs, files) = moe_e2e::tls::issue_for(moe_tls::Role::Expert, &[ns.inside().to_owned()]);
+    let flags = files.flags();
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let far = ExpertNodeProcess::launch(&dir, &format!("{}:0", ns.inside()), "0-3", &flags, &inside).expect("node");
     let near = ExpertNodeProcess::start(&dir, "4-7", &[]).expect("node");
     let at = format!("{},{}", far.addr(), near.addr());
     let router = RouterProcess::start(&dir, &["--experts-at", &at]).expect("router");
