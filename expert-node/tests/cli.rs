@@ -36,13 +36,17 @@ fn bad_starts_fail_with_one_line() {
         (&["--max-message-mib", "0"], "must be between 1 and 1024"),
     ];
     for (extra, want) in cases {
-        let mut args = vec!["--model", m.as_str(), "--listen", "127.0.0.1:0"];
+        let mut args = vec!["--model", m.as_str(), "--listen", "127.0.0.1:0", "--insecure"];
         args.extend_from_slice(extra);
         let (code, _, stderr) = run(&args);
         assert_ne!(code, Some(0), "{extra:?} started");
         assert!(stderr.contains(want), "{extra:?}: {stderr}");
     }
-    let (code, _, stderr) = run(&["--model", "/nonexistent-model-dir", "--listen", "127.0.0.1:0"]);
+    // Neither certificates nor --insecure: one line saying both ways.
+    let (code, _, stderr) = run(&["--model", m.as_str(), "--listen", "127.0.0.1:0"]);
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("tls-cert: an expert node uses mutual TLS") && stderr.contains("`insecure`"), "{stderr}");
+    let (code, _, stderr) = run(&["--model", "/nonexistent-model-dir", "--listen", "127.0.0.1:0", "--insecure"]);
     assert_eq!(code, Some(1));
     assert!(stderr.lines().last().unwrap_or("").starts_with("error: loading /nonexistent-model-dir"), "{stderr}");
 }

@@ -29,9 +29,14 @@ fn bad_starts_fail_with_one_line() {
         stderr.lines().last().unwrap_or("").starts_with("error: starting the router for /nonexistent-model-dir"),
         "{stderr}"
     );
-    let (code, _, stderr) = run(&["--model", fixture, "--listen", "127.0.0.1:0", "--experts-at", "127.0.0.1:1"]);
+    let at = ["--model", fixture, "--listen", "127.0.0.1:0", "--experts-at", "127.0.0.1:1"];
+    let (code, _, stderr) = run(&[&at[..], &["--insecure"]].concat());
     assert_eq!(code, Some(1));
     assert!(stderr.contains("expert node 127.0.0.1:1 is unreachable"), "{stderr}");
+    // Remote experts without certificates or --insecure: one line saying both ways.
+    let (code, _, stderr) = run(&at);
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("tls-cert: a router with remote experts uses mutual TLS"), "{stderr}");
     let (code, _, stderr) = run(&["--model", fixture, "--listen", "127.0.0.1:0", "--state-budget-gib", "0"]);
     assert_eq!(code, Some(1));
     assert!(stderr.contains("state-budget-gib: 0: must be a positive number"), "{stderr}");

@@ -19,7 +19,9 @@ fn refused(binary: &str, args: &[&str]) -> String {
 fn cuda_without_a_gpu_is_one_clear_line() {
     let model = fixture("qwen35");
     let model = model.to_str().expect("utf-8 path");
-    for (binary, extra) in [("expert-node", &["--listen", "127.0.0.1:0"][..]), ("router-node", &["--port", "0"][..])] {
+    for (binary, extra) in
+        [("expert-node", &["--listen", "127.0.0.1:0", "--insecure"][..]), ("router-node", &["--port", "0"][..])]
+    {
         let line = refused(binary, &[&["--model", model, "--device", "cuda:0,1"], extra].concat());
         eprintln!("{binary}: {line}");
         assert!(line.starts_with("error: --device cuda:0,1: "), "{line}");
