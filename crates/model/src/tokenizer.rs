@@ -51,6 +51,11 @@ impl Tokenizer {
             .map_err(|e| ModelError::Tokenizer { path: self.path.clone(), message: e.to_string() })
     }
 
+    /// The largest id the tokenizer can produce (its vocabulary and added tokens).
+    pub fn max_id(&self) -> Option<u32> {
+        self.inner.get_vocab(true).into_values().max()
+    }
+
     /// Returns the id of a token string (for special tokens named in tokenizer_config.json).
     pub fn token_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
@@ -64,14 +69,18 @@ pub struct Message {
     pub content: String,
 }
 
-/// A model's chat template.
+/// A model's chat template, compiled once at load.
 #[derive(Debug)]
 pub struct ChatTemplate {
-    source: String,
+    env: minijinja::Environment<'static>,
     path: PathBuf,
     bos_token: Option<String>,
     eos_token: Option<String>,
 }
+
+/// Instructions one render may execute. A Qwen template renders a long conversation (thousands of messages, tools)
+/// in well under a million; a template that loops without end, or a request that makes it, stops here.
+pub const TEMPLATE_FUEL: u64 = 20_000_000;
 
 /// A special-token entry of tokenizer_config.json: a string or an AddedToken object.
 fn token_string(v: Option<&Value>) -> Option<String> {
@@ -114,33 +123,33 @@ impl ChatTemplate {
                 None => return Ok(None),
             }
         };
-        let template = ChatTemplate {
-            source,
+        // Compiled once, now: a broken template is reported at load time, and requests only render.
+        let env = Self::environment(source, &path)?;
+        Ok(Some(ChatTemplate {
+            env,
             path,
             bos_token: token_string(cfg.as_ref().and_then(|c| c.get("bos_token"))),
             eos_token: token_string(cfg.as_ref().and_then(|c| c.get("eos_token"))),
-        };
-        // Compile once now, so a broken template is reported at load time.
-        template.environment()?;
-        Ok(Some(template))
+        }))
     }
 
-    fn environment(&self) -> Result<minijinja::Environment<'_>> {
+    fn environment(source: String, path: &Path) -> Result<minijinja::Environment<'static>> {
         let mut env = minijinja::Environment::new();
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
             Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
         });
-        env.add_template("chat", &self.source)
-            .map_err(|e| ModelError::Tokenizer { path: self.path.clone(), message: format!("chat template: {e}") })?;
+        env.set_fuel(Some(TEMPLATE_FUEL));
+        env.add_template_owned("chat", source)
+            .map_err(|e| ModelError::Tokenizer { path: path.to_owned(), message: format!("chat template: {e}") })?;
         Ok(env)
     }
 
     /// Renders the conversation, ending with the assistant's turn prompt when `add_generation_prompt`.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
-        let env = self.environment()?;
-        let template = env
+        let template = self
+            .env
             .get_template("chat")
             .map_err(|e| ModelError::Tokenizer { path: self.path.clone(), message: format!("chat template: {e}") })?;
         template
@@ -210,6 +219,19 @@ mod tests {
         std::fs::write(dir.path().join("chat_template.jinja"), "J{{ messages|length }}").expect("write");
         let t = ChatTemplate::load(dir.path()).expect("load").expect("present");
         assert_eq!(t.render(&msgs, false).expect("render"), "J1");
+    }
+
+    #[test]
+    fn a_template_that_runs_too_long_runs_out_of_fuel() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tpl = "{% for a in range(1000) %}{% for b in range(1000) %}{% for c in range(1000) %}{% endfor %}\
+                   {% endfor %}{% endfor %}done";
+        std::fs::write(dir.path().join("chat_template.jinja"), tpl).expect("write");
+        let t = ChatTemplate::load(dir.path()).expect("load").expect("present");
+        let started = std::time::Instant::now();
+        let err = t.render(&[Message { role: "user".into(), content: "hi".into() }], true).expect_err("no fuel");
+        assert!(err.to_string().contains("fuel"), "{err}");
+        eprintln!("stopped after {:?}", started.elapsed());
     }
 
     #[test]

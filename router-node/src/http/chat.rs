@@ -13,16 +13,16 @@ use serde_json::{json, Value};
 use super::choices::{admitted, budget, sequence_params, start_choice, token_text, unix_now, ChoiceSpec, Delta};
 use super::completions::collect;
 use super::error::ApiError;
-use super::parse::{parse_common, parse_messages, read_json, Fields};
+use super::parse::{off_the_workers, parse_common, parse_messages, read_json, Fields};
 use super::stream::{sse, stream_tail, StreamTally};
 use super::AppState;
 use crate::engine::TokenLogprob;
 
 pub(super) async fn chat_completions(State(state): State<Arc<AppState>>, req: Request) -> Result<Response, ApiError> {
-    let body = read_json(&state, req).await?;
+    let body = Arc::new(read_json(&state, req).await?);
     let f = Fields(&body);
     let common = parse_common(&state, &f, true)?;
-    let prompt = parse_messages(&state, &f)?;
+    let prompt = off_the_workers(&state, &body, parse_messages).await?;
     if common.n > state.config.max_choices {
         return Err(ApiError::invalid("n", format!("at most {} choices per request", state.config.max_choices)));
     }

@@ -17,16 +17,16 @@ use super::choices::{
     admitted, budget, sequence_params, start_choice, token_text, unix_now, ChoiceResult, ChoiceSpec, Delta,
 };
 use super::error::ApiError;
-use super::parse::{parse_common, parse_prompts, read_json, Fields};
+use super::parse::{off_the_workers, parse_common, parse_prompts, read_json, Fields};
 use super::stream::{sse, stream_tail, StreamTally};
 use super::AppState;
 use crate::engine::TokenLogprob;
 
 pub(super) async fn completions(State(state): State<Arc<AppState>>, req: Request) -> Result<Response, ApiError> {
-    let body = read_json(&state, req).await?;
+    let body = Arc::new(read_json(&state, req).await?);
     let f = Fields(&body);
     let common = parse_common(&state, &f, false)?;
-    let prompts = parse_prompts(&state, &f)?;
+    let prompts = off_the_workers(&state, &body, parse_prompts).await?;
     let echo = f.bool("echo")?.unwrap_or(false);
     if prompts.len().checked_mul(common.n).is_none_or(|choices| choices > state.config.max_choices) {
         return Err(ApiError::invalid("n", format!("at most {} choices per request", state.config.max_choices)));

@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 
 use super::error::ApiError;
-use super::parse::{check_model, parse_messages, read_json, Fields};
+use super::parse::{check_model, off_the_workers, parse_messages, read_json, Fields};
 use super::AppState;
 
 pub(super) async fn models(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
@@ -27,17 +27,18 @@ pub(super) async fn models(State(state): State<Arc<AppState>>) -> Result<Respons
 
 /// vLLM's `/tokenize`: `prompt` (a string) or `messages` (through the chat template) to token ids.
 pub(super) async fn tokenize(State(state): State<Arc<AppState>>, req: Request) -> Result<Response, ApiError> {
-    let body = read_json(&state, req).await?;
-    let f = Fields(&body);
-    check_model(&state, &f)?;
-    let tokens = if f.get("messages").is_some() {
-        parse_messages(&state, &f)?
-    } else {
+    let body = Arc::new(read_json(&state, req).await?);
+    check_model(&state, &Fields(&body))?;
+    let tokens = off_the_workers(&state, &body, |state, f| {
+        if f.get("messages").is_some() {
+            return parse_messages(state, f);
+        }
         let text =
             f.string("prompt")?.ok_or_else(|| ApiError::schema("prompt", "`prompt` or `messages` is required"))?;
         let special = f.bool("add_special_tokens")?.unwrap_or(true);
-        state.tokenizer.encode(text, special).map_err(|e| ApiError::invalid("prompt", e.to_string()))?
-    };
+        state.tokenizer.encode(text, special).map_err(|e| ApiError::invalid("prompt", e.to_string()))
+    })
+    .await?;
     Ok(axum::Json(json!({"count": tokens.len(), "max_model_len": state.config.max_model_len, "tokens": tokens}))
         .into_response())
 }

@@ -2,6 +2,7 @@
 //! gets an error naming it and unknown fields are ignored.
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::extract::Request;
@@ -70,6 +71,23 @@ pub(super) const MAX_MESSAGES: usize = 4096;
 pub(super) const MAX_CONTENT_PARTS: usize = 1024;
 /// Temperatures below this sample greedily, as in vLLM.
 pub(super) const MIN_TEMPERATURE: f64 = 1e-5;
+
+/// Runs `work` on the blocking pool: tokenising and rendering a chat template are CPU-bound and grow with a body of
+/// up to megabytes, and the async workers must go on serving other connections (and probes) meanwhile.
+pub(super) async fn off_the_workers<T, F>(
+    state: &Arc<AppState>,
+    body: &Arc<Map<String, Value>>,
+    work: F,
+) -> Result<T, ApiError>
+where
+    T: Send + 'static,
+    F: FnOnce(&AppState, &Fields<'_>) -> Result<T, ApiError> + Send + 'static,
+{
+    let (state, body) = (Arc::clone(state), Arc::clone(body));
+    tokio::task::spawn_blocking(move || work(&state, &Fields(&body))).await.map_err(|e| {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("reading the prompt failed: {e}"), None, "internal")
+    })?
+}
 
 /// Typed access to the fields of a request object; `null` counts as absent.
 pub(super) struct Fields<'a>(pub(super) &'a Map<String, Value>);
