@@ -200,6 +200,14 @@ async fn every_bad_request_gets_an_openai_error_naming_the_field() {
         ("/v1/completions", br#"{"prompt": "x", "top_p": 1.5}"#.to_vec(), 400, Some("top_p")),
         ("/v1/completions", br#"{"prompt": "x", "n": 0}"#.to_vec(), 400, Some("n")),
         ("/v1/completions", br#"{"prompt": "x", "n": 1000000}"#.to_vec(), 400, Some("n")),
+        ("/v1/completions", br#"{"prompt": "x", "max_tokens": 1e12}"#.to_vec(), 400, Some("max_tokens")),
+        // JSON nested 10 000 deep: refused by the parser's depth limit, not by the stack.
+        (
+            "/v1/completions",
+            format!("{{\"prompt\": {}{}}}", "[".repeat(10_000), "]".repeat(10_000)).into_bytes(),
+            400,
+            None,
+        ),
         // Prompts × n past usize (it wraps in a release build if multiplied unchecked).
         ("/v1/completions", br#"{"prompt": ["a", "b", "c"], "n": 9223372036854775807}"#.to_vec(), 400, Some("n")),
         ("/v1/completions", br#"{"prompt": ["a", "b", "c", "d"], "n": 20}"#.to_vec(), 400, Some("n")),

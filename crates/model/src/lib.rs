@@ -91,6 +91,14 @@ impl LoadedModel {
         progress(total, total);
         tracing::info!(bytes = total, "weights loaded");
         let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json"))?;
+        // An id past the embedding table would index out of it on the first request that produces it.
+        let vocab = model.config().vocab_size;
+        if let Some(max) = tokenizer.max_id().filter(|&m| m as usize >= vocab) {
+            return Err(ModelError::Tokenizer {
+                path: dir.join("tokenizer.json"),
+                message: format!("token id {max} is beyond the model's vocabulary of {vocab} (config.json vocab_size)"),
+            });
+        }
         tracing::info!("tokenizer loaded");
         Ok(LoadedModel {
             dir: dir.to_owned(),

@@ -197,3 +197,16 @@ fn f32_and_f16_tensors_load() {
         }
     }
 }
+
+#[test]
+fn a_tokenizer_with_ids_beyond_the_vocabulary_is_refused_at_load() {
+    let dir = copy_fixture("qwen35");
+    let path = dir.path().join("tokenizer.json");
+    let mut t: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("json");
+    let added = t["added_tokens"].as_array_mut().expect("added tokens");
+    added.push(serde_json::json!({"id": 300, "content": "<|beyond|>", "single_word": false, "lstrip": false,
+        "rstrip": false, "normalized": false, "special": true}));
+    std::fs::write(&path, t.to_string()).expect("write");
+    let err = LoadedModel::load(dir.path()).expect_err("id 300 of a 300-token vocabulary").to_string();
+    assert!(err.contains("token id 300 is beyond the model's vocabulary of 300"), "{err}");
+}
