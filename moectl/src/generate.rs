@@ -131,8 +131,7 @@ pub fn run(args: Args) -> Result<()> {
                     .chat_template
                     .as_ref()
                     .with_context(|| format!("--chat: the model in {} has no chat template", args.model.display()))?;
-                let rendered = template.render(&[Message { role: "user".into(), content: text.clone() }], true)?;
-                lm.tokenizer.encode(&rendered, false)?
+                template.encode(&lm.tokenizer, &[Message { role: "user".into(), content: text.clone() }], true)?
             } else {
                 lm.tokenizer.encode(text, true)?
             }

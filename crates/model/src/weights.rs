@@ -393,6 +393,13 @@ impl Checkpoint {
         self.tensors.contains_key(&self.full_name(name))
     }
 
+    /// The names of the text model's tensors (without the prefix), sorted.
+    pub fn tensor_names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.tensors.keys().filter_map(|k| k.strip_prefix(self.prefix)).collect();
+        names.sort_unstable();
+        names
+    }
+
     /// Returns the shape of the text-model tensor `name`, if present.
     pub fn shape(&self, name: &str) -> Option<&[usize]> {
         self.tensors.get(&self.full_name(name)).map(|t| t.shape.as_slice())
