@@ -374,6 +374,12 @@ impl ExpertNode {
         Ok(dtype)
     }
 
+    /// Checks and computes one request as the service does, without its queue: the sums, or the refusal.
+    pub fn forward(&self, req: &ForwardRequest) -> Result<ForwardResponse, Refusal> {
+        let dtype = self.check(req)?;
+        self.compute(req, dtype, Duration::ZERO)
+    }
+
     /// Decodes, computes and encodes a checked request.
     fn compute(&self, req: &ForwardRequest, dtype: Dtype, queued: Duration) -> Result<ForwardResponse, Refusal> {
         let h = self.config.hidden_size;
