@@ -10,24 +10,20 @@ use futures::StreamExt;
 use moe_model::Tokenizer;
 use serde_json::{json, Value};
 
-use super::choices::{admitted, budget, sequence_params, start_choice, token_text, unix_now, ChoiceSpec, Delta};
+use super::choices::{admitted, sequence_params, start_choice, token_text, unix_now, ChoiceSpec, Delta};
 use super::completions::collect;
 use super::error::ApiError;
-use super::parse::{off_the_workers, parse_common, parse_messages, read_json, Fields};
+use super::parse::{off_the_workers, read_body};
+use super::plan::{chat_plan, ChatPlan};
 use super::stream::{sse, stream_tail, StreamTally};
 use super::AppState;
 use crate::engine::TokenLogprob;
 
 pub(super) async fn chat_completions(State(state): State<Arc<AppState>>, req: Request) -> Result<Response, ApiError> {
-    let body = Arc::new(read_json(&state, req).await?);
-    let f = Fields(&body);
-    let common = parse_common(&state, &f, true)?;
-    let prompt = off_the_workers(&state, &body, parse_messages).await?;
-    if common.n > state.config.max_choices {
-        return Err(ApiError::invalid("n", format!("at most {} choices per request", state.config.max_choices)));
-    }
-    let param = if f.get("max_completion_tokens").is_some() { "max_completion_tokens" } else { "max_tokens" };
-    let max_tokens = budget(&state, &common, prompt.len(), None, param)?;
+    let body = read_body(&state, req).await?;
+    let ChatPlan { mut common, prompt, max_tokens } =
+        off_the_workers(&state, move |state| chat_plan(&state.intake(), &body)).await?;
+    state.seed(&mut common);
     let mut receivers = Vec::new();
     for j in 0..common.n {
         let mut params = sequence_params(&state, &common, max_tokens, false);

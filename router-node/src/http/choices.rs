@@ -188,29 +188,6 @@ pub(super) fn sequence_params(
     }
 }
 
-/// The max_tokens to use, checked against the context length.
-pub(super) fn budget(
-    state: &AppState,
-    c: &Common,
-    prompt_len: usize,
-    default: Option<usize>,
-    param: &str,
-) -> Result<usize, ApiError> {
-    let ctx = state.config.max_model_len;
-    let max_tokens = c.max_tokens.or(default).unwrap_or_else(|| ctx.saturating_sub(prompt_len));
-    if prompt_len + max_tokens > ctx || max_tokens == 0 {
-        return Err(ApiError::invalid(
-            param,
-            format!(
-                "this model's maximum context length is {ctx} tokens; the request asks for {} ({prompt_len} in the \
-                 prompt, {max_tokens} to generate)",
-                prompt_len + max_tokens
-            ),
-        ));
-    }
-    Ok(max_tokens)
-}
-
 pub(super) fn token_text(tok: &Tokenizer, id: u32) -> String {
     tok.decode(&[id], false).unwrap_or_default()
 }

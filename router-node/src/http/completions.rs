@@ -13,29 +13,23 @@ use moe_model::Tokenizer;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use super::choices::{
-    admitted, budget, sequence_params, start_choice, token_text, unix_now, ChoiceResult, ChoiceSpec, Delta,
-};
+use super::choices::{admitted, sequence_params, start_choice, token_text, unix_now, ChoiceResult, ChoiceSpec, Delta};
 use super::error::ApiError;
-use super::parse::{off_the_workers, parse_common, parse_prompts, read_json, Fields};
+use super::parse::{off_the_workers, read_body};
+use super::plan::{completion_plan, CompletionPlan};
 use super::stream::{sse, stream_tail, StreamTally};
 use super::AppState;
 use crate::engine::TokenLogprob;
 
 pub(super) async fn completions(State(state): State<Arc<AppState>>, req: Request) -> Result<Response, ApiError> {
-    let body = Arc::new(read_json(&state, req).await?);
-    let f = Fields(&body);
-    let common = parse_common(&state, &f, false)?;
-    let prompts = off_the_workers(&state, &body, parse_prompts).await?;
-    let echo = f.bool("echo")?.unwrap_or(false);
-    if prompts.len().checked_mul(common.n).is_none_or(|choices| choices > state.config.max_choices) {
-        return Err(ApiError::invalid("n", format!("at most {} choices per request", state.config.max_choices)));
-    }
+    let body = read_body(&state, req).await?;
+    let CompletionPlan { mut common, prompts, echo } =
+        off_the_workers(&state, move |state| completion_plan(&state.intake(), &body)).await?;
+    state.seed(&mut common);
     let mut receivers = Vec::new();
-    for prompt in &prompts {
-        let max_tokens = budget(&state, &common, prompt.len(), Some(16), "max_tokens")?;
+    for (prompt, max_tokens) in &prompts {
         for j in 0..common.n {
-            let mut params = sequence_params(&state, &common, max_tokens, echo && common.logprobs.is_some());
+            let mut params = sequence_params(&state, &common, *max_tokens, echo && common.logprobs.is_some());
             params.sampling.seed = params.sampling.seed.wrapping_add(j as u64);
             receivers.push((
                 prompt.clone(),

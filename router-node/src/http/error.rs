@@ -32,6 +32,16 @@ impl ApiError {
         Self::new(StatusCode::UNPROCESSABLE_ENTITY, message, Some(param), "invalid_type")
     }
 
+    /// The HTTP status the client gets.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// What the client is told.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
     pub(super) fn kind(&self) -> &'static str {
         match self.status {
             StatusCode::UNAUTHORIZED => "authentication_error",

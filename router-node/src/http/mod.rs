@@ -14,6 +14,7 @@ mod completions;
 mod error;
 mod info;
 mod parse;
+mod plan;
 mod probes;
 mod stream;
 mod text;
@@ -31,9 +32,12 @@ use crate::engine::EngineHandle;
 
 use chat::chat_completions;
 use completions::completions;
-use error::ApiError;
 use info::{detokenize, models, tokenize};
 use probes::{livez, metrics, readyz, status};
+
+pub use error::ApiError;
+pub use parse::Intake;
+pub use plan::{read_request, Endpoint, RequestShape};
 
 /// Settings of the HTTP front end.
 #[derive(Debug, Clone)]
@@ -121,6 +125,31 @@ impl AppState {
             created: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
             remote: None,
             next_id: AtomicU64::new(1),
+        }
+    }
+}
+
+impl AppState {
+    /// What reading a request needs.
+    pub fn intake(&self) -> Intake<'_> {
+        Intake {
+            model_name: &self.config.model_name,
+            tokenizer: &self.tokenizer,
+            chat_template: self.chat_template.as_deref(),
+            generation: &self.generation,
+            vocab_size: self.vocab_size,
+            max_model_len: self.config.max_model_len,
+            max_choices: self.config.max_choices,
+            request_timeout: self.config.request_timeout,
+        }
+    }
+
+    /// Gives an unseeded request a seed of its own: unseeded sampling differs per request, as clients expect.
+    fn seed(&self, common: &mut parse::Common) {
+        if !common.seeded {
+            common.sampling.seed =
+                self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                    ^ SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
         }
     }
 }

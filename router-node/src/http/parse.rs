@@ -1,23 +1,42 @@
-//! Request bodies: read under a size limit, then parsed field by field from JSON values, so that every bad field
-//! gets an error naming it and unknown fields are ignored.
+//! Request bodies: read under a size and time limit, then parsed field by field from JSON values, so that every bad
+//! field gets an error naming it and unknown fields are ignored. Parsing needs the model's tokenizer, template and
+//! limits ([`Intake`]) but no engine: a request is read and checked whole before any of it runs.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
+use axum::body::Bytes;
 use axum::extract::Request;
 use axum::http::StatusCode;
-use moe_model::{Message, SamplingParams};
+use moe_model::{ChatTemplate, GenerationConfig, Message, SamplingParams, Tokenizer};
 use serde_json::{Map, Value};
 
 use super::error::ApiError;
 use super::AppState;
 
-pub(super) fn check_model(state: &AppState, f: &Fields<'_>) -> Result<(), ApiError> {
+/// What reading a request needs: the model's tokenizer, chat template and generation defaults, and the server's
+/// limits. A view of [`AppState`] ([`AppState::intake`]), or built by hand by tools that check request reading
+/// without an engine.
+#[derive(Debug, Clone, Copy)]
+pub struct Intake<'a> {
+    pub model_name: &'a str,
+    pub tokenizer: &'a Tokenizer,
+    pub chat_template: Option<&'a ChatTemplate>,
+    pub generation: &'a GenerationConfig,
+    pub vocab_size: usize,
+    /// Prompt + max_tokens at most.
+    pub max_model_len: usize,
+    /// `n` × prompts at most.
+    pub max_choices: usize,
+    /// The most a request's own `request_timeout` may ask.
+    pub request_timeout: Duration,
+}
+
+pub(super) fn check_model(intake: &Intake<'_>, f: &Fields<'_>) -> Result<(), ApiError> {
     match f.string("model")? {
-        Some(model) if model != state.config.model_name => Err(ApiError::new(
+        Some(model) if model != intake.model_name => Err(ApiError::new(
             StatusCode::NOT_FOUND,
-            format!("the model `{model}` does not exist (this server serves `{}`)", state.config.model_name),
+            format!("the model `{model}` does not exist (this server serves `{}`)", intake.model_name),
             Some("model"),
             "model_not_found",
         )),
@@ -25,8 +44,8 @@ pub(super) fn check_model(state: &AppState, f: &Fields<'_>) -> Result<(), ApiErr
     }
 }
 
-/// Reads the body under the size limit and parses it as a JSON object.
-pub(super) async fn read_json(state: &AppState, req: Request) -> Result<Map<String, Value>, ApiError> {
+/// Reads the body under the size and time limits.
+pub(super) async fn read_body(state: &AppState, req: Request) -> Result<Bytes, ApiError> {
     let limit = state.config.max_body_bytes;
     let timeout = state.config.body_read_timeout;
     let read = tokio::time::timeout(timeout, axum::body::to_bytes(req.into_body(), limit)).await.map_err(|_| {
@@ -37,15 +56,19 @@ pub(super) async fn read_json(state: &AppState, req: Request) -> Result<Map<Stri
             "request_timeout",
         )
     })?;
-    let bytes = read.map_err(|_| {
+    read.map_err(|_| {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!("the request body exceeds {limit} bytes"),
             None,
             "payload_too_large",
         )
-    })?;
-    if std::str::from_utf8(&bytes).is_err() {
+    })
+}
+
+/// Parses a body as a JSON object.
+pub(super) fn parse_json(bytes: &[u8]) -> Result<Map<String, Value>, ApiError> {
+    if std::str::from_utf8(bytes).is_err() {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "the request body is not valid UTF-8",
@@ -53,7 +76,7 @@ pub(super) async fn read_json(state: &AppState, req: Request) -> Result<Map<Stri
             "invalid_json",
         ));
     }
-    match serde_json::from_slice::<Value>(&bytes) {
+    match serde_json::from_slice::<Value>(bytes) {
         Ok(Value::Object(map)) => Ok(map),
         Ok(_) => {
             Err(ApiError::new(StatusCode::BAD_REQUEST, "the request body must be a JSON object", None, "invalid_json"))
@@ -69,22 +92,21 @@ pub(super) const MAX_STOP_BYTES: usize = 4096;
 pub(super) const MAX_STOP_TOKEN_IDS: usize = 256;
 pub(super) const MAX_MESSAGES: usize = 4096;
 pub(super) const MAX_CONTENT_PARTS: usize = 1024;
+/// The message roles of the chat API.
+pub(super) const ROLES: &[&str] = &["system", "developer", "user", "assistant", "tool", "function"];
 /// Temperatures below this sample greedily, as in vLLM.
 pub(super) const MIN_TEMPERATURE: f64 = 1e-5;
 
-/// Runs `work` on the blocking pool: tokenising and rendering a chat template are CPU-bound and grow with a body of
-/// up to megabytes, and the async workers must go on serving other connections (and probes) meanwhile.
-pub(super) async fn off_the_workers<T, F>(
-    state: &Arc<AppState>,
-    body: &Arc<Map<String, Value>>,
-    work: F,
-) -> Result<T, ApiError>
+/// Runs `work` on the blocking pool: parsing JSON, tokenising and rendering a chat template are CPU-bound and grow
+/// with a body of up to megabytes, and the async workers must go on serving other connections (and probes)
+/// meanwhile.
+pub(super) async fn off_the_workers<T, F>(state: &Arc<AppState>, work: F) -> Result<T, ApiError>
 where
     T: Send + 'static,
-    F: FnOnce(&AppState, &Fields<'_>) -> Result<T, ApiError> + Send + 'static,
+    F: FnOnce(&AppState) -> Result<T, ApiError> + Send + 'static,
 {
-    let (state, body) = (Arc::clone(state), Arc::clone(body));
-    tokio::task::spawn_blocking(move || work(&state, &Fields(&body))).await.map_err(|e| {
+    let state = Arc::clone(state);
+    tokio::task::spawn_blocking(move || work(&state)).await.map_err(|e| {
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("reading the prompt failed: {e}"), None, "internal")
     })?
 }
@@ -143,11 +165,13 @@ pub(super) struct Common {
     pub(super) logprobs: Option<usize>,
     /// When the request must have ended.
     pub(super) deadline: Instant,
+    /// Whether the request named its seed; without one, the server picks a fresh one per request.
+    pub(super) seeded: bool,
 }
 
 /// `request_timeout` (seconds; an extension, like vLLM's extra sampling fields), at most the server's limit.
-pub(super) fn request_timeout(state: &AppState, f: &Fields<'_>) -> Result<Duration, ApiError> {
-    let limit = state.config.request_timeout;
+pub(super) fn request_timeout(intake: &Intake<'_>, f: &Fields<'_>) -> Result<Duration, ApiError> {
+    let limit = intake.request_timeout;
     match f.float("request_timeout")? {
         None => Ok(limit),
         Some(t) if t.is_finite() && t > 0.0 => Ok(Duration::from_secs_f64(t.min(limit.as_secs_f64()))),
@@ -155,8 +179,8 @@ pub(super) fn request_timeout(state: &AppState, f: &Fields<'_>) -> Result<Durati
     }
 }
 
-pub(super) fn parse_common(state: &AppState, f: &Fields<'_>, chat: bool) -> Result<Common, ApiError> {
-    check_model(state, f)?;
+pub(super) fn parse_common(intake: &Intake<'_>, f: &Fields<'_>, chat: bool) -> Result<Common, ApiError> {
+    check_model(intake, f)?;
     let stream = f.bool("stream")?.unwrap_or(false);
     let include_usage = match f.get("stream_options") {
         None => false,
@@ -172,11 +196,8 @@ pub(super) fn parse_common(state: &AppState, f: &Fields<'_>, chat: bool) -> Resu
     if n < 1 {
         return Err(ApiError::invalid("n", format!("`n` must be at least 1, got {n}")));
     }
-    if n as u64 > state.config.max_choices as u64 {
-        return Err(ApiError::invalid(
-            "n",
-            format!("at most {} choices per request, got {n}", state.config.max_choices),
-        ));
+    if n as u64 > intake.max_choices as u64 {
+        return Err(ApiError::invalid("n", format!("at most {} choices per request, got {n}", intake.max_choices)));
     }
     let max_key = if chat && f.get("max_completion_tokens").is_some() { "max_completion_tokens" } else { "max_tokens" };
     let max_tokens = match f.int(max_key)? {
@@ -186,7 +207,7 @@ pub(super) fn parse_common(state: &AppState, f: &Fields<'_>, chat: bool) -> Resu
         Some(v) => Some(v as usize),
         None => None,
     };
-    let g = &state.generation;
+    let g = intake.generation;
     let greedy_default = g.do_sample == Some(false);
     let temperature = match f.float("temperature")? {
         Some(t) if !(t.is_finite() && t >= 0.0) => {
@@ -251,7 +272,7 @@ pub(super) fn parse_common(state: &AppState, f: &Fields<'_>, chat: bool) -> Resu
         Some(Value::Array(a)) => a
             .iter()
             .map(|v| {
-                v.as_u64().filter(|&t| (t as usize) < state.vocab_size).map(|t| t as u32).ok_or_else(|| {
+                v.as_u64().filter(|&t| (t as usize) < intake.vocab_size).map(|t| t as u32).ok_or_else(|| {
                     ApiError::invalid("stop_token_ids", "`stop_token_ids` must be token ids of this model")
                 })
             })
@@ -305,22 +326,15 @@ pub(super) fn parse_common(state: &AppState, f: &Fields<'_>, chat: bool) -> Resu
         repetition_penalty,
         skip_special_tokens: f.bool("skip_special_tokens")?.unwrap_or(true),
         logprobs,
-        deadline: Instant::now() + request_timeout(state, f)?,
-    })
-    .map(|mut c| {
-        if seed.is_none() {
-            // Unseeded sampling differs per request, as clients expect.
-            c.sampling.seed = state.next_id.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x9e37_79b9_7f4a_7c15)
-                ^ SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
-        }
-        c
+        deadline: Instant::now() + request_timeout(intake, f)?,
+        seeded: seed.is_some(),
     })
 }
 
 /// Prompts of a completions request: a string, a list of strings, a list of ids, or a list of lists of ids.
-pub(super) fn parse_prompts(state: &AppState, f: &Fields<'_>) -> Result<Vec<Vec<u32>>, ApiError> {
+pub(super) fn parse_prompts(intake: &Intake<'_>, f: &Fields<'_>) -> Result<Vec<Vec<u32>>, ApiError> {
     let encode = |text: &str| {
-        state.tokenizer.encode(text, false).map_err(|e| {
+        intake.tokenizer.encode(text, false).map_err(|e| {
             ApiError::new(
                 StatusCode::BAD_REQUEST,
                 format!("cannot tokenize the prompt: {e}"),
@@ -332,8 +346,11 @@ pub(super) fn parse_prompts(state: &AppState, f: &Fields<'_>) -> Result<Vec<Vec<
     let ids = |a: &[Value]| -> Result<Vec<u32>, ApiError> {
         a.iter()
             .map(|v| {
-                v.as_u64().filter(|&t| (t as usize) < state.vocab_size).map(|t| t as u32).ok_or_else(|| {
-                    ApiError::invalid("prompt", format!("prompt token ids must be integers below {}", state.vocab_size))
+                v.as_u64().filter(|&t| (t as usize) < intake.vocab_size).map(|t| t as u32).ok_or_else(|| {
+                    ApiError::invalid(
+                        "prompt",
+                        format!("prompt token ids must be integers below {}", intake.vocab_size),
+                    )
                 })
             })
             .collect()
@@ -363,7 +380,7 @@ pub(super) fn parse_prompts(state: &AppState, f: &Fields<'_>) -> Result<Vec<Vec<
     Ok(prompts)
 }
 
-pub(super) fn parse_messages(state: &AppState, f: &Fields<'_>) -> Result<Vec<u32>, ApiError> {
+pub(super) fn parse_messages(intake: &Intake<'_>, f: &Fields<'_>) -> Result<Vec<u32>, ApiError> {
     let Some(messages) = f.get("messages") else {
         return Err(ApiError::schema("messages", "`messages` is required"));
     };
@@ -381,6 +398,13 @@ pub(super) fn parse_messages(state: &AppState, f: &Fields<'_>) -> Result<Vec<u32
             .get("role")
             .and_then(Value::as_str)
             .ok_or_else(|| ApiError::schema(&field("role"), "each message needs a string `role`"))?;
+        // The template writes the role into the prompt as it is: only the roles of the API, never arbitrary text.
+        if !ROLES.contains(&role) {
+            return Err(ApiError::invalid(
+                &field("role"),
+                format!("unknown role {role:?} (one of {})", ROLES.join(", ")),
+            ));
+        }
         let content = match m.get("content") {
             None | Some(Value::Null) => String::new(),
             Some(Value::String(s)) => s.clone(),
@@ -407,7 +431,7 @@ pub(super) fn parse_messages(state: &AppState, f: &Fields<'_>) -> Result<Vec<u32
         };
         out.push(Message { role: role.to_owned(), content });
     }
-    let template = state.chat_template.as_ref().ok_or_else(|| {
+    let template = intake.chat_template.ok_or_else(|| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
             "this model has no chat template; use /v1/completions",
@@ -415,15 +439,6 @@ pub(super) fn parse_messages(state: &AppState, f: &Fields<'_>) -> Result<Vec<u32
             "invalid_value",
         )
     })?;
-    let text = template
-        .render(&out, true)
-        .map_err(|e| ApiError::invalid("messages", format!("the chat template failed: {e}")))?;
-    state.tokenizer.encode(&text, false).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!("cannot tokenize the messages: {e}"),
-            Some("messages"),
-            "invalid_value",
-        )
-    })
+    // Each message's content is read as text: a special token a user types stays the characters it spells.
+    template.encode(intake.tokenizer, &out, true).map_err(|e| ApiError::invalid("messages", e.to_string()))
 }
