@@ -575,3 +575,13 @@ fn run(program: &str, args: &[&str]) -> Result<()> {
     }
     Ok(())
 }
+
+/// Peak and current resident memory of a process, in bytes (`VmHWM`, `VmRSS` of /proc/PID/status).
+pub fn memory_of(pid: u32) -> (u64, u64) {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let kib = |key: &str| -> u64 {
+        let line = text.lines().find_map(|l| l.strip_prefix(key)).unwrap_or_else(|| panic!("no {key}"));
+        line.trim().trim_end_matches("kB").trim().parse::<u64>().expect("a number") << 10
+    };
+    (kib("VmHWM:"), kib("VmRSS:"))
+}

@@ -8,7 +8,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use moe_e2e::{fixture, local_greedy, EtcdServer, ExpertNodeProcess, RouterProcess};
+use moe_e2e::{fixture, local_greedy, memory_of, EtcdServer, ExpertNodeProcess, RouterProcess};
 use moe_model::LoadedModel;
 use serde_json::{json, Value};
 
@@ -387,16 +387,6 @@ fn a_router_that_stops_reading_stalls_nobody_else() {
     assert_eq!(got.output_ids, want.output_ids);
     assert!(took < Duration::from_secs(15), "the other router waited {took:?}");
     eprintln!("served beside a silent router in {took:?}");
-}
-
-/// Peak and current resident memory of a process, in bytes (`VmHWM`, `VmRSS` of /proc/PID/status).
-fn memory_of(pid: u32) -> (u64, u64) {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    let kib = |key: &str| -> u64 {
-        let line = text.lines().find_map(|l| l.strip_prefix(key)).unwrap_or_else(|| panic!("no {key}"));
-        line.trim().trim_end_matches("kB").trim().parse::<u64>().expect("a number") << 10
-    };
-    (kib("VmHWM:"), kib("VmRSS:"))
 }
 
 /// Three times what the router admits at once, arriving together: each request is served (with the fault-free text,
