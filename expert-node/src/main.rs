@@ -156,8 +156,8 @@ fn run(args: Args, file: &moe_config::ConfigFile) -> Result<()> {
     let (listener, addr) = runtime.block_on(expert_node::bind(args.listen))?;
     config.serve.tls = args.tls.load(&[moe_tls::Role::Expert], "an expert node")?;
     if let (Some(cluster), Some(identity)) = (config.cluster.as_mut(), &config.serve.tls) {
-        let pem = identity.pem();
-        cluster.etcd_tls = Some(moe_placement::EtcdTls { ca: pem.ca, cert: pem.cert, key: pem.key });
+        // Followed: each reload of the files reconnects to etcd with them.
+        cluster.etcd_tls = Some(moe_placement::EtcdTls::of(identity));
     }
     let node = expert_node::run::load(&config, addr).with_context(|| format!("loading {}", config.model.display()))?;
     println!("listening on {addr}");

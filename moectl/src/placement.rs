@@ -60,7 +60,7 @@ async fn run_async(args: Args) -> Result<()> {
     let tls = match (&args.tls_cert, &args.tls_key, &args.tls_ca) {
         (Some(cert), Some(key), Some(ca)) => {
             let read = |p: &std::path::Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
-            Some(moe_placement::EtcdTls { ca: read(ca)?, cert: read(cert)?, key: read(key)? })
+            Some(moe_placement::EtcdTls { ca: read(ca)?, cert: read(cert)?, key: read(key)?, source: None })
         }
         (None, None, None) => None,
         _ => bail!("--tls-cert, --tls-key and --tls-ca go together"),

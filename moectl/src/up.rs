@@ -242,10 +242,7 @@ pub fn run(args: Args) -> Result<()> {
         let cluster = ClusterOptions {
             etcd: Some(etcd.clone()),
             cluster: args.cluster.clone(),
-            etcd_tls: router_tls.as_ref().map(|identity| {
-                let pem = identity.pem();
-                moe_placement::EtcdTls { ca: pem.ca, cert: pem.cert, key: pem.key }
-            }),
+            etcd_tls: router_tls.as_ref().map(moe_placement::EtcdTls::of),
             ..ClusterOptions::default()
         };
         ExpertsAt::Cluster(cluster, remote)

@@ -250,12 +250,6 @@ fn run(mut args: Args, file: &moe_config::ConfigFile) -> Result<()> {
     served
 }
 
-/// What a process shows an `https://` etcd: its own certificate and the CA file it trusts.
-fn etcd_tls(identity: &moe_tls::Identity) -> moe_placement::EtcdTls {
-    let pem = identity.pem();
-    moe_placement::EtcdTls { ca: pem.ca, cert: pem.cert, key: pem.key }
-}
-
 /// What the router runs with; `args` is validated.
 fn options(args: &Args) -> Result<RouterOptions> {
     let device: moe_cuda::Device = args.device.parse()?;
@@ -289,7 +283,8 @@ fn options(args: &Args) -> Result<RouterOptions> {
             cluster: args.cluster.clone(),
             lease_ttl: std::time::Duration::from_secs(args.lease_ttl_secs.max(1)),
             controller: !args.no_controller,
-            etcd_tls: remote.tls.as_ref().map(|identity| etcd_tls(identity)),
+            // What the router shows an `https://` etcd, followed through each reload of its files.
+            etcd_tls: remote.tls.as_ref().map(moe_placement::EtcdTls::of),
             ..ClusterOptions::default()
         };
         ExpertsAt::Cluster(cluster, remote)

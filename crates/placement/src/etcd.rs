@@ -1,6 +1,7 @@
 //! [`PlacementStore`] on etcd v3 (the etcd-client crate): what a cluster of several machines uses.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -14,8 +15,11 @@ use crate::store::{ttl_secs, Expect, LeaseId, PlacementStore, Result, StoreError
 
 /// A connection to an etcd cluster. Cheap to share behind an `Arc`; calls run concurrently.
 pub struct EtcdStore {
-    client: Client,
+    /// Swapped for a new one when the TLS material changes ([`EtcdStore::rotate`]): calls and re-opened watches
+    /// take the current one; streams already open stay on the connection they began on.
+    client: Arc<std::sync::RwLock<Client>>,
     endpoints: Vec<String>,
+    timeout: Duration,
     /// One keep-alive stream per lease this process renews.
     keepers: Mutex<HashMap<LeaseId, (LeaseKeeper, LeaseKeepAliveStream)>>,
 }
@@ -50,6 +54,17 @@ pub struct EtcdTls {
     pub ca: Vec<u8>,
     pub cert: Vec<u8>,
     pub key: Vec<u8>,
+    /// The identity the text was read from, when it may be reloaded: a store opened with it reconnects with each
+    /// reload ([`EtcdStore::follow`]).
+    pub source: Option<Arc<moe_tls::Identity>>,
+}
+
+impl EtcdTls {
+    /// The PEM files as `identity` last read them; a store opened with this follows its reloads.
+    pub fn of(identity: &Arc<moe_tls::Identity>) -> Self {
+        let pem = identity.pem();
+        EtcdTls { ca: pem.ca, cert: pem.cert, key: pem.key, source: Some(Arc::clone(identity)) }
+    }
 }
 
 impl std::fmt::Debug for EtcdTls {
@@ -67,55 +82,102 @@ impl EtcdStore {
     /// Connects to `endpoints`: `https://host:port` ones over TLS with `tls` (required for them), the others
     /// (`host:port`, `http://host:port`) in plaintext. All of one kind.
     pub async fn connect_with(endpoints: &[String], timeout: Duration, tls: Option<&EtcdTls>) -> Result<Self> {
-        if endpoints.is_empty() {
-            return Err(StoreError::Invalid("no etcd endpoint given".into()));
-        }
-        let secure = endpoints.iter().filter(|e| e.starts_with("https://")).count();
-        if secure != 0 && secure != endpoints.len() {
-            return Err(StoreError::Invalid(format!(
-                "etcd endpoints {}: either all https:// or none",
-                endpoints.join(",")
-            )));
-        }
-        let mut options = ConnectOptions::new()
-            .with_connect_timeout(timeout)
-            .with_timeout(timeout)
-            .with_keep_alive(Duration::from_secs(2), timeout)
-            .with_keep_alive_while_idle(true);
-        if secure > 0 {
-            let tls = tls.ok_or_else(|| {
-                StoreError::Invalid(format!(
-                    "etcd at {} is https: give this process its TLS files (--tls-cert, --tls-key, --tls-ca)",
-                    endpoints.join(",")
-                ))
-            })?;
-            options = options.with_tls(
-                etcd_client::TlsOptions::new()
-                    .ca_certificate(etcd_client::Certificate::from_pem(&tls.ca))
-                    .identity(etcd_client::Identity::from_pem(&tls.cert, &tls.key)),
-            );
-        } else if tls.is_some() {
-            tracing::warn!(etcd = %endpoints.join(","), "etcd is reached in plaintext (give https:// endpoints for TLS)");
-        }
-        let client = Client::connect(endpoints, Some(options))
-            .await
-            .map_err(|e| StoreError::Unavailable(format!("cannot reach etcd at {}: {e}", endpoints.join(","))))?;
-        let store = EtcdStore { client, endpoints: endpoints.to_vec(), keepers: Mutex::new(HashMap::new()) };
-        // Connecting is lazy: one read proves the endpoints answer.
-        store
-            .client
-            .kv_client()
-            .get("/", None)
-            .await
-            .map_err(|e| StoreError::Unavailable(format!("etcd at {} does not answer: {e}", endpoints.join(","))))?;
-        Ok(store)
+        let client = connect_client(endpoints, timeout, tls).await?;
+        Ok(EtcdStore {
+            client: Arc::new(std::sync::RwLock::new(client)),
+            endpoints: endpoints.to_vec(),
+            timeout,
+            keepers: Mutex::new(HashMap::new()),
+        })
     }
+
+    /// Connects again with new TLS material (a rotated certificate or CA) and makes that connection the one new
+    /// calls use. If etcd does not answer on it, the store keeps the connection it had and says why.
+    pub async fn rotate(&self, tls: &EtcdTls) -> Result<()> {
+        let fresh = connect_client(&self.endpoints, self.timeout, Some(tls)).await?;
+        *self.client.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+        Ok(())
+    }
+
+    /// Rotates ([`EtcdStore::rotate`]) each time `reloads` changes, with `material()` as it is then, until the
+    /// store is dropped or `reloads`' sender is. Only `https://` endpoints use the material.
+    pub fn follow(
+        self: &Arc<Self>,
+        mut reloads: watch::Receiver<u64>,
+        material: impl Fn() -> EtcdTls + Send + Sync + 'static,
+    ) {
+        if !self.endpoints.iter().all(|e| e.starts_with("https://")) {
+            return;
+        }
+        let store = Arc::downgrade(self);
+        tokio::spawn(async move {
+            while reloads.changed().await.is_ok() {
+                let Some(store) = store.upgrade() else { return };
+                match store.rotate(&material()).await {
+                    Ok(()) => {
+                        tracing::info!(etcd = %store.endpoints.join(","), "etcd connection renewed with the reloaded certificate")
+                    }
+                    Err(e) => tracing::error!(
+                        "etcd refused the reloaded certificate, the previous connection stays in use: {e}"
+                    ),
+                }
+            }
+        });
+    }
+
+    fn client(&self) -> Client {
+        self.client.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// A client of `endpoints` that has answered one read.
+async fn connect_client(endpoints: &[String], timeout: Duration, tls: Option<&EtcdTls>) -> Result<Client> {
+    if endpoints.is_empty() {
+        return Err(StoreError::Invalid("no etcd endpoint given".into()));
+    }
+    let secure = endpoints.iter().filter(|e| e.starts_with("https://")).count();
+    if secure != 0 && secure != endpoints.len() {
+        return Err(StoreError::Invalid(format!(
+            "etcd endpoints {}: either all https:// or none",
+            endpoints.join(",")
+        )));
+    }
+    let mut options = ConnectOptions::new()
+        .with_connect_timeout(timeout)
+        .with_timeout(timeout)
+        .with_keep_alive(Duration::from_secs(2), timeout)
+        .with_keep_alive_while_idle(true);
+    if secure > 0 {
+        let tls = tls.ok_or_else(|| {
+            StoreError::Invalid(format!(
+                "etcd at {} is https: give this process its TLS files (--tls-cert, --tls-key, --tls-ca)",
+                endpoints.join(",")
+            ))
+        })?;
+        options = options.with_tls(
+            etcd_client::TlsOptions::new()
+                .ca_certificate(etcd_client::Certificate::from_pem(&tls.ca))
+                .identity(etcd_client::Identity::from_pem(&tls.cert, &tls.key)),
+        );
+    } else if tls.is_some() {
+        tracing::warn!(etcd = %endpoints.join(","), "etcd is reached in plaintext (give https:// endpoints for TLS)");
+    }
+    let client = Client::connect(endpoints, Some(options))
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("cannot reach etcd at {}: {e}", endpoints.join(","))))?;
+    // Connecting is lazy: one read proves the endpoints answer.
+    client
+        .kv_client()
+        .get("/", None)
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("etcd at {} does not answer: {e}", endpoints.join(","))))?;
+    Ok(client)
 }
 
 #[async_trait]
 impl PlacementStore for EtcdStore {
     async fn grant(&self, ttl: Duration) -> Result<LeaseId> {
-        let resp = self.client.lease_client().grant(ttl_secs(ttl), None).await.map_err(unavailable)?;
+        let resp = self.client().lease_client().grant(ttl_secs(ttl), None).await.map_err(unavailable)?;
         Ok(resp.id())
     }
 
@@ -125,7 +187,7 @@ impl PlacementStore for EtcdStore {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {
                 let pair = self
-                    .client
+                    .client()
                     .lease_client()
                     .keep_alive(lease)
                     .await
@@ -154,7 +216,7 @@ impl PlacementStore for EtcdStore {
 
     async fn revoke(&self, lease: LeaseId) -> Result<()> {
         self.keepers.lock().await.remove(&lease);
-        match self.client.lease_client().revoke(lease).await {
+        match self.client().lease_client().revoke(lease).await {
             Ok(_) => Ok(()),
             Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains("lease not found") => Ok(()),
             Err(e) => Err(unavailable(e)),
@@ -163,7 +225,7 @@ impl PlacementStore for EtcdStore {
 
     async fn get_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
         let resp =
-            self.client.kv_client().get(prefix, Some(GetOptions::new().with_prefix())).await.map_err(unavailable)?;
+            self.client().kv_client().get(prefix, Some(GetOptions::new().with_prefix())).await.map_err(unavailable)?;
         resp.kvs()
             .iter()
             .map(|kv| {
@@ -178,12 +240,12 @@ impl PlacementStore for EtcdStore {
 
     async fn put(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> Result<()> {
         let options = lease.map(|l| PutOptions::new().with_lease(l));
-        self.client.kv_client().put(key, value, options).await.map_err(|e| lease_or_unavailable(e, lease))?;
+        self.client().kv_client().put(key, value, options).await.map_err(|e| lease_or_unavailable(e, lease))?;
         Ok(())
     }
 
     async fn delete(&self, key: &str) -> Result<()> {
-        self.client.kv_client().delete(key, None).await.map_err(unavailable)?;
+        self.client().kv_client().delete(key, None).await.map_err(unavailable)?;
         Ok(())
     }
 
@@ -200,26 +262,28 @@ impl PlacementStore for EtcdStore {
         };
         let options = lease.map(|l| PutOptions::new().with_lease(l));
         let txn = Txn::new().when([compare]).and_then([TxnOp::put(key, value, options)]);
-        let resp = self.client.kv_client().txn(txn).await.map_err(|e| lease_or_unavailable(e, lease))?;
+        let resp = self.client().kv_client().txn(txn).await.map_err(|e| lease_or_unavailable(e, lease))?;
         Ok(resp.succeeded())
     }
 
     async fn compare_and_delete(&self, key: &str, expected: &[u8]) -> Result<bool> {
         let txn =
             Txn::new().when([Compare::value(key, CompareOp::Equal, expected)]).and_then([TxnOp::delete(key, None)]);
-        let resp = self.client.kv_client().txn(txn).await.map_err(unavailable)?;
+        let resp = self.client().kv_client().txn(txn).await.map_err(unavailable)?;
         Ok(resp.succeeded())
     }
 
     async fn watch(&self, prefix: &str) -> Result<watch::Receiver<u64>> {
         let (tx, rx) = watch::channel(0u64);
-        let client = self.client.clone();
+        let client = Arc::clone(&self.client);
         let prefix = prefix.to_owned();
         // Re-opens the watch after errors (etcd restarts, partitions) until every receiver is gone.
         tokio::spawn(async move {
             let mut warned = false;
             while !tx.is_closed() {
-                match client.watch_client().watch(prefix.as_str(), Some(WatchOptions::new().with_prefix())).await {
+                // The client current at each (re-)open: after a rotation, the new connection.
+                let mut current = client.read().unwrap_or_else(|p| p.into_inner()).clone();
+                match current.watch(prefix.as_str(), Some(WatchOptions::new().with_prefix())).await {
                     Ok(mut stream) => {
                         warned = false;
                         // Changes made while the watch was down are picked up by the watchers' re-read.

@@ -31,14 +31,20 @@ pub async fn open_store(etcd: Option<&str>) -> Result<Arc<dyn PlacementStore>, S
     open_store_with(etcd, None).await
 }
 
-/// [`open_store`] with the TLS material used for `https://` etcd endpoints.
+/// [`open_store`] with the TLS material used for `https://` etcd endpoints. Material read from an identity
+/// ([`EtcdTls::of`]) is followed: each reload of its files makes new calls go over a new connection with it.
 pub async fn open_store_with(etcd: Option<&str>, tls: Option<&EtcdTls>) -> Result<Arc<dyn PlacementStore>, StoreError> {
     match etcd {
         None => Ok(Arc::new(MemoryStore::new())),
         Some(list) => {
             let endpoints: Vec<String> =
                 list.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect();
-            Ok(Arc::new(EtcdStore::connect_with(&endpoints, Duration::from_secs(5), tls).await?))
+            let store = Arc::new(EtcdStore::connect_with(&endpoints, Duration::from_secs(5), tls).await?);
+            if let Some(identity) = tls.and_then(|t| t.source.clone()) {
+                let reloads = identity.reloads();
+                store.follow(reloads, move || EtcdTls::of(&identity));
+            }
+            Ok(store)
         }
     }
 }

@@ -45,6 +45,8 @@ pub struct Identity {
     current: RwLock<Arc<Material>>,
     /// The stamp of files that failed to load, so that they are not read (and reported) again until they change.
     failed: std::sync::Mutex<Option<Stamp>>,
+    /// Counts the reloads that changed the material, for clients that build their own TLS from the PEM text.
+    reloads: tokio::sync::watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for Identity {
@@ -90,6 +92,7 @@ impl Identity {
             roles: roles.to_vec(),
             current: RwLock::new(Arc::new(material)),
             failed: Default::default(),
+            reloads: tokio::sync::watch::Sender::new(0),
         }))
     }
 
@@ -118,6 +121,12 @@ impl Identity {
         self.material().pem.clone()
     }
 
+    /// Changes each time a reload changed the material: clients that build their own TLS from [`Identity::pem`]
+    /// (etcd's) reconnect with it.
+    pub fn reloads(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.reloads.subscribe()
+    }
+
     /// Reads the files again if any changed since they were last read. Returns whether the material changed; on
     /// an error the previous material stays in use.
     pub fn reload(&self) -> Result<bool, TlsError> {
@@ -129,6 +138,7 @@ impl Identity {
         let new = Material::read(&self.files, &self.roles).inspect_err(|_| *failed = Some(now))?;
         *failed = None;
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new);
+        self.reloads.send_modify(|n| *n += 1);
         Ok(true)
     }
 
