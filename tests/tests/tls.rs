@@ -192,7 +192,7 @@ fn a_process_refuses_to_start_with_a_certificate_of_the_wrong_role_or_none() {
 fn etcd_tls(role: Role) -> moe_placement::EtcdTls {
     let f = moe_e2e::tls::files(role);
     let read = |p: &Path| std::fs::read(p).expect("PEM");
-    moe_placement::EtcdTls { ca: read(&f.ca), cert: read(&f.cert), key: read(&f.key) }
+    moe_placement::EtcdTls { ca: read(&f.ca), cert: read(&f.cert), key: read(&f.key), source: None }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -214,6 +214,7 @@ async fn a_cluster_on_an_etcd_that_requires_client_certificates() {
         ca: ours.ca.clone(),
         cert: std::fs::read(&stranger.cert).expect("cert"),
         key: std::fs::read(&stranger.key).expect("key"),
+        source: None,
     };
     let refused = EtcdStore::connect_with(&endpoint, Duration::from_secs(3), Some(&foreign)).await;
     assert!(refused.is_err(), "etcd accepted a certificate of another CA");
@@ -262,4 +263,63 @@ async fn a_cluster_on_an_etcd_that_requires_client_certificates() {
         .output()
         .expect("runs");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// etcd's connection follows the identity's reloads. A reloaded certificate etcd refuses (another CA) leaves the
+/// previous connection serving; one it accepts becomes the connection new calls use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_etcd_connection_follows_reloaded_certificates() {
+    use moe_placement::{EtcdStore, EtcdTls};
+    let etcd = moe_e2e::EtcdServer::start_tls().expect("etcd with TLS");
+    let endpoint = etcd.endpoint().to_owned();
+    let (tmp, files) = moe_e2e::tls::issue_for(Role::Controller, &[]);
+    let identity = Identity::load(files.clone(), &[Role::Controller]).expect("identity");
+    let good = EtcdTls::of(&identity);
+    let store = moe_placement::open_store_with(Some(&endpoint), Some(&good)).await.expect("connects");
+    store.put("/rotation/a", b"0".to_vec(), None).await.expect("put");
+
+    // A certificate and CA of another authority: the identity takes them (they chain to their own CA file), etcd
+    // does not.
+    let other = tempfile::tempdir().expect("tmp");
+    let other_ca = dev_ca::init(other.path(), 30, false).expect("CA");
+    let stranger = dev_ca::issue(other.path(), Role::Controller, "stranger", &[], 30).expect("issues");
+    let swap = |cert: &Path, key: &Path, ca: &Path| {
+        for (from, to) in [(cert, &files.cert), (key, &files.key), (ca, &files.ca)] {
+            let bytes = std::fs::read(from).expect("read");
+            std::fs::write(to, bytes).expect("write");
+        }
+    };
+    let cluster_ca = tmp.path().join("cluster-ca.pem");
+    std::fs::copy(&files.ca, &cluster_ca).expect("keep the cluster CA");
+    swap(&stranger.cert, &stranger.key, &other_ca.cert);
+    assert!(identity.reload().expect("the identity takes them"));
+    let foreign = EtcdTls::of(&identity);
+
+    // Directly: a rotation etcd refuses is an error and changes nothing.
+    let direct = EtcdStore::connect_with(std::slice::from_ref(&endpoint), Duration::from_secs(3), Some(&good))
+        .await
+        .expect("direct");
+    assert!(direct.rotate(&foreign).await.is_err(), "etcd accepted a certificate of another CA");
+    use moe_placement::PlacementStore;
+    direct.put("/rotation/direct", b"1".to_vec(), None).await.expect("the previous connection serves on");
+
+    // The followed store tried the same on the reload, and goes on over the connection it had.
+    let until = Instant::now() + Duration::from_secs(6);
+    let mut i = 0u32;
+    while Instant::now() < until {
+        i += 1;
+        store.put("/rotation/a", i.to_string().into_bytes(), None).await.expect("serves through a refused rotation");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    // A newly issued certificate of the cluster CA: taken, and new calls go over a connection made with it.
+    let fresh = dev_ca::issue(tmp.path(), Role::Controller, "rotated", &[], 30).expect("issues");
+    swap(&fresh.cert, &fresh.key, &cluster_ca);
+    assert!(identity.reload().expect("reloads"));
+    assert!(identity.me().name == "rotated", "{:?}", identity.me());
+    direct.rotate(&EtcdTls::of(&identity)).await.expect("etcd takes the new certificate");
+    direct.put("/rotation/direct", b"2".to_vec(), None).await.expect("serves over the new connection");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let got = store.get_prefix("/rotation/").await.expect("reads after the rotation");
+    assert_eq!(got.len(), 2, "{got:?}");
 }
