@@ -221,6 +221,10 @@ fn resolve(family: Family, raw: RawText, path: &Path) -> Result<ModelConfig> {
     let invalid = |message: String| ModelError::InvalidConfig { path: path.to_owned(), message };
     let d = family.defaults();
     let num_hidden_layers = raw.num_hidden_layers.unwrap_or(d.num_hidden_layers);
+    // Checked before `layer_types` is derived from it: a layer count of 10^9 would otherwise build a 1 GB list.
+    if num_hidden_layers > MAX_LAYERS {
+        return Err(invalid(format!("num_hidden_layers ({num_hidden_layers}) is above {MAX_LAYERS}")));
+    }
     let layer_types = match raw.layer_types {
         Some(types) => types
             .iter()
@@ -298,10 +302,43 @@ fn resolve(family: Family, raw: RawText, path: &Path) -> Result<ModelConfig> {
     Ok(cfg)
 }
 
+/// The most decoder layers a config may name (released models have at most 94).
+pub const MAX_LAYERS: usize = 1024;
+/// The most routed experts a config may name (released models have at most 512).
+pub const MAX_EXPERTS: usize = 1 << 16;
+/// The largest width (vocabulary, hidden, intermediate sizes) a config may name. With every size bounded, the
+/// products the loader and the state take (`heads × head_dim`, `experts × width × hidden`) fit in 64 bits.
+pub const MAX_WIDTH: usize = 1 << 20;
+/// The largest head count or per-head dimension.
+pub const MAX_HEAD: usize = 1 << 12;
+
 impl ModelConfig {
     /// Checks the relations between fields that the forward pass relies on.
     pub fn validate(&self, path: &Path) -> Result<()> {
         let fail = |message: String| Err(ModelError::InvalidConfig { path: PathBuf::from(path), message });
+        let bounded = [
+            ("num_hidden_layers", self.num_hidden_layers, MAX_LAYERS),
+            ("num_experts", self.num_experts, MAX_EXPERTS),
+            ("vocab_size", self.vocab_size, MAX_WIDTH),
+            ("hidden_size", self.hidden_size, MAX_WIDTH),
+            ("moe_intermediate_size", self.moe_intermediate_size, MAX_WIDTH),
+            ("shared_expert_intermediate_size", self.shared_expert_intermediate_size, MAX_WIDTH),
+            ("intermediate_size", self.intermediate_size, MAX_WIDTH),
+            ("num_attention_heads", self.num_attention_heads, MAX_HEAD),
+            ("num_key_value_heads", self.num_key_value_heads, MAX_HEAD),
+            ("head_dim", self.head_dim, MAX_HEAD),
+            ("linear_num_key_heads", self.linear_num_key_heads, MAX_HEAD),
+            ("linear_num_value_heads", self.linear_num_value_heads, MAX_HEAD),
+            ("linear_key_head_dim", self.linear_key_head_dim, MAX_HEAD),
+            ("linear_value_head_dim", self.linear_value_head_dim, MAX_HEAD),
+            ("linear_conv_kernel_dim", self.linear_conv_kernel_dim, MAX_HEAD),
+            ("decoder_sparse_step", self.decoder_sparse_step, MAX_LAYERS),
+        ];
+        for (name, v, max) in bounded {
+            if v > max {
+                return fail(format!("{name} ({v}) is above {max}"));
+            }
+        }
         let positive = [
             ("vocab_size", self.vocab_size),
             ("hidden_size", self.hidden_size),
@@ -426,5 +463,20 @@ mod tests {
         assert!(e.to_string().contains("num_experts_per_tok"), "{e}");
         let e = parse("{not json").expect_err("bad json");
         assert!(e.to_string().contains("config.json"), "{e}");
+    }
+
+    /// Sizes past any model's are refused before anything is built from them (a fuzzed config once named
+    /// 10^9 layers and spent 13 s and 2 GB deriving their types).
+    #[test]
+    fn rejects_sizes_past_any_model() {
+        let t = std::time::Instant::now();
+        let e = parse(r#"{"model_type":"qwen3_5_moe_text","num_hidden_layers":1000000000}"#).expect_err("layers");
+        assert!(e.to_string().contains("num_hidden_layers (1000000000) is above 1024"), "{e}");
+        assert!(t.elapsed() < std::time::Duration::from_secs(1), "refused only after {:?}", t.elapsed());
+        for (key, value) in [("hidden_size", 1u64 << 21), ("num_experts", 1 << 17), ("head_dim", 1 << 13)] {
+            let e = parse(&format!(r#"{{"model_type":"qwen3_5_moe_text","{key}":{value}}}"#)).expect_err(key);
+            assert!(e.to_string().contains(&format!("{key} ({value}) is above")), "{e}");
+        }
+        parse(r#"{"model_type":"qwen3_5_moe_text","num_hidden_layers":1024}"#).expect("1024 layers is allowed");
     }
 }
