@@ -27,7 +27,8 @@ pub struct Args {
     /// Timed decode steps per round.
     #[arg(long, default_value_t = 16)]
     decode_steps: usize,
-    /// Rounds per batch size, each paired with its own bandwidth probe; the median round is reported.
+    /// Timed prefill rounds, and rounds per decode batch size (each paired with its own bandwidth probe); the median
+    /// round is reported.
     #[arg(long, default_value_t = 5)]
     rounds: usize,
     /// Prompt length of the prefill measurement.
@@ -87,13 +88,10 @@ pub fn run(args: Args) -> Result<()> {
 
     let forward = |segs: &mut [Segment<'_>]| model.forward(segs, experts);
 
-    // Prefill: once to fault the weights in from the page cache, then timed.
+    // Prefill: once to fault the weights in from the page cache, then `--rounds` timed rounds; the median is reported.
     let prompt = tokens(args.prompt_len, 1, vocab);
-    let mut prefill_s = f64::MAX;
-    let mut expert_flops = 0u64;
-    let mut expert_s = 0f64;
-    let mut prefill_stages = [StageTotals::default(); 5];
-    for round in 0..2 {
+    let mut prefill_rounds = Vec::with_capacity(args.rounds);
+    for round in 0..=args.rounds {
         let mut st = model.new_state();
         let p0 = profile::snapshot();
         let f0 = experts.stats.flops.load(Ordering::Relaxed);
@@ -101,13 +99,16 @@ pub fn run(args: Args) -> Result<()> {
         let t = Instant::now();
         forward(&mut [Segment { state: &mut st, tokens: &prompt, logits: LogitsFor::Last }])?;
         let secs = t.elapsed().as_secs_f64();
-        if round == 1 {
-            prefill_stages = profile::delta(&p0, &profile::snapshot());
-            prefill_s = secs;
-            expert_flops = experts.stats.flops.load(Ordering::Relaxed) - f0;
-            expert_s = (experts.stats.nanos.load(Ordering::Relaxed) - n0) as f64 * 1e-9;
+        if round > 0 {
+            let stages = profile::delta(&p0, &profile::snapshot());
+            let flops = experts.stats.flops.load(Ordering::Relaxed) - f0;
+            let nanos = experts.stats.nanos.load(Ordering::Relaxed) - n0;
+            prefill_rounds.push((secs, stages, flops, nanos as f64 * 1e-9));
         }
     }
+    prefill_rounds.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let prefill_rounds_tps: Vec<f64> = prefill_rounds.iter().map(|r| args.prompt_len as f64 / r.0).collect();
+    let (prefill_s, prefill_stages, expert_flops, expert_s) = prefill_rounds[prefill_rounds.len() / 2];
 
     let mut decode = Vec::new();
     for &batch in &args.batch {
@@ -201,6 +202,7 @@ pub fn run(args: Args) -> Result<()> {
         "prefill": {
             "prompt_tokens": args.prompt_len,
             "tokens_per_s": args.prompt_len as f64 / prefill_s,
+            "tokens_per_s_rounds": prefill_rounds_tps,
             "seconds": prefill_s,
             "expert_gflops": expert_flops as f64 / expert_s.max(1e-12) / 1e9,
             "expert_fraction_of_fma_peak": expert_flops as f64 / expert_s.max(1e-12) / peak,
@@ -220,10 +222,12 @@ pub fn run(args: Args) -> Result<()> {
         matmul::kernel_name()
     );
     println!(
-        "prefill {} tokens: {:.1} tokens/s ({:.2} s); expert matmuls {:.1} GFLOP/s = {:.0}% of FMA peak, {:.0}% of the time",
+        "prefill {} tokens: {:.1} tokens/s ({:.2} s; rounds {:.1}-{:.1}); expert matmuls {:.1} GFLOP/s = {:.0}% of FMA peak, {:.0}% of the time",
         args.prompt_len,
         args.prompt_len as f64 / prefill_s,
         prefill_s,
+        prefill_rounds_tps.last().copied().unwrap_or(0.0),
+        prefill_rounds_tps.first().copied().unwrap_or(0.0),
         expert_flops as f64 / expert_s.max(1e-12) / 1e9,
         100.0 * expert_flops as f64 / expert_s.max(1e-12) / peak,
         100.0 * expert_s / prefill_s

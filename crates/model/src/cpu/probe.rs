@@ -121,9 +121,11 @@ pub fn matmul_peak() -> f64 {
         (0..rows * cols).map(|i| half::bf16::from_f32(((i % 13) as f32 - 6.0) * 0.01)).collect(),
     ));
     let x: Vec<f32> = (0..ntok * cols).map(|i| ((i % 7) as f32 - 3.0) * 0.1).collect();
-    let reps = 8;
+    // About 5 ms a try on AMX: shorter tries read the threads' start-up as much as the kernel (a run read half the
+    // peak once, with 8 repetitions).
+    let reps = 64;
     let mut best = 0f64;
-    for _ in 0..3 {
+    for _ in 0..5 {
         let start = Instant::now();
         (0..threads).into_par_iter().for_each(|_| {
             let mut y = vec![0f32; ntok * rows];

@@ -129,7 +129,16 @@ pub fn exp(x: f32) -> f32 {
     p = p.mul_add(r, 0.5);
     p = p.mul_add(r, 1.0);
     p = p.mul_add(r, 1.0);
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    p * pow2(n)
+}
+
+/// `2^n` for an integral `n` in −126..=127, from the bits of `n + 127 + 2²³` (whose low mantissa bits are then
+/// `n + 127`): the same value as `((n as i32 + 127) as u32) << 23`, without a float-to-integer conversion, whose
+/// saturating semantics kept LLVM from vectorising it (the lanes went one by one).
+#[inline(always)]
+fn pow2(n: f32) -> f32 {
+    const SHIFTED_BIAS: f32 = 127.0 + (1u32 << 23) as f32;
+    f32::from_bits(((n + SHIFTED_BIAS).to_bits() & 0x7f_ffff) << 23)
 }
 
 /// `x · sigmoid(x)` with [`exp`].
@@ -151,6 +160,14 @@ crate::multiversion!(pub fn swiglu(g: &mut [f32], u: &[f32]) => swiglu_body);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pow2_is_the_integer_conversion() {
+        for n in -126..=127 {
+            let want = f32::from_bits(((n + 127) as u32) << 23);
+            assert_eq!(pow2(n as f32).to_bits(), want.to_bits(), "2^{n}");
+        }
+    }
 
     #[test]
     fn exp_is_within_two_ulp() {

@@ -108,13 +108,10 @@ impl SwiGlu {
     pub fn forward(&self, x: &[f32], ntok: usize, parallel: bool) -> Vec<f32> {
         let inter = self.gate.rows;
         let xa = Activations::new(x, ntok, self.gate.cols);
-        let mut g = vec![0f32; ntok * inter];
-        let mut u = vec![0f32; ntok * inter];
-        xa.matmul(&self.gate, &mut g, parallel);
-        xa.matmul(&self.up, &mut u, parallel);
+        let mut g = xa.product(&self.gate, parallel);
+        let u = xa.product(&self.up, parallel);
         swiglu(&mut g, &u);
-        let mut y = vec![0f32; ntok * self.down.rows];
-        Activations::new(&g, ntok, inter).matmul(&self.down, &mut y, parallel);
+        let y = Activations::new(&g, ntok, inter).product(&self.down, parallel);
         y
     }
 

@@ -1,10 +1,10 @@
-//! The AMX kernel: `TDPBF16PS` on tiles, C (16 weight rows × 16 tokens, f32) += A (16 rows × 32 bf16 of K) ·
-//! B (16 K-pairs × 16 tokens × 2 bf16).
+//! The AMX kernel: `TDPBF16PS` on tiles, C (16 tokens × 16 weight rows, f32) += A (16 tokens × 32 bf16 of K) ·
+//! B (16 K-pairs × 16 weight rows × 2 bf16).
 //!
-//! The weights are the A operand, so a packed group of [`GROUP`] rows is exactly a sequence of 1 KiB A tiles, one
-//! per 32-column chunk, loaded with a 64-byte stride; the activations become B tiles in the pair ("VNNI") layout
-//! when they are converted ([`prepare`]), which is free since they are converted anyway. The output tile is
-//! `yᵀ` for 16 rows × 16 tokens and is transposed on the way out.
+//! The weights are the B operand: a packed group of [`GROUP`] rows is a sequence of 1 KiB tiles in the pair
+//! ("VNNI") layout, one per 32-column chunk, re-laid once at load ([`super::pack`]); the activations become A tiles
+//! when they are converted ([`prepare`]), a plain row of 32 bf16 per token. The output tile is `y` itself for 16
+//! tokens × 16 rows, so it is copied out row by row, with no transposition.
 //!
 //! Registers: two weight tiles (tmm4, tmm5: row groups g and g+1) and two token tiles (tmm6, tmm7) feed four
 //! accumulators (tmm0–tmm3), so each tile loaded is used twice; tiles are not renamed, so the four products between
@@ -14,7 +14,7 @@
 //!
 //! The tile instructions are written as inline assembly (Rust has no stable AMX intrinsics) behind the [`TileUnit`]
 //! trait, whose other implementation, [`Emulated`], does the same operations in plain Rust as the Intel SDM defines
-//! them. The tests run the kernel's whole data flow (packing, B layout, tile offsets, transposition) through the
+//! them. The tests run the kernel's whole data flow (packing, the pair layout, tile offsets, the copy out) through the
 //! emulation on every machine; on a CPU with AMX, the hardware is also checked against the emulation once, when the
 //! kernel is first asked for, and refused (with the reason) if they disagree.
 
@@ -37,7 +37,7 @@ struct OutTile([f32; GROUP * TILE_TOKENS]);
 /// Weight bytes multiplied by all tokens before the next ones are read (see [`rows_on`]).
 const PANEL_BYTES: usize = 1 << 20;
 
-/// Converts `ntok × k` activations into B tiles: `[token tile][chunk][K pair][token][2]`, zero-padded in tokens and
+/// Converts `ntok × k` activations into A tiles: `[token tile][chunk][token][CHUNK]`, zero-padded in tokens and
 /// columns; `(hi, lo)`, `lo` empty unless `split`. Vectorised where the CPU has AVX-512 (every AMX CPU does), with
 /// the same bits as [`prepare_scalar`] (tested).
 pub(crate) fn prepare(x: &[f32], ntok: usize, k: usize, split: bool) -> (Aligned, Aligned) {
@@ -71,16 +71,12 @@ pub(crate) fn prepare_scalar(x: &[f32], ntok: usize, k: usize, split: bool) -> (
         let (tt, ti) = (t / TILE_TOKENS, t % TILE_TOKENS);
         let row = &x[t * k..(t + 1) * k];
         for (c, cols) in row.chunks(CHUNK).enumerate() {
-            // Column 2·kk + p of the chunk goes to row kk, token ti, half p of the B tile.
-            let base = (tt * chunks + c) * TILE + ti * 2;
-            for (pair, v) in cols.chunks(2).enumerate() {
-                let at = base + pair * 2 * TILE_TOKENS;
-                for (p, v) in v.iter().enumerate() {
-                    if split {
-                        (hi[at + p], lo[at + p]) = super::split_bf16(*v);
-                    } else {
-                        hi[at + p] = super::round_bf16(*v);
-                    }
+            let at = (tt * chunks + c) * TILE + ti * CHUNK;
+            for (j, v) in cols.iter().enumerate() {
+                if split {
+                    (hi[at + j], lo[at + j]) = super::split_bf16(*v);
+                } else {
+                    hi[at + j] = super::round_bf16(*v);
                 }
             }
         }
@@ -109,8 +105,8 @@ fn prefetch_tile(p: *const u16) {
     let _ = p;
 }
 
-/// Writes one output tile (`c[n·16 + ti]`: 16 weight rows × 16 tokens) to `y` transposed: `rows_here` columns from
-/// `col` of `tokens` token rows from `first`.
+/// Writes one output tile (`c[ti·16 + n]`: 16 tokens × 16 weight rows) to `y`: `rows_here` columns from `col` of
+/// `tokens` token rows from `first`.
 ///
 /// # Safety
 /// `y` points to `(first + tokens) × stride` values and no other thread writes those columns meanwhile.
@@ -133,7 +129,7 @@ unsafe fn write_out(
     for ti in 0..tokens {
         for n in 0..rows_here {
             // SAFETY: (first+ti, col+n) is inside y and the column belongs to this call.
-            unsafe { *y.0.add((first + ti) * stride + col + n) = c[n * TILE_TOKENS + ti] };
+            unsafe { *y.0.add((first + ti) * stride + col + n) = c[ti * GROUP + n] };
         }
     }
 }
@@ -214,7 +210,8 @@ pub(crate) unsafe fn rows_on<U: TileUnit>(
     let packed = w.is_packed();
     let block = task_rows(w.cols) / GROUP;
     // SAFETY: between config and release; every pointer below addresses a whole tile inside its slice (asserted
-    // sizes: a panel holds chunks × GROUP × CHUNK values, hi/lo tiles × chunks × TILE).
+    // sizes: a panel holds chunks × GROUP × CHUNK values, hi/lo tiles × chunks × TILE); a whole output tile stored
+    // into y covers 16 token rows and 16 columns of this call's rows, inside y by the caller's promise.
     unsafe {
         unit.config();
         for gb in (g0..g1).step_by(block) {
@@ -264,14 +261,14 @@ pub(crate) unsafe fn rows_on<U: TileUnit>(
                             if two_tiles {
                                 unit.load::<7>(at.add(x1), 64);
                             }
-                            unit.dp::<0, 4, 6>();
+                            unit.dp::<0, 6, 4>();
                             if two_groups {
-                                unit.dp::<2, 5, 6>();
+                                unit.dp::<2, 6, 5>();
                             }
                             if two_tiles {
-                                unit.dp::<1, 4, 7>();
+                                unit.dp::<1, 7, 4>();
                                 if two_groups {
-                                    unit.dp::<3, 5, 7>();
+                                    unit.dp::<3, 7, 5>();
                                 }
                             }
                         }
@@ -281,16 +278,24 @@ pub(crate) unsafe fn rows_on<U: TileUnit>(
                         if (i == 1 && !two_groups) || (j == 1 && !two_tiles) {
                             continue;
                         }
-                        let p = c_out.0.as_mut_ptr();
-                        match acc {
-                            0 => unit.store::<0>(p, 64),
-                            1 => unit.store::<1>(p, 64),
-                            2 => unit.store::<2>(p, 64),
-                            _ => unit.store::<3>(p, 64),
-                        }
                         let (gi, first) = (g + i, (t0 + j) * TILE_TOKENS);
-                        let rows_here = (r1 - gi * GROUP).min(GROUP);
-                        write_out(&c_out.0, y, w.rows, first, (ntok - first).min(TILE_TOKENS), gi * GROUP, rows_here);
+                        let (rows_here, tokens) = ((r1 - gi * GROUP).min(GROUP), (ntok - first).min(TILE_TOKENS));
+                        // A whole tile goes straight into y; a partial one through the spare tile.
+                        let whole = rows_here == GROUP && tokens == TILE_TOKENS;
+                        let (p, stride) = if whole {
+                            (y.0.add(first * w.rows + gi * GROUP), w.rows * 4)
+                        } else {
+                            (c_out.0.as_mut_ptr(), 64)
+                        };
+                        match acc {
+                            0 => unit.store::<0>(p, stride),
+                            1 => unit.store::<1>(p, stride),
+                            2 => unit.store::<2>(p, stride),
+                            _ => unit.store::<3>(p, stride),
+                        }
+                        if !whole {
+                            write_out(&c_out.0, y, w.rows, first, tokens, gi * GROUP, rows_here);
+                        }
                     }
                 }
             }
@@ -479,29 +484,7 @@ mod x86 {
         _mm512_inserti64x4::<1>(_mm512_castsi256_si512(_mm512_cvtepi32_epi16(a)), _mm512_cvtepi32_epi16(b))
     }
 
-    /// Transposes 16 × 16 lanes of 32 bits in place (swaps bit b of row and lane for b = 8, 4, 2, 1).
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    fn transpose(r: &mut [__m512i; 16]) {
-        for b in [8usize, 4, 2, 1] {
-            let mut keep = [0i32; 16];
-            let mut take = [0i32; 16];
-            for j in 0..16 {
-                let (jj, bb) = (j as i32, b as i32);
-                (keep[j], take[j]) = if j & b == 0 { (jj, jj + bb) } else { ((jj - bb) | 16, jj | 16) };
-            }
-            // SAFETY: 16 i32 values are 64 readable bytes.
-            let (keep, take) =
-                unsafe { (_mm512_loadu_si512(keep.as_ptr().cast()), _mm512_loadu_si512(take.as_ptr().cast())) };
-            for i in (0..16).filter(|i| i & b == 0) {
-                let (u, v) = (r[i], r[i + b]);
-                r[i] = _mm512_permutex2var_epi32(u, keep, v);
-                r[i + b] = _mm512_permutex2var_epi32(u, take, v);
-            }
-        }
-    }
-
-    /// The vector form of `prepare_scalar`, into zeroed buffers of whole tiles.
+    /// The vector form of `prepare_scalar`, writing every value of the tiles (zeros past the last token and column).
     ///
     /// # Safety
     /// The CPU has AVX-512F; `x` holds `ntok × k` values, `hi` (and `lo`) `⌈ntok/16⌉ × ⌈k/32⌉` tiles.
@@ -524,39 +507,38 @@ mod x86 {
                 } else {
                     0
                 };
-                let mut h = [zero; 16];
-                let mut l = [zero; 16];
-                for ti in 0..tokens {
-                    // SAFETY: the row's columns c·32..c·32+width are inside x; the masks stop at width.
-                    let (a, b) = unsafe {
-                        let p = x.as_ptr().add((tt * TILE_TOKENS + ti) * k + c * CHUNK);
-                        (_mm512_maskz_loadu_ps(m0, p), _mm512_maskz_loadu_ps(m1, p.add(16)))
-                    };
-                    let (ha, hb) = (round16(a), round16(b));
-                    h[ti] = pairs(ha, hb);
-                    if lo.is_some() {
-                        let widen = |v: __m512i| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v));
-                        l[ti] = pairs(round16(_mm512_sub_ps(a, widen(ha))), round16(_mm512_sub_ps(b, widen(hb))));
-                    }
-                }
                 let base = (tt * chunks + c) * TILE;
-                transpose(&mut h);
-                for (kk, v) in h.iter().enumerate() {
-                    // SAFETY: the tile's row kk (64 bytes) is inside hi.
-                    unsafe { _mm512_storeu_si512(hi.as_mut_ptr().add(base + kk * 2 * TILE_TOKENS).cast(), *v) };
-                }
-                if let Some(lo) = lo.as_deref_mut() {
-                    transpose(&mut l);
-                    for (kk, v) in l.iter().enumerate() {
-                        // SAFETY: as above, inside lo.
-                        unsafe { _mm512_storeu_si512(lo.as_mut_ptr().add(base + kk * 2 * TILE_TOKENS).cast(), *v) };
+                for ti in 0..TILE_TOKENS {
+                    let (h, l) = if ti < tokens {
+                        // SAFETY: the row's columns c·32..c·32+width are inside x; the masks stop at width.
+                        let (a, b) = unsafe {
+                            let p = x.as_ptr().add((tt * TILE_TOKENS + ti) * k + c * CHUNK);
+                            (_mm512_maskz_loadu_ps(m0, p), _mm512_maskz_loadu_ps(m1, p.add(16)))
+                        };
+                        let (ha, hb) = (round16(a), round16(b));
+                        let widen = |v: __m512i| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v));
+                        let l = if lo.is_some() {
+                            pairs(round16(_mm512_sub_ps(a, widen(ha))), round16(_mm512_sub_ps(b, widen(hb))))
+                        } else {
+                            zero
+                        };
+                        (pairs(ha, hb), l)
+                    } else {
+                        (zero, zero)
+                    };
+                    // SAFETY: the tile's row ti (64 bytes) is inside hi, and inside lo when there is one.
+                    unsafe {
+                        _mm512_storeu_si512(hi.as_mut_ptr().add(base + ti * CHUNK).cast(), h);
+                        if let Some(lo) = lo.as_deref_mut() {
+                            _mm512_storeu_si512(lo.as_mut_ptr().add(base + ti * CHUNK).cast(), l);
+                        }
                     }
                 }
             }
         }
     }
 
-    /// The vector form of `write_out`: the tile transposed in registers, then one masked store per token.
+    /// The vector form of `write_out`: one masked copy per token row.
     ///
     /// # Safety
     /// As `write_out`, and the CPU has AVX-512F.
@@ -570,16 +552,14 @@ mod x86 {
         col: usize,
         rows_here: usize,
     ) {
-        let mut r = [_mm512_setzero_si512(); 16];
-        for (n, v) in r.iter_mut().enumerate() {
-            // SAFETY: row n of the tile is 16 values inside c.
-            *v = unsafe { _mm512_loadu_si512(c.as_ptr().add(n * TILE_TOKENS).cast()) };
-        }
-        transpose(&mut r);
         let mask: __mmask16 = if rows_here >= 16 { 0xffff } else { (1u16 << rows_here) - 1 };
-        for (ti, v) in r.iter().take(tokens).enumerate() {
-            // SAFETY: columns col..col+rows_here of token row first+ti are inside y and belong to this call.
-            unsafe { _mm512_mask_storeu_ps(y.0.add((first + ti) * stride + col), mask, _mm512_castsi512_ps(*v)) };
+        for ti in 0..tokens {
+            // SAFETY: row ti of the tile is 16 values inside c; columns col..col+rows_here of token row first+ti are
+            // inside y and belong to this call.
+            unsafe {
+                let v = _mm512_loadu_ps(c.as_ptr().add(ti * GROUP));
+                _mm512_mask_storeu_ps(y.0.add((first + ti) * stride + col), mask, v);
+            }
         }
     }
 
@@ -644,11 +624,11 @@ mod x86 {
             // SAFETY: configured registers; no memory is touched.
             unsafe {
                 match (C, A, B) {
-                    (0, 4, 6) => asm!("tdpbf16ps tmm0, tmm4, tmm6", options(nostack, nomem)),
-                    (1, 4, 7) => asm!("tdpbf16ps tmm1, tmm4, tmm7", options(nostack, nomem)),
-                    (2, 5, 6) => asm!("tdpbf16ps tmm2, tmm5, tmm6", options(nostack, nomem)),
-                    (3, 5, 7) => asm!("tdpbf16ps tmm3, tmm5, tmm7", options(nostack, nomem)),
-                    _ => unreachable!("accumulator 2i+j takes weights 4+i and tokens 6+j"),
+                    (0, 6, 4) => asm!("tdpbf16ps tmm0, tmm6, tmm4", options(nostack, nomem)),
+                    (1, 7, 4) => asm!("tdpbf16ps tmm1, tmm7, tmm4", options(nostack, nomem)),
+                    (2, 6, 5) => asm!("tdpbf16ps tmm2, tmm6, tmm5", options(nostack, nomem)),
+                    (3, 7, 5) => asm!("tdpbf16ps tmm3, tmm7, tmm5", options(nostack, nomem)),
+                    _ => unreachable!("accumulator 2i+j takes tokens 6+j and weights 4+i"),
                 }
             }
         }

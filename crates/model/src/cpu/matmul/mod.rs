@@ -263,25 +263,34 @@ pub fn packed_len(rows: usize, cols: usize, group: usize) -> usize {
 }
 
 /// Re-lays rows `r0..r1` (`r0` a multiple of `group`) of a row-major `? × cols` matrix `src` into `dst`, the packed
-/// groups covering those rows: `[group][chunk][row in group][CHUNK]`, zeros past the last row and column.
+/// groups covering those rows: `[group][chunk][tile]`, zeros past the last row and column. A tile is `group ×
+/// CHUNK` values: `[row in group][CHUNK]`, except for the AMX kernel's groups ([`amx::GROUP`] rows), whose tiles are
+/// its `TDPBF16PS` B operand, `[column pair][row in group][2]` (see [`amx`]).
 pub fn pack(src: &[Bf16], cols: usize, (r0, r1): (usize, usize), group: usize, dst: &mut [Bf16]) {
     debug_assert_eq!(r0 % group, 0);
     let chunks = cols.div_ceil(CHUNK);
     let groups = (r1 - r0).div_ceil(group);
     assert_eq!(dst.len(), groups * chunks * group * CHUNK, "pack: destination size");
+    let pairs = group == amx::GROUP;
     for g in 0..groups {
         for c in 0..chunks {
             let c0 = c * CHUNK;
             let width = (cols - c0).min(CHUNK);
+            let tile = &mut dst[(g * chunks + c) * group * CHUNK..(g * chunks + c + 1) * group * CHUNK];
             for i in 0..group {
-                let at = ((g * chunks + c) * group + i) * CHUNK;
-                let d = &mut dst[at..at + CHUNK];
                 let r = r0 + g * group + i;
-                if r < r1 {
-                    d[..width].copy_from_slice(&src[r * cols + c0..r * cols + c0 + width]);
-                    d[width..].fill(Bf16::ZERO);
+                let row = if r < r1 { &src[r * cols + c0..r * cols + c0 + width] } else { &[][..] };
+                if pairs {
+                    // Column 2·kk + p of row i goes to row kk, column 2·i + p of the tile.
+                    for kk in 0..CHUNK / 2 {
+                        for p in 0..2 {
+                            tile[kk * 2 * group + 2 * i + p] = row.get(2 * kk + p).copied().unwrap_or(Bf16::ZERO);
+                        }
+                    }
                 } else {
-                    d.fill(Bf16::ZERO);
+                    let d = &mut tile[i * CHUNK..(i + 1) * CHUNK];
+                    d[..row.len()].copy_from_slice(row);
+                    d[row.len()..].fill(Bf16::ZERO);
                 }
             }
         }
@@ -501,27 +510,48 @@ impl<'x> Activations<'x> {
 
     /// `y = x · wᵀ` (`ntok × w.rows`, overwritten), over the thread pool when `parallel`.
     pub fn matmul(&self, w: &Mat, y: &mut [f32], parallel: bool) {
-        assert_eq!(w.cols, self.k, "matmul: weight has {} columns, activations {}", w.cols, self.k);
         assert_eq!(y.len(), self.ntok * w.rows, "matmul: y has {} values, expected {}×{}", y.len(), self.ntok, w.rows);
+        // SAFETY: y holds ntok × w.rows values.
+        unsafe { self.matmul_to(w, Out(y.as_mut_ptr()), parallel) };
+    }
+
+    /// `x · wᵀ` as a new `ntok × w.rows` vector, not zeroed first: every kernel writes every value of its output.
+    pub fn product(&self, w: &Mat, parallel: bool) -> Vec<f32> {
+        let len = self.ntok * w.rows;
+        let mut y = Vec::with_capacity(len);
+        // SAFETY: the capacity holds ntok × w.rows values; each kernel writes all of them (every row range of
+        // every token row, which the tasks cover), so they are initialised when the length is set.
+        unsafe {
+            self.matmul_to(w, Out(y.as_mut_ptr()), parallel);
+            y.set_len(len);
+        }
+        y
+    }
+
+    /// Writes `x · wᵀ` to the `ntok × w.rows` values at `out`.
+    ///
+    /// # Safety
+    /// `out` points to `ntok × w.rows` writable values that nothing else accesses meanwhile.
+    unsafe fn matmul_to(&self, w: &Mat, out: Out, parallel: bool) {
+        assert_eq!(w.cols, self.k, "matmul: weight has {} columns, activations {}", w.cols, self.k);
         if self.ntok == 0 || w.rows == 0 {
             return;
         }
         let rows = w.rows;
-        let out = Out(y.as_mut_ptr());
         let task_rows = match self.sel.kernel {
             Kernel::Amx => amx::task_rows(w.cols),
             _ => TASK_ROWS,
         };
         let tasks = rows.div_ceil(task_rows);
         if !parallel || tasks <= 1 || self.ntok * rows * w.cols < 1 << 16 {
-            // SAFETY: sizes were checked above; the whole output is ours.
+            // SAFETY: the caller's promise: the whole output is ours.
             unsafe { self.rows(w, 0, rows, out) };
             return;
         }
         (0..tasks).into_par_iter().for_each(|task| {
             let r0 = task * task_rows;
             let r1 = (r0 + task_rows).min(rows);
-            // SAFETY: tasks write disjoint column ranges r0..r1 of every output row; sizes were checked.
+            // SAFETY: tasks write disjoint column ranges r0..r1 of every output row of the caller's output.
             unsafe { self.rows(w, r0, r1, out) };
         });
     }
@@ -774,6 +804,43 @@ pub(crate) mod tests {
         assert_eq!(at(0, 1, 2, 8), 0.0, "column tail zero-padded");
         assert_eq!(at(1, 0, 0, 0), (4 * cols) as f32);
         assert_eq!(at(1, 0, 1, 0), 0.0, "row tail zero-padded");
+    }
+
+    #[test]
+    fn pack_lays_amx_groups_as_pairs() {
+        let (rows, cols) = (20, 40);
+        let src: Vec<Bf16> = (0..rows * cols).map(|i| Bf16::from_f32(i as f32)).collect();
+        let group = amx::GROUP;
+        let mut dst = vec![Bf16::from_f32(-1.0); packed_len(rows, cols, group)];
+        pack(&src, cols, (0, rows), group, &mut dst);
+        // Group g, chunk c, row i, column j of the chunk.
+        let at = |g: usize, c: usize, i: usize, j: usize| {
+            dst[((g * 2 + c) * group * CHUNK) + (j / 2) * 2 * group + 2 * i + j % 2].to_f32()
+        };
+        for (g, c, i, j) in [(0, 0, 0, 0), (0, 0, 1, 3), (0, 1, 15, 7), (1, 0, 3, 31), (1, 1, 2, 5)] {
+            let (r, col) = (g * group + i, c * CHUNK + j);
+            let want = if r < rows && col < cols { src[r * cols + col].to_f32() } else { 0.0 };
+            assert_eq!(at(g, c, i, j), want, "group {g} chunk {c} row {i} column {j}");
+        }
+        assert_eq!(at(0, 1, 2, 8), 0.0, "column tail zero-padded");
+        assert_eq!(at(1, 0, 4, 0), 0.0, "row tail zero-padded");
+    }
+
+    /// `product` (a new, unzeroed output) has the bits of `matmul` into a buffer of NaNs, with tails everywhere.
+    #[test]
+    fn product_equals_matmul() {
+        let w = resident_copy(&weights(37, 70, 2));
+        for ntok in [1, 17, 40] {
+            let x = pseudo(ntok * 70, 9);
+            let a = Activations::new(&x, ntok, 70);
+            let mut y = vec![f32::NAN; ntok * 37];
+            a.matmul(&w, &mut y, true);
+            let got = a.product(&w, true);
+            assert_eq!(
+                got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                y.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            );
+        }
     }
 
     #[test]
