@@ -7,6 +7,7 @@
 //! health service next to it.
 
 pub mod agent;
+pub mod metrics;
 pub mod node;
 pub mod run;
 pub mod service;

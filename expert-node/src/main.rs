@@ -77,12 +77,19 @@ struct Args {
     /// Seconds between HTTP/2 keepalive pings; a peer that does not answer within twice this is dropped.
     #[arg(long, default_value_t = 2)]
     keepalive_secs: u64,
+    /// Serve Prometheus `/metrics` over plain HTTP on this address (port 0 picks a free one; announced as
+    /// `metrics on ADDR`). Unauthenticated: bind it where only the scraper reaches [default: not served].
+    #[arg(long, env = "MOE_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
     /// Seconds to go on answering requests already received after SIGTERM / Ctrl-C before exiting.
     #[arg(long, default_value_t = 1.0)]
     shutdown_grace_secs: f64,
     #[command(flatten)]
     #[serde(flatten)]
     cpu: moe_model::cpu::CpuArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
+    trace: moe_telemetry::trace::TraceArgs,
     #[command(flatten)]
     #[serde(flatten)]
     tls: moe_tls::TlsArgs,
@@ -125,11 +132,23 @@ impl moe_config::Settings for Args {
 }
 
 fn main() -> ExitCode {
-    moe_telemetry::init_logging("info");
     // Fault injection from FAILPOINTS, in the builds the fault tests run only.
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();
     let loaded = moe_config::load::<Args>(|a| &a.config);
+    // Logs (and traces, when asked) from here on; flushed when `_telemetry` drops, after the runtimes have stopped.
+    let _telemetry = match &loaded {
+        Ok((args, _)) => {
+            match moe_telemetry::trace::init("info", &args.trace.options("expert-node", args.node_id.clone())) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        Err(_) => None,
+    };
     match loaded.map_err(anyhow::Error::from).and_then(|(args, file)| run(args, &file)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -159,7 +178,15 @@ fn run(args: Args, file: &moe_config::ConfigFile) -> Result<()> {
         // Followed: each reload of the files reconnects to etcd with them.
         cluster.etcd_tls = Some(moe_placement::EtcdTls::of(identity));
     }
+    let metrics = match args.metrics_listen {
+        Some(at) => Some(runtime.block_on(expert_node::metrics::bind(at))?),
+        None => None,
+    };
     let node = expert_node::run::load(&config, addr).with_context(|| format!("loading {}", config.model.display()))?;
+    if let Some((listener, at)) = metrics {
+        runtime.spawn(expert_node::metrics::serve(node.clone(), listener));
+        println!("metrics on {at}");
+    }
     println!("listening on {addr}");
     let served = runtime.block_on(expert_node::run::run(config, node, listener, moe_telemetry::shutdown_signal()));
     // Tasks still running (a store call that does not return) do not hold the exit up.

@@ -9,7 +9,7 @@ use moe_model::{Checkpoint, Family, ModelConfig, Residency, Routing};
 use moe_proto::codec;
 use moe_proto::v1::{
     forward_response, Dtype, ErrorCode, ExpertSet, ForwardError, ForwardRequest, ForwardResponse, ModelInfo,
-    PartialSums, Timings,
+    PartialSums, Reduce, Timings,
 };
 
 use crate::shard::Shard;
@@ -28,6 +28,8 @@ pub struct ExpertNode {
     epoch_hi: AtomicU64,
     pub(crate) max_message_bytes: usize,
     pub(crate) counters: Counters,
+    /// The series of `/metrics`.
+    pub(crate) metrics: crate::metrics::NodeMetrics,
     /// (token, expert) pairs computed per (layer, expert) since the last [`ExpertNode::take_load`].
     expert_load: Vec<Vec<AtomicU64>>,
     /// One load or unload at a time; forwards go on meanwhile.
@@ -132,6 +134,7 @@ impl ExpertNode {
             epoch_hi: AtomicU64::new(0),
             max_message_bytes,
             counters: Counters::default(),
+            metrics: crate::metrics::NodeMetrics::default(),
             expert_load,
             shard_lock: tokio::sync::Mutex::new(()),
         })
@@ -296,6 +299,9 @@ impl ExpertNode {
                 format!("placement epoch {} is not served here (this node serves {serves})", req.epoch),
             ));
         }
+        if Reduce::try_from(req.reduce).is_err() {
+            return Err(Refusal::invalid("reduce", format!("{} is not a form of answer this node knows", req.reduce)));
+        }
         let n = req.num_tokens as usize;
         if n == 0 {
             return Err(Refusal::invalid("num_tokens", "a request must carry at least one token"));
@@ -391,13 +397,27 @@ impl ExpertNode {
         codec::decode_into(&req.activations, dtype, &mut hidden)
             .map_err(|e| Refusal::invalid("activations", e.to_string()))?;
         let routing = req.routing.as_ref().ok_or_else(|| Refusal::invalid("routing", "missing"))?;
-        let routing = Routing {
-            offsets: routing.offsets.clone(),
-            experts: routing.experts.clone(),
-            weights: routing.weights.clone(),
+        // A node older than per-pair answers, for the tests (`FAILPOINTS=expert-old-answers=return`): it ignores
+        // `reduce` and answers per-token sums without saying so.
+        let older = || -> bool {
+            fail::fail_point!("expert-old-answers", |_| true);
+            false
         };
+        let reduce = if older() { Reduce::Token } else { Reduce::try_from(req.reduce).unwrap_or(Reduce::Token) };
+        let (hidden, routing) = match reduce {
+            Reduce::Pair => per_pair(&hidden, h, routing),
+            _ => (
+                hidden,
+                Routing {
+                    offsets: routing.offsets.clone(),
+                    experts: routing.experts.clone(),
+                    weights: routing.weights.clone(),
+                },
+            ),
+        };
+        let rows = routing.num_tokens();
         let t1 = Instant::now();
-        let mut out = vec![0f32; n * h];
+        let mut out = vec![0f32; rows * h];
         self.experts.experts().forward(req.layer as usize, &hidden, &routing, &mut out).map_err(|e| {
             let layer = req.layer as usize;
             match routing.experts.iter().position(|&x| !self.experts.is_loaded(layer, x as usize)) {
@@ -425,6 +445,7 @@ impl ExpertNode {
                 dtype: dtype as i32,
                 num_tokens: n as u32,
                 sums,
+                reduce: reduce as i32,
                 timings: Some(Timings {
                     queue_us: us(queued),
                     decode_us: us(t1 - t0),
@@ -434,6 +455,24 @@ impl ExpertNode {
             })),
         })
     }
+}
+
+/// A request answered per pair, as one the kernels compute per token: each (token, expert) pair becomes a row of its
+/// own (the token's hidden state again) routed to that expert alone with weight 1, so the sum computed for the row
+/// is the expert's output itself (`0 + 1 · y`: the bits of `y`, but for a zero's sign, which the router's sum,
+/// starting from +0, never shows). The kernels give a row the same result in any
+/// batch, so these outputs are the ones the single-process engine weighs and adds.
+fn per_pair(hidden: &[f32], h: usize, routing: &moe_proto::v1::Routing) -> (Vec<f32>, Routing) {
+    let pairs = routing.experts.len();
+    let mut rows = Vec::with_capacity(pairs * h);
+    for (t, w) in routing.offsets.windows(2).enumerate() {
+        for _ in w[0]..w[1] {
+            rows.extend_from_slice(&hidden[t * h..(t + 1) * h]);
+        }
+    }
+    let routing =
+        Routing { offsets: (0..=pairs as u32).collect(), experts: routing.experts.clone(), weights: vec![1.0; pairs] };
+    (rows, routing)
 }
 
 fn set_contains(set: &ExpertSet) -> impl Fn(usize, usize) -> bool + Sync + '_ {
@@ -474,24 +513,42 @@ impl ComputeQueue {
         std::thread::Builder::new().name("expert-compute".into()).spawn(move || {
             for job in rx {
                 let id = job.req.id;
+                node.metrics.dequeued(job.enqueued.elapsed());
+                let started = Instant::now();
                 let response = if job.deadline.is_some_and(|d| Instant::now() > d) {
                     Err(Refusal {
                         code: ErrorCode::DeadlineExceeded,
                         field: "deadline_us".into(),
                         message: format!("the deadline passed after {:?} in the queue", job.enqueued.elapsed()),
                     })
-                } else {
+                } else if job.req.traceparent.is_empty() {
                     node.compute(&job.req, job.dtype, job.enqueued.elapsed())
+                } else {
+                    // Work of a traced request: its compute is a child of the router's dispatch span.
+                    let queued = job.enqueued.elapsed();
+                    let span = tracing::info_span!(
+                        "expert.compute",
+                        layer = job.req.layer,
+                        tokens = job.req.num_tokens,
+                        node = %node.node_id,
+                        queue_us = queued.as_micros() as u64,
+                        "otel.kind" = "server",
+                    );
+                    moe_telemetry::trace::set_parent(&span, &job.req.traceparent);
+                    span.in_scope(|| node.compute(&job.req, job.dtype, queued))
                 };
                 let response = match response {
                     Ok(r) => {
                         node.counters.requests.fetch_add(1, Ordering::Relaxed);
                         node.counters.tokens.fetch_add(u64::from(job.req.num_tokens), Ordering::Relaxed);
                         node.count_load(&job.req);
+                        let pairs = job.req.routing.as_ref().map_or(0, |r| r.experts.len() as u64);
+                        node.metrics.computed(started.elapsed(), u64::from(job.req.num_tokens), pairs);
                         r
                     }
                     Err(refusal) => {
                         node.counters.errors.fetch_add(1, Ordering::Relaxed);
+                        node.metrics.refused(refusal.code);
                         tracing::warn!(id, field = %refusal.field, "{}", refusal.message);
                         refusal.into_response(id)
                     }
@@ -504,10 +561,15 @@ impl ComputeQueue {
     }
 
     /// Queues `job` unless the queue is full or the compute thread is gone.
-    pub fn submit(&self, job: Job) -> Result<(), Rejected> {
-        self.tx.try_send(job).map_err(|e| match e {
-            mpsc::TrySendError::Full(job) => Rejected::Full(Box::new(job)),
-            mpsc::TrySendError::Disconnected(_) => Rejected::Closed,
+    pub fn submit(&self, node: &ExpertNode, job: Job) -> Result<(), Rejected> {
+        // Counted before it is sent, so that the compute thread never takes off what was not added yet.
+        node.metrics.queued();
+        self.tx.try_send(job).map_err(|e| {
+            node.metrics.dequeued(Duration::ZERO);
+            match e {
+                mpsc::TrySendError::Full(job) => Rejected::Full(Box::new(job)),
+                mpsc::TrySendError::Disconnected(_) => Rejected::Closed,
+            }
         })
     }
 

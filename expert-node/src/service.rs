@@ -128,10 +128,11 @@ impl ExpertService for Service {
                     Ok(dtype) => {
                         let deadline = (req.deadline_us > 0).then(|| received + Duration::from_micros(req.deadline_us));
                         let job = Job { req, dtype, enqueued: received, deadline, reply: slot };
-                        match queue.submit(job) {
+                        match queue.submit(&node, job) {
                             Ok(()) => {}
                             Err(Rejected::Full(job)) => {
                                 node.counters.errors.fetch_add(1, Ordering::Relaxed);
+                                node.metrics.refused(moe_proto::v1::ErrorCode::ResourceExhausted);
                                 let refusal = Refusal {
                                     code: moe_proto::v1::ErrorCode::ResourceExhausted,
                                     field: String::new(),
@@ -147,6 +148,7 @@ impl ExpertService for Service {
                     }
                     Err(refusal) => {
                         node.counters.errors.fetch_add(1, Ordering::Relaxed);
+                        node.metrics.refused(refusal.code);
                         tracing::warn!(?peer, id, field = %refusal.field, "refused: {}", refusal.message);
                         slot.send(Ok(refusal.into_response(id)));
                     }

@@ -5,6 +5,10 @@
 //! exactly `--output-len` tokens (`ignore_eos`, as vLLM's random dataset does). `--concurrency` requests are kept in
 //! flight until `--requests` have completed. With `--stream`, time to first token (TTFT), time per output token after
 //! the first (TPOT) and the gaps between streamed chunks (ITL) are measured; without it TTFT is the whole latency.
+//!
+//! Against moe-mesh, the router's `/metrics` is read before and after the run and the report gains `cluster`: what
+//! the cluster measured meanwhile (each expert node's share of the (token, expert) pairs and its mean round trip,
+//! each MoE layer's imbalance, and the bytes on the wire per token). Other servers' reports have no such key.
 
 use std::time::{Duration, Instant};
 
@@ -162,12 +166,13 @@ pub fn run(args: Args) -> Result<()> {
     let base = args.url.trim_end_matches('/').trim_end_matches("/v1").to_owned();
     let url = format!("{base}/v1/completions");
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(3600))
+        .pool_max_idle_per_host(args.concurrency)
+        .build()
+        .context("building the HTTP client")?;
+    let before = runtime.block_on(scrape(&client, &base, args.api_key.as_deref()));
     let outcomes = runtime.block_on(async {
-        let client = reqwest::Client::builder()
-            .timeout(Duration::from_secs(3600))
-            .pool_max_idle_per_host(args.concurrency)
-            .build()
-            .context("building the HTTP client")?;
         eprintln!(
             "{} requests of {} prompt + {} output tokens to {url}, {} at a time{}",
             args.requests,
@@ -194,6 +199,8 @@ pub fn run(args: Args) -> Result<()> {
         anyhow::Ok((outcomes, started.elapsed().as_secs_f64()))
     })?;
     let (outcomes, duration) = outcomes;
+    let after = runtime.block_on(scrape(&client, &base, args.api_key.as_deref()));
+    let cluster = before.zip(after).and_then(|(b, a)| cluster_report(&b, &a));
     let done: Vec<&Outcome> = outcomes.iter().filter(|o| o.ok).collect();
     let failed = outcomes.len() - done.len();
     if let Some(first) = outcomes.iter().find(|o| !o.ok) {
@@ -213,7 +220,7 @@ pub fn run(args: Args) -> Result<()> {
     );
     let itl = stats(done.iter().flat_map(|o| o.itl.iter().copied()).collect());
     let e2e = stats(done.iter().map(|o| o.latency).collect());
-    let report = json!({
+    let mut report = json!({
         "duration": duration,
         "completed": done.len(),
         "failed": failed,
@@ -228,6 +235,9 @@ pub fn run(args: Args) -> Result<()> {
         "mean_itl_ms": itl.0, "median_itl_ms": itl.1, "p90_itl_ms": itl.2, "p99_itl_ms": itl.3, "std_itl_ms": itl.4,
         "mean_e2el_ms": e2e.0, "median_e2el_ms": e2e.1, "p90_e2el_ms": e2e.2, "p99_e2el_ms": e2e.3, "std_e2el_ms": e2e.4,
     });
+    if let Some(cluster) = &cluster {
+        report["cluster"] = cluster.clone();
+    }
     if args.json {
         println!("{report}");
         return Ok(());
@@ -240,5 +250,136 @@ pub fn run(args: Args) -> Result<()> {
     for (name, s) in [("TTFT", ttft), ("TPOT", tpot), ("ITL", itl), ("E2E", e2e)] {
         println!("{name:<6} {:>10.1} {:>10.1} {:>10.1} {:>10.1}", s.0, s.1, s.2, s.3);
     }
+    if let Some(c) = &cluster {
+        println!("measured by the cluster meanwhile:");
+        println!("  wire bytes per token   {:>10.0}", c["wire_bytes_per_token"].as_f64().unwrap_or(0.0));
+        println!(
+            "  layer imbalance        {:>10.3} mean, {:.3} worst (busiest node / mean node)",
+            c["layer_imbalance"]["mean"].as_f64().unwrap_or(0.0),
+            c["layer_imbalance"]["max"].as_f64().unwrap_or(0.0)
+        );
+        if let Some(nodes) = c["nodes"].as_object() {
+            println!("  {:<28} {:>8} {:>14}", "node", "share", "round trip ms");
+            for (id, n) in nodes {
+                println!(
+                    "  {id:<28} {:>7.1}% {:>14.3}",
+                    100.0 * n["pair_share"].as_f64().unwrap_or(0.0),
+                    n["mean_round_trip_ms"].as_f64().unwrap_or(f64::NAN)
+                );
+            }
+        }
+    }
     Ok(())
+}
+
+/// The server's `/metrics`, if it answers with moe-mesh's series.
+async fn scrape(client: &reqwest::Client, base: &str, key: Option<&str>) -> Option<String> {
+    let mut req = client.get(format!("{base}/metrics")).timeout(Duration::from_secs(10));
+    if let Some(key) = key {
+        req = req.bearer_auth(key);
+    }
+    let text = req.send().await.ok()?.error_for_status().ok()?.text().await.ok()?;
+    text.contains("moe_expert_messages_total").then_some(text)
+}
+
+/// What the cluster measured between two scrapes of a router: `None` when its experts are not on expert nodes.
+pub fn cluster_report(before: &str, after: &str) -> Option<Value> {
+    use moe_telemetry::metrics::parse_series;
+    use std::collections::BTreeMap;
+    // Sums per value of one label (or of none), after minus before.
+    let delta = |name: &str, label: Option<&str>| -> BTreeMap<String, f64> {
+        let mut out: BTreeMap<String, f64> = BTreeMap::new();
+        for (text, sign) in [(after, 1.0), (before, -1.0)] {
+            for (n, labels, v) in parse_series(text) {
+                if n != name {
+                    continue;
+                }
+                let key = match label {
+                    Some(l) => match labels.iter().find(|(k, _)| k == l) {
+                        Some((_, value)) => value.clone(),
+                        None => continue,
+                    },
+                    None => String::new(),
+                };
+                *out.entry(key).or_default() += sign * v;
+            }
+        }
+        out
+    };
+    let total = |name: &str| delta(name, None).values().sum::<f64>();
+    let messages = total("moe_expert_messages_total");
+    if messages <= 0.0 {
+        return None;
+    }
+    let pairs = delta("moe_node_pairs_total", Some("node"));
+    let all_pairs: f64 = pairs.values().sum();
+    let rtt_sum = delta("moe_dispatch_round_trip_seconds_sum", Some("node"));
+    let rtt_count = delta("moe_dispatch_round_trip_seconds_count", Some("node"));
+    let sent = delta("moe_node_bytes_sent_total", Some("node"));
+    let received = delta("moe_node_bytes_received_total", Some("node"));
+    let nodes: serde_json::Map<String, Value> = pairs
+        .iter()
+        .map(|(node, p)| {
+            let count = rtt_count.get(node).copied().unwrap_or(0.0);
+            let rtt = (count > 0.0).then(|| 1000.0 * rtt_sum.get(node).copied().unwrap_or(0.0) / count);
+            let node_json = json!({
+                "pairs": p,
+                "pair_share": if all_pairs > 0.0 { p / all_pairs } else { 0.0 },
+                "messages": count,
+                "mean_round_trip_ms": rtt,
+                "bytes_sent": sent.get(node).copied().unwrap_or(0.0),
+                "bytes_received": received.get(node).copied().unwrap_or(0.0),
+            });
+            (node.clone(), node_json)
+        })
+        .collect();
+    let busiest = delta("moe_layer_busiest_node_pairs_total", Some("layer"));
+    let mean = delta("moe_layer_mean_node_pairs_total", Some("layer"));
+    let per_layer: BTreeMap<String, f64> =
+        busiest.iter().filter_map(|(l, b)| mean.get(l).filter(|m| **m > 0.0).map(|m| (l.clone(), b / m))).collect();
+    let worst = per_layer.values().copied().fold(0.0, f64::max);
+    let avg = if per_layer.is_empty() { 0.0 } else { per_layer.values().sum::<f64>() / per_layer.len() as f64 };
+    let tokens = total("moe_prompt_tokens_total") + total("moe_generation_tokens_total");
+    let wire = total("moe_expert_bytes_sent_total") + total("moe_expert_bytes_received_total");
+    Some(json!({
+        "nodes": nodes,
+        "layer_imbalance": {"mean": avg, "max": worst, "per_layer": per_layer},
+        "wire_bytes": wire,
+        "wire_bytes_per_token": if tokens > 0.0 { wire / tokens } else { 0.0 },
+        "messages": messages,
+        "pieces_resent": total("moe_expert_pieces_resent_total"),
+        "placement_epoch": parse_series(after).iter().find(|(n, _, _)| n == "moe_placement_epoch").map(|s| s.2),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cluster_report_is_the_difference_of_two_scrapes() {
+        let before = "moe_expert_messages_total{model_name=\"m\"} 10\n\
+            moe_node_pairs_total{model_name=\"m\",node=\"a\"} 100\n\
+            moe_node_pairs_total{model_name=\"m\",node=\"b\"} 100\n\
+            moe_layer_busiest_node_pairs_total{model_name=\"m\",layer=\"0\"} 50\n\
+            moe_layer_mean_node_pairs_total{model_name=\"m\",layer=\"0\"} 50\n\
+            moe_expert_bytes_sent_total{model_name=\"m\"} 1000\n\
+            moe_prompt_tokens_total{model_name=\"m\"} 10\n";
+        let after = "moe_expert_messages_total{model_name=\"m\"} 20\n\
+            moe_node_pairs_total{model_name=\"m\",node=\"a\"} 400\n\
+            moe_node_pairs_total{model_name=\"m\",node=\"b\"} 200\n\
+            moe_dispatch_round_trip_seconds_sum{model_name=\"m\",node=\"a\"} 0.02\n\
+            moe_dispatch_round_trip_seconds_count{model_name=\"m\",node=\"a\"} 10\n\
+            moe_layer_busiest_node_pairs_total{model_name=\"m\",layer=\"0\"} 350\n\
+            moe_layer_mean_node_pairs_total{model_name=\"m\",layer=\"0\"} 250\n\
+            moe_expert_bytes_sent_total{model_name=\"m\"} 5000\n\
+            moe_prompt_tokens_total{model_name=\"m\"} 30\n";
+        let r = cluster_report(before, after).expect("a report");
+        assert_eq!(r["nodes"]["a"]["pair_share"], 0.75);
+        assert_eq!(r["nodes"]["b"]["pair_share"], 0.25);
+        assert!((r["nodes"]["a"]["mean_round_trip_ms"].as_f64().unwrap_or(0.0) - 2.0).abs() < 1e-9);
+        assert_eq!(r["layer_imbalance"]["max"], 1.5);
+        assert_eq!(r["wire_bytes_per_token"], 200.0);
+        assert!(cluster_report(after, after).is_none(), "no messages in between: nothing measured");
+    }
 }

@@ -23,6 +23,7 @@ use moe_tls::{Identity, Role};
 
 use crate::bench_model::tokens;
 use crate::cluster::{even_split, LocalNode};
+use crate::remote::Combine;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -53,6 +54,10 @@ pub struct Args {
     /// Also measure bf16 on the wire.
     #[arg(long)]
     bf16: bool,
+    /// Where the expert outputs are added up, each measured side by side: router (a row per pair back, the same
+    /// bits under every placement) and/or node (a sum per token back).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "router")]
+    combine: Vec<Combine>,
     /// Skip the round trip (1) or the decode comparison (2).
     #[arg(long)]
     skip_round_trip: bool,
@@ -94,10 +99,10 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn connect(
     addrs: &[String],
     lm: &moe_model::LoadedModel,
-    wire: Dtype,
+    (wire, combine): (Dtype, Combine),
     tls: Option<std::sync::Arc<Identity>>,
 ) -> Result<RemoteExperts> {
-    let options = RemoteOptions { wire_dtype: wire, tls, ..RemoteOptions::default() };
+    let options = RemoteOptions { wire_dtype: wire, reduce: combine.reduce(), tls, ..RemoteOptions::default() };
     RemoteExperts::connect(addrs, lm.model.config(), lm.fingerprint, options).context("connecting to the expert nodes")
 }
 
@@ -114,7 +119,13 @@ pub fn run(args: Args) -> Result<()> {
     let mut report = serde_json::Map::new();
     report.insert("threads".into(), json!(threads));
     report.insert("model".into(), json!(args.model.display().to_string()));
-    let wires: Vec<Dtype> = if args.bf16 { vec![Dtype::F32, Dtype::Bf16] } else { vec![Dtype::F32] };
+    if args.combine.is_empty() {
+        bail!("--combine needs router, node or both");
+    }
+    let dtypes: Vec<Dtype> = if args.bf16 { vec![Dtype::F32, Dtype::Bf16] } else { vec![Dtype::F32] };
+    // Every (wire dtype, combine) pair: the "wire" column names both, e.g. f32/router.
+    let wires: Vec<(Dtype, Combine)> = dtypes.iter().flat_map(|&d| args.combine.iter().map(move |&c| (d, c))).collect();
+    let wire_name = |(d, c): (Dtype, Combine)| format!("{}/{}", format!("{d:?}").to_lowercase(), c.name());
 
     // The links as production runs them (mutual TLS, certificates from a CA made for this run), and plaintext next
     // to them in the round trip, to show what TLS costs.
@@ -139,7 +150,7 @@ pub fn run(args: Args) -> Result<()> {
             cfg.num_experts_per_tok, cfg.num_experts
         );
         println!(
-            "{:>6} {:>5} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7} {:>7}",
+            "{:>6} {:>11} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7} {:>7}",
             "tokens",
             "wire",
             "link",
@@ -202,9 +213,9 @@ pub fn run(args: Args) -> Result<()> {
                     let (codec, queue, compute) = (d(2, 1.0), d(3, 1.0), d(4, 1.0));
                     let mean_total = means[i];
                     let transport = (mean_total - encode - decode - codec - queue - compute).max(0.0);
-                    let wire_name = format!("{wire:?}").to_lowercase();
+                    let wire_name = wire_name(wire);
                     println!(
-                        "{n:>6} {wire_name:>5} {link:>5} {mean_total:>9.0} {encode:>9.0} {decode:>9.0} {codec:>9.0} \
+                        "{n:>6} {wire_name:>11} {link:>5} {mean_total:>9.0} {encode:>9.0} {decode:>9.0} {codec:>9.0} \
                          {queue:>9.0} {compute:>9.0} {transport:>9.0} {mean_local:>9.0} {:>7.2} {:>7.3}",
                         mean_local / mean_total,
                         mean_total / plain
@@ -233,13 +244,13 @@ pub fn run(args: Args) -> Result<()> {
             .map(|s| LocalNode::start(&args.model, Some(s), &tls_flags, args.verbose))
             .collect::<Result<_>>()?;
         let addrs: Vec<String> = nodes.iter().map(|n| n.addr.clone()).collect();
-        let remotes: Vec<(Dtype, RemoteExperts)> = wires
+        let remotes: Vec<((Dtype, Combine), RemoteExperts)> = wires
             .iter()
             .map(|&w| connect(&addrs, &lm, w, Some(identity.clone())).map(|r| (w, r)))
             .collect::<Result<_>>()?;
         let mut configs: Vec<(String, &dyn Experts, usize)> = vec![("in-process".into(), &lm.experts, 1)];
         for (wire, remote) in &remotes {
-            let w = format!("{wire:?}").to_lowercase();
+            let w = wire_name(*wire);
             configs.push((format!("{} nodes {w} m=1", args.nodes), remote, 1));
             configs.push((format!("{} nodes {w} m={}", args.nodes, args.micro_batches), remote, args.micro_batches));
         }
@@ -294,7 +305,8 @@ pub fn run(args: Args) -> Result<()> {
         for (wire, remote) in &remotes {
             let s = &remote.stats;
             println!(
-                "{wire:?} wire totals: {} messages, {:.1} MB sent, {:.1} MB received",
+                "{} wire totals: {} messages, {:.1} MB sent, {:.1} MB received",
+                wire_name(*wire),
                 s.messages.load(Ordering::Relaxed),
                 s.bytes_sent.load(Ordering::Relaxed) as f64 / 1e6,
                 s.bytes_received.load(Ordering::Relaxed) as f64 / 1e6

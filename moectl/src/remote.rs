@@ -4,13 +4,38 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use moe_model::{Experts, LoadedModel};
-use moe_proto::v1::Dtype;
+use moe_proto::v1::{Dtype, Reduce};
 use router_node::{RemoteExperts, RemoteOptions};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum WireDtype {
     Bf16,
     F32,
+}
+
+/// Where a token's expert outputs are added up (the router's `--combine`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Combine {
+    /// Nodes answer each expert's output; the router adds them in expert order: the same bits under every placement.
+    Router,
+    /// Each node answers one sum per token: fewer bytes back, last bits that follow the placement.
+    Node,
+}
+
+impl Combine {
+    pub fn reduce(self) -> Reduce {
+        match self {
+            Combine::Router => Reduce::Pair,
+            Combine::Node => Reduce::Token,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Combine::Router => "router",
+            Combine::Node => "node",
+        }
+    }
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -23,6 +48,10 @@ pub struct RemoteArgs {
     /// halves the bytes but rounds activations, which can flip greedy tokens at near-ties.
     #[arg(long, value_enum, default_value_t = WireDtype::F32, requires = "experts_at")]
     pub wire_dtype: WireDtype,
+    /// Where a token's expert outputs are added up: router (the same bits as in this process, under any split of
+    /// the experts) or node (one sum per token and node: fewer bytes, last bits that follow the split).
+    #[arg(long, value_enum, default_value_t = Combine::Router, requires = "experts_at")]
+    pub combine: Combine,
     /// Seconds an expert node may take to answer one message before the step fails.
     #[arg(long, default_value_t = 60.0, requires = "experts_at")]
     pub expert_deadline_secs: f64,
@@ -49,6 +78,7 @@ impl RemoteArgs {
                 WireDtype::Bf16 => Dtype::Bf16,
                 WireDtype::F32 => Dtype::F32,
             },
+            reduce: self.combine.reduce(),
             deadline: Duration::from_secs_f64(secs),
             ..RemoteOptions::default()
         };

@@ -20,7 +20,7 @@ use router_node::server::{ExpertsAt, RouterOptions};
 use moe_tls::{dev_ca, Identity, Role};
 
 use crate::cluster::{even_split, LocalNode};
-use crate::remote::WireDtype;
+use crate::remote::{Combine, WireDtype};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -42,6 +42,10 @@ pub struct Args {
     /// Element type on the wire between router and expert nodes.
     #[arg(long, value_enum, default_value_t = WireDtype::F32)]
     wire_dtype: WireDtype,
+    /// Where a token's expert outputs are added up: router (the same bits under every placement) or node (fewer
+    /// bytes back; last bits follow the placement).
+    #[arg(long, value_enum, default_value_t = Combine::Router)]
+    combine: Combine,
     /// Most tokens per forward step.
     #[arg(long, default_value_t = 512)]
     max_batch_tokens: usize,
@@ -235,7 +239,12 @@ pub fn run(args: Args) -> Result<()> {
         WireDtype::F32 => moe_proto::v1::Dtype::F32,
         WireDtype::Bf16 => moe_proto::v1::Dtype::Bf16,
     };
-    let remote = RemoteOptions { wire_dtype: wire, tls: router_tls.clone(), ..RemoteOptions::default() };
+    let remote = RemoteOptions {
+        wire_dtype: wire,
+        reduce: args.combine.reduce(),
+        tls: router_tls.clone(),
+        ..RemoteOptions::default()
+    };
     let experts = if nodes.is_empty() {
         ExpertsAt::Local
     } else if let Some(etcd) = &args.etcd {

@@ -120,6 +120,7 @@ async fn follow(session: Arc<Session>, id: String, remote: Arc<RemoteExperts>, c
     loop {
         match cluster.snapshot().await {
             Ok(view) => {
+                *remote.cluster_view.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(view.clone()));
                 if let Some(p) = view.placement.as_ref().filter(|p| p.epoch > remote.epoch() && view.is_ready(p)) {
                     match remote.switch(p, &config).await {
                         Ok(()) => {

@@ -120,6 +120,8 @@ pub enum SequenceEvent {
 /// A request to the engine.
 #[derive(Debug)]
 pub struct SequenceRequest {
+    /// The request's span when its trace is sampled: the steps it takes part in are traced under it.
+    pub trace: Option<tracing::Span>,
     pub prompt: Vec<u32>,
     pub params: SequenceParams,
     pub events: UnboundedSender<SequenceEvent>,
@@ -254,6 +256,11 @@ impl EngineHandle {
         self.max_queue_wait
     }
 
+    /// The memory for sequence state, in bytes.
+    pub fn state_budget(&self) -> u64 {
+        self.budget
+    }
+
     /// Whether the engine thread still runs.
     pub fn is_alive(&self) -> bool {
         !self.stats.stopped.load(Ordering::Acquire)
@@ -337,6 +344,17 @@ impl Drop for Stopped {
     }
 }
 
+/// Marks the engine stopped when dropped by a panic's unwinding.
+struct StoppedOnPanic(Arc<EngineStats>);
+
+impl Drop for StoppedOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.stopped.store(true, Ordering::Release);
+        }
+    }
+}
+
 /// A request in the queue, with when it arrived.
 struct Queued {
     req: SequenceRequest,
@@ -358,6 +376,9 @@ impl Engine {
     fn run(mut self) {
         let mut running: Vec<Running> = Vec::new();
         let mut reserved = 0u64;
+        // Declared after `running`, so dropped before it: a panic marks the engine stopped before the sequences'
+        // event channels close, so a client that sees its stream fail already finds `/livez` false.
+        let _stopped_first = StoppedOnPanic(Arc::clone(&self.stats));
         loop {
             // Block only when there is nothing to do.
             if running.is_empty() && self.waiting.is_empty() {
@@ -484,6 +505,20 @@ impl Engine {
             }
         }
         plan.sort_unstable();
+        // A step with traced sequences is traced under the first one's request, linked to the others'; its
+        // dispatches and the expert nodes' compute are traced under it. Untraced steps create no span.
+        let traced: Vec<&tracing::Span> = plan.iter().filter_map(|&(i, _)| running[i].req.trace.as_ref()).collect();
+        let step_span = match traced.split_first() {
+            Some((first, others)) => {
+                let tokens: usize = plan.iter().map(|&(_, n)| n).sum();
+                let span = tracing::info_span!(parent: *first, "engine.step", tokens, sequences = plan.len());
+                for other in others {
+                    span.follows_from(*other);
+                }
+                span
+            }
+            None => tracing::Span::none(),
+        };
         let started = Instant::now();
         let mut segs: Vec<Segment<'_>> = Vec::with_capacity(plan.len());
         let mut tokens_in_step = 0;
@@ -511,7 +546,8 @@ impl Engine {
                 segs.push(Segment { state: &mut s.state, tokens, logits });
             }
         }
-        let outs = self.model.forward_pipelined(&mut segs, self.experts.as_ref(), self.config.micro_batches)?;
+        let outs = step_span
+            .in_scope(|| self.model.forward_pipelined(&mut segs, self.experts.as_ref(), self.config.micro_batches))?;
         drop(segs);
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
         tracing::trace!(tokens = tokens_in_step, sequences = plan.len(), elapsed = ?started.elapsed(), "step");

@@ -5,6 +5,7 @@
 pub mod cluster;
 pub mod engine;
 pub mod http;
+pub mod metrics;
 pub mod remote;
 pub mod server;
 

@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use moe_config::ConfigError;
 use moe_model::Residency;
-use moe_proto::v1::Dtype;
+use moe_proto::v1::{Dtype, Reduce};
 use router_node::cluster::ClusterOptions;
 use router_node::engine::EngineConfig;
 use router_node::http::ApiConfig;
@@ -61,6 +61,12 @@ struct Args {
     /// Element type on the wire to expert nodes: f32 keeps single-process results; bf16 halves the bytes.
     #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
     wire_dtype: String,
+    /// Where a token's expert outputs are added up. router: nodes answer each expert's output and the router adds
+    /// them in expert order, so results are the same bits under every placement and after any move to a replica;
+    /// node: each node answers one sum per token, top-k / nodes-visited times fewer bytes back, but a token's last
+    /// bits then follow the placement.
+    #[arg(long, default_value = "router", value_parser = ["router", "node"])]
+    combine: String,
     /// Accepted API key (repeatable; also MOE_API_KEYS, comma-separated). Without any, no authentication.
     #[arg(long = "api-key", env = "MOE_API_KEYS", value_delimiter = ',')]
     api_keys: Vec<String>,
@@ -106,6 +112,11 @@ struct Args {
     /// goes to a replica if one exists (else to the same node again).
     #[arg(long, default_value_t = 60.0)]
     expert_deadline_secs: f64,
+    /// Hedging: a piece unanswered after this many milliseconds, and 8 times what its node's recent answers say it
+    /// should take, is copied to other replicas when all its experts have one, and the first whole answer is used
+    /// (a frozen node then costs about this, not the keepalive's 7 s). 0: no hedging.
+    #[arg(long, default_value_t = 250)]
+    hedge_min_ms: u64,
     /// After SIGTERM / Ctrl-C: seconds requests in flight may take to finish before the router exits anyway (a
     /// second signal exits at once).
     #[arg(long, default_value_t = 30.0)]
@@ -126,6 +137,9 @@ struct Args {
     #[command(flatten)]
     #[serde(flatten)]
     cpu: moe_model::cpu::CpuArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
+    trace: moe_telemetry::trace::TraceArgs,
     #[command(flatten)]
     #[serde(flatten)]
     tls: moe_tls::TlsArgs,
@@ -178,6 +192,9 @@ impl moe_config::Settings for Args {
         if self.wire_dtype != "f32" && self.wire_dtype != "bf16" {
             return Err(ConfigError::refused("wire-dtype", format!("{:?}: f32 or bf16", self.wire_dtype)));
         }
+        if self.combine != "router" && self.combine != "node" {
+            return Err(ConfigError::refused("combine", format!("{:?}: router or node", self.combine)));
+        }
         if self.has_links() {
             self.tls.files("a router with remote experts")?;
         }
@@ -193,11 +210,23 @@ impl Args {
 }
 
 fn main() -> ExitCode {
-    moe_telemetry::init_logging("info");
     // Fault injection from FAILPOINTS, in the builds the fault tests run only.
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();
     let loaded = moe_config::load::<Args>(|a| &a.config);
+    // Logs (and traces, when asked) from here on; flushed when `_telemetry` drops, after the runtimes have stopped.
+    let _telemetry = match &loaded {
+        Ok((args, _)) => {
+            match moe_telemetry::trace::init("info", &args.trace.options("router-node", args.node_id.clone())) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        Err(_) => None,
+    };
     match loaded.map_err(anyhow::Error::from).and_then(|(args, file)| run(args, &file)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -273,8 +302,10 @@ fn options(args: &Args) -> Result<RouterOptions> {
     let remote = RemoteOptions {
         tls,
         wire_dtype: wire,
+        reduce: if args.combine == "node" { Reduce::Token } else { Reduce::Pair },
         hold_timeout: secs("hold-timeout-secs", args.hold_timeout_secs)?,
         deadline: secs("expert-deadline-secs", args.expert_deadline_secs)?,
+        hedge_min: (args.hedge_min_ms > 0).then(|| Duration::from_millis(args.hedge_min_ms)),
         ..RemoteOptions::default()
     };
     let experts = if let Some(etcd) = &args.etcd {

@@ -129,6 +129,7 @@ pub fn fixture(name: &str) -> PathBuf {
 pub struct ServingProcess {
     child: Child,
     addr: String,
+    metrics_addr: Option<String>,
     log: tempfile::NamedTempFile,
 }
 
@@ -164,17 +165,31 @@ impl ServingProcess {
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
-                if let Some(addr) = line.strip_prefix("listening on ") {
-                    let _ = tx.send(addr.trim().to_owned());
+                // An expert node with --metrics-listen announces that address first.
+                if let Some(addr) = line.strip_prefix("metrics on ") {
+                    let _ = tx.send((true, addr.trim().to_owned()));
+                } else if let Some(addr) = line.strip_prefix("listening on ") {
+                    let _ = tx.send((false, addr.trim().to_owned()));
                 }
             }
         });
-        let mut process = ServingProcess { child, addr: String::new(), log };
-        match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(addr) => process.addr = addr,
-            Err(_) => bail!("{binary} {args:?} did not start serving:\n{}", process.log_text()),
+        let mut process = ServingProcess { child, addr: String::new(), metrics_addr: None, log };
+        loop {
+            match rx.recv_timeout(Duration::from_secs(60)) {
+                Ok((true, addr)) => process.metrics_addr = Some(addr),
+                Ok((false, addr)) => {
+                    process.addr = addr;
+                    break;
+                }
+                Err(_) => bail!("{binary} {args:?} did not start serving:\n{}", process.log_text()),
+            }
         }
         Ok(process)
+    }
+
+    /// Where an expert node started with `--metrics-listen` serves `/metrics` (`127.0.0.1:PORT`).
+    pub fn metrics_addr(&self) -> Option<&str> {
+        self.metrics_addr.as_deref()
     }
 
     /// What it announced: `127.0.0.1:PORT` for an expert node, `http://127.0.0.1:PORT` for a router.
@@ -584,4 +599,48 @@ pub fn memory_of(pid: u32) -> (u64, u64) {
         line.trim().trim_end_matches("kB").trim().parse::<u64>().expect("a number") << 10
     };
     (kib("VmHWM:"), kib("VmRSS:"))
+}
+
+/// The value of series `name` in a Prometheus exposition, summed over its label sets (`None`: not there).
+pub fn metric_value(text: &str, name: &str) -> Option<f64> {
+    let series = moe_telemetry::metrics::parse_series(text);
+    let mut values = series.iter().filter(|(n, _, _)| n == name).map(|(_, _, v)| *v).peekable();
+    values.peek()?;
+    Some(values.sum())
+}
+
+/// The series a Grafana dashboard's queries name (`moe_*` and `vllm:*` identifiers in every `expr`).
+pub fn dashboard_metrics(json: &str) -> Result<std::collections::BTreeSet<String>> {
+    fn walk(v: &serde_json::Value, out: &mut std::collections::BTreeSet<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, v) in m {
+                    match (k.as_str(), v) {
+                        ("expr", serde_json::Value::String(q)) => names_in(q, out),
+                        _ => walk(v, out),
+                    }
+                }
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|v| walk(v, out)),
+            _ => {}
+        }
+    }
+    fn names_in(query: &str, out: &mut std::collections::BTreeSet<String>) {
+        let ident = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == ':';
+        let mut rest = query;
+        while let Some(i) = [rest.find("moe_"), rest.find("vllm:")].into_iter().flatten().min() {
+            // Only at the start of an identifier.
+            if i > 0 && rest[..i].chars().next_back().is_some_and(ident) {
+                rest = &rest[i + 1..];
+                continue;
+            }
+            let end = rest[i..].find(|c: char| !ident(c)).map_or(rest.len(), |e| i + e);
+            out.insert(rest[i..end].to_owned());
+            rest = &rest[end..];
+        }
+    }
+    let v: serde_json::Value = serde_json::from_str(json).context("the dashboard is not JSON")?;
+    let mut out = std::collections::BTreeSet::new();
+    walk(&v, &mut out);
+    Ok(out)
 }

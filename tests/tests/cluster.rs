@@ -157,5 +157,5 @@ async fn nodes_join_drain_and_routers_fail_over_without_changing_output() {
     assert_eq!(shown["leader"], json!(survivor));
     let metrics =
         reqwest::get(format!("{}/metrics", routers[alive].url())).await.expect("metrics").text().await.expect("text");
-    assert!(metrics.contains(&format!("moe_placement_epoch {}\n", p.epoch)), "{metrics}");
+    assert_eq!(moe_e2e::metric_value(&metrics, "moe_placement_epoch"), Some(p.epoch as f64), "{metrics}");
 }

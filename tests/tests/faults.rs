@@ -350,6 +350,8 @@ fn a_router_that_stops_reading_stalls_nobody_else() {
                     weights: vec![1.0; n as usize],
                 }),
                 deadline_us: 0,
+                traceparent: String::new(),
+                reduce: 0,
             };
             if tx.send(req).await.is_err() {
                 break;

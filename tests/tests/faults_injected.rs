@@ -21,11 +21,15 @@ async fn a_slow_node_s_work_moves_to_a_replica_after_the_expert_deadline() {
     let slow = ExpertNodeProcess::launch(&dir, "127.0.0.1:0", "0-3", &[], &slow).expect("slow node");
     let healthy = ExpertNodeProcess::start(&dir, "all", &[]).expect("node");
     let at = format!("{},{}", slow.addr(), healthy.addr());
-    let router = RouterProcess::start(&dir, &["--experts-at", &at, "--expert-deadline-secs", "0.5"]).expect("router");
+    // Without hedging: the deadline is what this test is about (hedging has its own test in failover.rs).
+    let router =
+        RouterProcess::start(&dir, &["--experts-at", &at, "--expert-deadline-secs", "0.5", "--hedge-min-ms", "0"])
+            .expect("router");
     let url = router.url().to_owned();
     let lm = LoadedModel::load(&dir).expect("loads");
     let started = Instant::now();
     start_greedy_streams(&url, &lm, 3, 48).finish("a slow node").await;
+    assert_eq!(metric(&url, "moe_expert_pieces_hedged_total").await, 0.0, "--hedge-min-ms 0 hedged");
     let took = started.elapsed();
     assert!(metric(&url, "moe_expert_pieces_resent_total").await >= 1.0, "nothing moved off the slow node");
     assert_eq!(metric(&url, "moe_requests_finished_total").await, 3.0);
@@ -34,6 +38,50 @@ async fn a_slow_node_s_work_moves_to_a_replica_after_the_expert_deadline() {
     // Eight 2 s computations, had every one been waited for, would take 16 s.
     assert!(took < Duration::from_secs(14), "the slow node was waited for: {took:?}");
     eprintln!("3 streams beside a slow node in {took:?}");
+}
+
+/// The same slow node with hedging on (the default): its late pieces are copied to the healthy replica after the
+/// hedge delay, long before the 2 s computations or the 60 s deadline end, and the text is the fault-free run's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_node_s_late_pieces_are_hedged_to_a_replica() {
+    let dir = fixture("qwen35");
+    let slow = Launch::failpoints("expert-compute=8*sleep(2000)");
+    let slow = ExpertNodeProcess::launch(&dir, "127.0.0.1:0", "0-3", &[], &slow).expect("slow node");
+    let healthy = ExpertNodeProcess::start(&dir, "all", &[]).expect("node");
+    let at = format!("{},{}", slow.addr(), healthy.addr());
+    let router = RouterProcess::start(&dir, &["--experts-at", &at]).expect("router");
+    let url = router.url().to_owned();
+    let lm = LoadedModel::load(&dir).expect("loads");
+    let started = Instant::now();
+    start_greedy_streams(&url, &lm, 3, 48).finish("a slow node, hedged").await;
+    let took = started.elapsed();
+    let won = metric(&url, "moe_expert_hedges_won_total").await;
+    assert!(won >= 1.0, "no copy answered first");
+    assert!(metric(&url, "moe_expert_pieces_hedged_total").await >= won);
+    assert_eq!(metric(&url, "moe_expert_pieces_resent_total").await, 0.0, "a piece waited for its deadline");
+    assert_eq!(metric(&url, "moe_requests_finished_total").await, 3.0);
+    assert_eq!(metric(&url, "moe_requests_failed_total").await, 0.0);
+    assert!(took < Duration::from_secs(14), "the slow node was waited for: {took:?}");
+    eprintln!("3 streams beside a slow node, hedged, in {took:?}");
+}
+
+/// A node of the protocol before per-pair answers (it ignores `reduce` and sends per-token sums, which a failpoint
+/// imitates) beside a current one: the router adds its sums as such and the current node's rows onto them, and
+/// serves the same greedy text instead of failing the steps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_of_the_older_protocol_answers_per_token_sums_and_nothing_fails() {
+    let dir = fixture("qwen35");
+    let older = Launch::failpoints("expert-old-answers=return");
+    let older = ExpertNodeProcess::launch(&dir, "127.0.0.1:0", "0-3", &[], &older).expect("older node");
+    let current = ExpertNodeProcess::start(&dir, "4-7", &[]).expect("node");
+    let at = format!("{},{}", older.addr(), current.addr());
+    let router = RouterProcess::start(&dir, &["--experts-at", &at]).expect("router");
+    let url = router.url().to_owned();
+    let lm = LoadedModel::load(&dir).expect("loads");
+    start_greedy_streams(&url, &lm, 2, 32).finish("a node of the older protocol").await;
+    assert_eq!(metric(&url, "moe_requests_finished_total").await, 2.0);
+    assert_eq!(metric(&url, "moe_requests_failed_total").await, 0.0);
+    assert_eq!(metric(&url, "moe_expert_pieces_resent_total").await, 0.0, "an answer was refused");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

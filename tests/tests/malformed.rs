@@ -7,7 +7,7 @@ use moe_e2e::{bin, fixture, ExpertNodeProcess};
 use moe_proto::codec;
 use moe_proto::v1::{
     forward_response, Dtype, ErrorCode, ExpertSet, ForwardRequest, ForwardResponse, LayerExperts, LoadExpertsRequest,
-    Routing, StatusRequest, UnloadExpertsRequest,
+    Reduce, Routing, StatusRequest, UnloadExpertsRequest,
 };
 use moe_proto::ExpertServiceClient;
 use tokio::sync::mpsc;
@@ -60,6 +60,8 @@ fn request(id: u64, layer: u32, n: usize, experts: &[u32]) -> ForwardRequest {
         activations: codec::encode(&hidden, Dtype::F32),
         routing: Some(routing),
         deadline_us: 10_000_000,
+        traceparent: String::new(),
+        reduce: 0,
     }
 }
 
@@ -148,6 +150,9 @@ async fn every_malformed_request_is_refused_by_field_and_the_stream_goes_on() {
     cases.push((r.clone(), ErrorCode::InvalidArgument, "routing.weights"));
     r = request(27, 0, 0, &[0]);
     cases.push((r.clone(), ErrorCode::InvalidArgument, "num_tokens"));
+    r = request(28, 0, 1, &[0]);
+    r.reduce = 9;
+    cases.push((r.clone(), ErrorCode::InvalidArgument, "reduce"));
 
     for (req, code, field) in cases {
         let resp = s.call(req).await;
@@ -157,9 +162,21 @@ async fn every_malformed_request_is_refused_by_field_and_the_stream_goes_on() {
         assert_eq!(again, good, "a refused request changed a later answer");
     }
 
+    // Asked per pair, the node answers each expert's output; weighed and added in expert order, they are the bits
+    // of the node's own per-token sum.
+    let mut per_pair = request(200, 0, 3, &[2, 0]);
+    per_pair.reduce = Reduce::Pair as i32;
+    let rows = expect_sums(&s.call(per_pair).await, 6);
+    let mut combined = vec![0f32; 3 * HIDDEN];
+    for (t, out) in combined.chunks_mut(HIDDEN).enumerate() {
+        let row = |k: usize| &rows[(2 * t + k) * HIDDEN..(2 * t + k + 1) * HIDDEN];
+        moe_model::combine_experts(out, [(2, 0.5, row(0)), (0, 0.5, row(1))]);
+    }
+    assert!(combined == good, "the per-pair rows do not add up to the per-token sums bit for bit");
+
     let status = client.status(StatusRequest {}).await.expect("status").into_inner();
-    assert_eq!(status.errors, 18);
-    assert!(status.requests >= 19);
+    assert_eq!(status.errors, 19);
+    assert!(status.requests >= 21);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,7 +5,7 @@
 
 use moe_e2e::{fixture, regrouping_tolerance, ExpertNodeProcess};
 use moe_model::{generate, GenerateRequest, LoadedModel, LogitsFor, Residency, SamplingParams, Segment};
-use moe_proto::v1::Dtype;
+use moe_proto::v1::{Dtype, Reduce};
 use router_node::{RemoteExperts, RemoteOptions};
 
 fn prompt(n: usize, seed: u32, vocab: usize) -> Vec<u32> {
@@ -128,9 +128,10 @@ fn check_model(model: &str, specs: &[&str], cases: &[Case<'_>]) {
 
     for case in cases {
         let addrs: Vec<String> = case.nodes.iter().map(|&i| nodes[i].addr().to_owned()).collect();
-        for wire in [Dtype::F32, Dtype::Bf16] {
+        for (wire, reduce) in [(Dtype::F32, Reduce::Pair), (Dtype::F32, Reduce::Token), (Dtype::Bf16, Reduce::Pair)] {
             let options = RemoteOptions {
                 wire_dtype: wire,
+                reduce,
                 // Small messages, so that a 150-token prompt's activations go out in several pieces per node.
                 max_message_bytes: 16 << 10,
                 tls: Some(moe_e2e::tls::identity(moe_tls::Role::Router)),
@@ -150,12 +151,18 @@ fn check_model(model: &str, specs: &[&str], cases: &[Case<'_>]) {
                 want_batch.iter().zip(&got_batch).map(|(a, b)| logprob_diff(a, b, vocab)).fold(0.0, f64::max);
             let sent = remote.stats.messages.load(std::sync::atomic::Ordering::Relaxed);
             eprintln!(
-                "{model} {} ({wire:?} wire): top-5 log-prob diff {worst:.2e} (whole vocabulary {worst_all:.2e}), \
+                "{model} {} ({wire:?} wire, {reduce:?} answers): top-5 log-prob diff {worst:.2e} (whole vocabulary {worst_all:.2e}), \
                  batch in 2 micro-batches {batch_worst:.2e}, {sent} messages",
                 case.name
             );
-            match wire {
-                Dtype::F32 => {
+            match (wire, reduce) {
+                (Dtype::F32, Reduce::Pair) => {
+                    // Each expert's output comes back and the router adds them as one process does: the same bits.
+                    assert!(worst_all == 0.0, "{model} {}: some log-prob differs by {worst_all}", case.name);
+                    assert!(batch_worst == 0.0, "{model} {}: batched log-probs differ by {batch_worst}", case.name);
+                    assert_eq!(got_greedy, want_greedy, "{model} {}: greedy tokens differ", case.name);
+                }
+                (Dtype::F32, _) => {
                     // Partial sums added per node round differently from one sum over all experts.
                     let tol = regrouping_tolerance();
                     assert!(worst <= tol, "{model} {}: echo log-probs differ by {worst}", case.name);

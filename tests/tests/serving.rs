@@ -34,9 +34,7 @@ async fn sse(url: &str, path: &str, body: Value) -> Vec<String> {
 
 async fn metric(url: &str, name: &str) -> f64 {
     let text = client().get(format!("{url}/metrics")).send().await.expect("sent").text().await.expect("text");
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or_else(|| panic!("{name} not in /metrics:\n{text}"))
+    moe_e2e::metric_value(&text, name).unwrap_or_else(|| panic!("{name} not in /metrics:\n{text}"))
 }
 
 fn prompt(i: u32) -> Vec<u32> {

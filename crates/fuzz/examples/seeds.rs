@@ -5,7 +5,7 @@ use std::path::Path;
 
 use moe_model::ModelConfig;
 use moe_placement::{Member, ModelShape, PlacedNode, Placement, Role};
-use moe_proto::v1::{Dtype, ForwardRequest, Routing};
+use moe_proto::v1::{Dtype, ForwardRequest, Reduce, Routing};
 use prost::Message;
 use serde_json::json;
 
@@ -58,7 +58,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let layer =
         (0..config.num_hidden_layers).find(|&l| config.is_moe_layer(l)).ok_or("the fixture has no MoE layer")?;
     let h = config.hidden_size;
-    for (dtype, size) in [(Dtype::Bf16, 2), (Dtype::F32, 4)] {
+    for (dtype, size, reduce) in
+        [(Dtype::Bf16, 2, Reduce::Token), (Dtype::F32, 4, Reduce::Token), (Dtype::F32, 4, Reduce::Pair)]
+    {
         let tokens = 2;
         let activations: Vec<u8> =
             (0..tokens * h * size).map(|i| if size == 2 { (i % 7) as u8 } else { (i % 5) as u8 * 3 }).collect();
@@ -76,8 +78,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 weights: vec![0.5, 0.5, 0.2, 0.3, 0.5],
             }),
             deadline_us: 0,
+            traceparent: String::new(),
+            reduce: reduce as i32,
         };
-        write("forward", &format!("seed-{}", dtype.as_str_name().to_lowercase()), req.encode_to_vec())?;
+        let name = match reduce {
+            Reduce::Token => format!("seed-{}", dtype.as_str_name().to_lowercase()),
+            Reduce::Pair => format!("seed-{}-per-pair", dtype.as_str_name().to_lowercase()),
+        };
+        write("forward", &name, req.encode_to_vec())?;
     }
 
     // A small safetensors file with the embedding the loader looks for, in each dtype it reads.

@@ -4,7 +4,7 @@ use std::sync::OnceLock;
 
 use expert_node::{ExpertNode, ExpertSpec};
 use moe_model::Residency;
-use moe_proto::v1::{forward_response, Dtype, ErrorCode, ForwardRequest};
+use moe_proto::v1::{forward_response, Dtype, ErrorCode, ForwardRequest, Reduce};
 use prost::Message;
 
 use crate::{fixture, fixture_dir};
@@ -26,7 +26,7 @@ fn node() -> &'static ExpertNode {
 }
 
 /// One `ForwardRequest` as its protobuf bytes. A request the node refuses is the caller's fault (never `INTERNAL`);
-/// one it computes gets one sum per token and hidden unit.
+/// one it computes gets one sum per token and hidden unit, or with `REDUCE_PAIR` one row per routing pair.
 pub fn forward(data: &[u8]) {
     let Ok(req) = ForwardRequest::decode(data) else { return };
     let node = node();
@@ -37,7 +37,11 @@ pub fn forward(data: &[u8]) {
                 panic!("a computed request got no sums")
             };
             let size = if req.dtype == Dtype::Bf16 as i32 { 2 } else { 4 };
-            let expected = req.num_tokens as usize * node.config().hidden_size * size;
+            let rows = match Reduce::try_from(req.reduce) {
+                Ok(Reduce::Pair) => req.routing.as_ref().map_or(0, |r| r.experts.len()),
+                _ => req.num_tokens as usize,
+            };
+            let expected = rows * node.config().hidden_size * size;
             assert_eq!(sums.sums.len(), expected, "sums of the wrong size");
         }
     }

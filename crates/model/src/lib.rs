@@ -20,7 +20,9 @@ pub mod weights;
 pub use config::{Family, LayerKind, ModelConfig};
 pub use error::{ModelError, Result};
 pub use generate::{generate, FinishReason, GenerateOutput, GenerateRequest};
-pub use layers::moe::{ExpertSlots, Experts, LocalExperts, PendingExperts, Ready, Routing, ShardChange};
+pub use layers::moe::{
+    combine_experts, ExpertSlots, Experts, LocalExperts, PendingExperts, Ready, Routing, ShardChange,
+};
 pub use model::{Decoder, LogitsFor, Model, Segment};
 pub use sampling::{Sampler, SamplingParams};
 pub use state::{new_decoder_id, DeviceState, SequenceState};

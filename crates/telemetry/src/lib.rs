@@ -1,16 +1,28 @@
-//! Telemetry: logging set-up and process signals shared by the binaries. OpenTelemetry export, trace propagation
-//! over gRPC and Prometheus metrics come with the telemetry issue.
+//! Telemetry shared by the binaries: logging, process signals, Prometheus exposition ([`metrics`]) and OpenTelemetry
+//! traces with their propagation between processes ([`trace`]).
+
+pub mod metrics;
+pub mod trace;
 
 /// Logs to stderr through `tracing`, filtered by `RUST_LOG` (else `default_level`), coloured only on a terminal.
 pub fn init_logging(default_level: &str) {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
-        )
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    tracing_subscriber::registry().with(fmt_layer(default_level)).init();
+}
+
+/// The log lines: stderr, `RUST_LOG` or `default_level`, colour only on a terminal.
+fn fmt_layer<S>(default_level: &str) -> impl tracing_subscriber::Layer<S>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    use tracing_subscriber::Layer;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_filter(filter)
 }
 
 /// Resolves on the first SIGINT (Ctrl-C) or, on Unix, SIGTERM: when a server should drain and stop. From then on a

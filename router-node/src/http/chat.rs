@@ -31,6 +31,7 @@ pub(super) async fn chat_completions(State(state): State<Arc<AppState>>, req: Re
         receivers.push(start_choice(
             &state,
             ChoiceSpec {
+                operation: "chat",
                 prompt: prompt.clone(),
                 params,
                 stop: common.stop.clone(),

@@ -13,6 +13,7 @@ use super::parse::Common;
 use super::text::TextState;
 use super::AppState;
 use crate::engine::{Finish, SequenceEvent, SequenceParams, SequenceRequest, SubmitError, TokenLogprob};
+use crate::metrics::{Ended, RequestTimer};
 
 /// What a choice produced so far, for non-streaming responses.
 #[derive(Default)]
@@ -43,6 +44,8 @@ pub(super) enum Delta {
 }
 
 pub(super) struct ChoiceSpec {
+    /// The GenAI operation, as traces name it: `text_completion` or `chat`.
+    pub(super) operation: &'static str,
     pub(super) prompt: Vec<u32>,
     pub(super) params: SequenceParams,
     pub(super) stop: Vec<String>,
@@ -75,9 +78,26 @@ pub(super) fn start_choice(state: &Arc<AppState>, spec: ChoiceSpec) -> Result<mp
     let submitted = Instant::now();
     let timeout = deadline.saturating_duration_since(submitted);
     let admit_by = submitted + state.engine.max_queue_wait();
+    // The request's span, with the GenAI semantic conventions' attributes: kept if the trace is sampled (then the
+    // engine's steps and the dispatches under them are its children).
+    let model = &state.config.model_name;
+    let span = tracing::info_span!(
+        "gen_ai.request",
+        "otel.name" = format!("{} {model}", spec.operation),
+        "otel.kind" = "server",
+        "gen_ai.operation.name" = spec.operation,
+        "gen_ai.system" = "moe-mesh",
+        "gen_ai.request.model" = model.as_str(),
+        "gen_ai.request.max_tokens" = spec.params.max_tokens,
+        "gen_ai.usage.input_tokens" = prompt_tokens,
+        "gen_ai.usage.output_tokens" = tracing::field::Empty,
+        "gen_ai.response.finish_reasons" = tracing::field::Empty,
+    );
+    let trace = moe_telemetry::trace::traceparent(&span).map(|_| span.clone());
     state
         .engine
         .submit(SequenceRequest {
+            trace,
             prompt: spec.prompt,
             params: spec.params,
             events: events_tx,
@@ -96,6 +116,7 @@ pub(super) fn start_choice(state: &Arc<AppState>, spec: ChoiceSpec) -> Result<mp
     let (tx, rx) = mpsc::channel(64);
     let tokenizer = Arc::clone(&state.tokenizer);
     let mut text = TextState::new(spec.stop, spec.skip_special);
+    let mut timer = RequestTimer::new(&state.requests, submitted);
     tokio::spawn(async move {
         let mut pending_logprobs: Vec<TokenLogprob> = Vec::new();
         let mut admitted = false;
@@ -103,7 +124,11 @@ pub(super) fn start_choice(state: &Arc<AppState>, spec: ChoiceSpec) -> Result<mp
             let event = tokio::select! {
                 e = events.recv() => e,
                 // The client is gone: stop the sequence now rather than at its next token.
-                _ = tx.closed() => { cancel.store(true, Ordering::Release); return; }
+                _ = tx.closed() => {
+                    cancel.store(true, Ordering::Release);
+                    timer.ended(Ended::Abort, prompt_tokens, text.ids.len());
+                    return;
+                }
                 // The deadline holds even while the engine is inside a step (one held for a lost expert node).
                 _ = tokio::time::sleep_until(deadline.into()) => {
                     cancel.store(true, Ordering::Release);
@@ -119,13 +144,19 @@ pub(super) fn start_choice(state: &Arc<AppState>, spec: ChoiceSpec) -> Result<mp
             };
             admitted |= matches!(event, Some(SequenceEvent::Admitted));
             let delta = match event {
-                Some(SequenceEvent::Admitted) => Delta::Admitted,
+                Some(SequenceEvent::Admitted) => {
+                    timer.admitted();
+                    Delta::Admitted
+                }
                 Some(SequenceEvent::PromptLogprobs(lp)) => Delta::PromptLogprobs(lp),
                 Some(SequenceEvent::Token { id, logprob }) => {
+                    timer.token();
                     let (piece, stopped) = text.push(&tokenizer, id);
                     pending_logprobs.extend(logprob);
                     if stopped {
                         cancel.store(true, Ordering::Release);
+                        timer.ended(Ended::Stop, prompt_tokens, text.ids.len());
+                        finished(&span, "stop", text.ids.len());
                         let _ =
                             tx.send(Delta::Text { text: piece, logprobs: std::mem::take(&mut pending_logprobs) }).await;
                         let _ = tx
@@ -144,10 +175,19 @@ pub(super) fn start_choice(state: &Arc<AppState>, spec: ChoiceSpec) -> Result<mp
                         let _ =
                             tx.send(Delta::Text { text: rest, logprobs: std::mem::take(&mut pending_logprobs) }).await;
                     }
+                    timer.ended(
+                        match reason {
+                            Finish::Stop => Ended::Stop,
+                            Finish::Length => Ended::Length,
+                        },
+                        prompt_tokens,
+                        completion_tokens,
+                    );
                     let reason = match reason {
                         Finish::Stop => "stop",
                         Finish::Length => "length",
                     };
+                    finished(&span, reason, completion_tokens);
                     let _ = tx.send(Delta::Finished { reason, prompt_tokens, completion_tokens }).await;
                     return;
                 }
@@ -159,6 +199,7 @@ pub(super) fn start_choice(state: &Arc<AppState>, spec: ChoiceSpec) -> Result<mp
             let last = matches!(delta, Delta::Failed(_));
             if tx.send(delta).await.is_err() {
                 cancel.store(true, Ordering::Release);
+                timer.ended(Ended::Abort, prompt_tokens, text.ids.len());
                 return;
             }
             if last {
@@ -167,6 +208,12 @@ pub(super) fn start_choice(state: &Arc<AppState>, spec: ChoiceSpec) -> Result<mp
         }
     });
     Ok(rx)
+}
+
+/// Records how a traced sequence ended on its span.
+fn finished(span: &tracing::Span, reason: &str, completion_tokens: usize) {
+    span.record("gen_ai.usage.output_tokens", completion_tokens);
+    span.record("gen_ai.response.finish_reasons", format!("[\"{reason}\"]"));
 }
 
 pub(super) fn sequence_params(

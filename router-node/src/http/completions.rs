@@ -36,6 +36,7 @@ pub(super) async fn completions(State(state): State<Arc<AppState>>, req: Request
                 start_choice(
                     &state,
                     ChoiceSpec {
+                        operation: "text_completion",
                         prompt: prompt.clone(),
                         params,
                         stop: common.stop.clone(),

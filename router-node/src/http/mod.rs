@@ -1,6 +1,6 @@
 //! The OpenAI-compatible HTTP API (axum): `/v1/completions`, `/v1/chat/completions` (SSE with `stream: true`),
-//! `/v1/models`, vLLM's `/tokenize` and `/detokenize`, probes (`/livez`, `/readyz`, `/health`, `/ready`) and
-//! `/metrics`.
+//! `/v1/models`, vLLM's `/tokenize` and `/detokenize`, probes (`/livez`, `/readyz`, `/health`, `/ready`),
+//! `/metrics` and the live `/dashboard`.
 //!
 //! Bodies are read under a size limit and parsed by hand from JSON values, so that every bad field gets an OpenAI
 //! error naming it (`{"error": {"message", "type", "param", "code"}}`) and unknown fields are ignored. Each choice is
@@ -11,6 +11,7 @@ mod auth;
 mod chat;
 mod choices;
 mod completions;
+mod dashboard;
 mod error;
 mod info;
 mod parse;
@@ -97,6 +98,10 @@ pub struct AppState {
     pub created: u64,
     /// The experts on expert nodes, when they are there: their counters and placement epoch go to /metrics.
     pub remote: Option<Arc<crate::remote::RemoteExperts>>,
+    /// vLLM's per-request series, recorded as sequences run.
+    pub requests: crate::metrics::RequestMetrics,
+    /// The dashboard's last minutes.
+    history: dashboard::History,
     next_id: AtomicU64,
 }
 
@@ -112,6 +117,7 @@ impl AppState {
         config: ApiConfig,
         experts_ready: ReadinessCheck,
     ) -> Self {
+        let requests = crate::metrics::RequestMetrics::new(config.max_model_len);
         AppState {
             engine,
             tokenizer,
@@ -124,6 +130,8 @@ impl AppState {
             draining: AtomicBool::new(false),
             created: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
             remote: None,
+            requests,
+            history: dashboard::History::default(),
             next_id: AtomicU64::new(1),
         }
     }
@@ -172,8 +180,16 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/status", get(status))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_key));
+    // The dashboard takes the key from the query too: a browser cannot add a header to a navigation.
+    let dashboard = Router::new()
+        .route("/dashboard", get(dashboard::page))
+        .route("/dashboard/data", get(dashboard::data))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_key))
+        .route_layer(axum::middleware::from_fn(dashboard::key_from_query));
+    dashboard::start_sampling(&state);
     Router::new()
         .merge(guarded)
+        .merge(dashboard)
         .route("/livez", get(livez))
         .route("/readyz", get(readyz))
         .route("/ready", get(readyz))

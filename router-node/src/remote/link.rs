@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use moe_proto::v1::{self, forward_response, ForwardRequest, StatusRequest};
+use moe_proto::v1::{self, forward_response, ForwardRequest, Reduce, StatusRequest};
 use moe_proto::ExpertServiceClient;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
@@ -56,11 +56,23 @@ pub(crate) struct Link {
     pub outstanding: AtomicUsize,
     /// (token, expert) pairs ever sent, the last tie-breaker between replicas.
     pub sent_pairs: AtomicU64,
+    /// The recent round trip per (token, expert) pair in nanoseconds, a moving average of good answers (0: none
+    /// yet): what a piece of this size should take here, to tell a late answer from a slow one.
+    pair_ns: AtomicU64,
     pub max_tokens_per_message: usize,
     pub client: ExpertServiceClient<Channel>,
 }
 
 impl Link {
+    /// How metrics and logs name the node: its member id, else its address.
+    pub fn name(&self) -> &str {
+        if self.node_id.is_empty() {
+            &self.addr
+        } else {
+            &self.node_id
+        }
+    }
+
     /// Takes `pairs` answered (or abandoned) (token, expert) pairs off the outstanding count.
     pub fn settle(&self, pairs: usize) {
         let _ = self.outstanding.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some(v.saturating_sub(pairs)));
@@ -109,6 +121,23 @@ impl Link {
             tracing::warn!(node = %self.node_id, addr = %self.addr, "expert node suspect: {why}");
             *h = Health::Suspect { why, since: Instant::now() };
             self.state.store(SUSPECT, Ordering::Release);
+        }
+    }
+
+    /// Folds one good answer's round trip into the per-pair average (weight 1/8; racing updates may lose one
+    /// sample, which an average can afford).
+    pub fn observe(&self, took: Duration, pairs: usize) {
+        let sample = (took.as_nanos() / pairs.max(1) as u128).min(u64::MAX as u128) as u64;
+        let old = self.pair_ns.load(Ordering::Relaxed);
+        let new = if old == 0 { sample } else { old - old / 8 + sample / 8 };
+        self.pair_ns.store(new.max(1), Ordering::Relaxed);
+    }
+
+    /// What `pairs` pairs should take here by the recent answers (`None` before the first).
+    pub fn expected(&self, pairs: usize) -> Option<Duration> {
+        match self.pair_ns.load(Ordering::Relaxed) {
+            0 => None,
+            ns => Some(Duration::from_nanos(ns.saturating_mul(pairs.max(1) as u64))),
         }
     }
 
@@ -196,7 +225,12 @@ pub(crate) async fn open(
     let status = probe.status(req).await.map_err(|s| unreachable(format!("Status: {}", s.message())))?.into_inner();
     let max_bytes = options.max_message_bytes.min(status.max_message_bytes as usize).max(MIN_MESSAGE_BYTES);
     // Activations plus the routing (at most 15 bytes per pair, packed varints and floats) and the envelope.
-    let per_token = hidden * options.wire_dtype.size().unwrap_or(4) + 15 * top_k + 5;
+    let row = hidden * options.wire_dtype.size().unwrap_or(4);
+    let mut per_token = row + 15 * top_k + 5;
+    if options.reduce == Reduce::Pair {
+        // The answer carries a row per pair, up to top-k of them per token: the larger message bounds the chunk.
+        per_token = per_token.max(top_k * row + 5);
+    }
     let max_tokens_per_message = ((max_bytes - ENVELOPE_BYTES) / per_token).max(1);
     // A message of one token may still exceed a tiny limit; the limits set here are the ones the node enforces.
     let limit = max_bytes.max(per_token + ENVELOPE_BYTES);
@@ -224,6 +258,7 @@ pub(crate) async fn open(
         health,
         outstanding: AtomicUsize::new(0),
         sent_pairs: AtomicU64::new(0),
+        pair_ns: AtomicU64::new(0),
         max_tokens_per_message,
         client,
     };

@@ -20,6 +20,7 @@ mod link;
 mod outcome;
 mod pending;
 mod plan;
+pub mod series;
 mod topology;
 
 use std::collections::HashSet;
@@ -28,7 +29,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use moe_model::{Experts, ModelConfig, ModelError, PendingExperts, Routing};
-use moe_proto::v1::{self, Dtype, StatusRequest};
+use moe_proto::v1::{self, Dtype, Reduce, StatusRequest};
 use tokio::sync::{mpsc, watch};
 
 use self::link::Link;
@@ -44,6 +45,11 @@ pub struct RemoteOptions {
     /// activation and partial sum to 8 bits of mantissa, which moves log-probs by up to ~0.1 on the test fixtures and
     /// flips greedy tokens at near-ties.
     pub wire_dtype: Dtype,
+    /// How nodes answer: [`Reduce::Pair`] (the default), a row per (token, expert) pair, which the router weighs
+    /// and adds in expert order as the single-process engine does, so a token's result is the same bits under any
+    /// placement (a move to a replica included); [`Reduce::Token`], a sum per token per node, which makes the answers
+    /// top-k / nodes-visited times smaller but groups each token's sum by placement (its last bits follow it).
+    pub reduce: Reduce,
     /// Time allowed for one message's round trip (sent in the message; a node drops work whose deadline passed).
     /// A message unanswered by then marks its node suspect and goes to another replica.
     pub deadline: Duration,
@@ -59,6 +65,11 @@ pub struct RemoteOptions {
     /// The longest a step is held for experts that have no live replica (with sequences waiting; a step nobody
     /// waits for any more is given up at once). Requests have their own, usually shorter, deadlines.
     pub hold_timeout: Duration,
+    /// Hedging: a piece unanswered after `max(hedge_min, HEDGE_FACTOR × what its node's recent answers say it
+    /// should take)` is copied to other nodes when every one of its experts has another trusted replica, and the
+    /// first whole answer is used (the same bits from either: each answer is a function of the piece alone). The
+    /// slow node is marked suspect when the copy wins. `None`: no hedging.
+    pub hedge_min: Option<Duration>,
     /// With a static placement: the first and the longest wait between attempts to reconnect a node that went down.
     pub reconnect_backoff: (Duration, Duration),
     /// With a static placement: how often the nodes' shards are read again (`UnloadExperts` / `LoadExperts` done by
@@ -73,6 +84,7 @@ impl Default for RemoteOptions {
     fn default() -> Self {
         RemoteOptions {
             wire_dtype: Dtype::F32,
+            reduce: Reduce::Pair,
             deadline: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(5),
             keepalive_interval: Duration::from_secs(2),
@@ -81,6 +93,7 @@ impl Default for RemoteOptions {
             connection_window_bytes: 64 << 20,
             max_message_bytes: 16 << 20,
             hold_timeout: Duration::from_secs(600),
+            hedge_min: Some(Duration::from_millis(250)),
             reconnect_backoff: (Duration::from_millis(100), Duration::from_secs(5)),
             tls: None,
             refresh_interval: Duration::from_secs(2),
@@ -112,6 +125,9 @@ pub struct RemoteStats {
     pub node_compute_us: AtomicU64,
     /// Pieces planned again after their node failed or refused them.
     pub resent: AtomicU64,
+    /// Pieces copied to other replicas because their answer was late, and those whose copy answered first.
+    pub hedged: AtomicU64,
+    pub hedges_won: AtomicU64,
     /// Layer waits that held for experts without a live replica, and those that gave up.
     pub holds: AtomicU64,
     pub holds_abandoned: AtomicU64,
@@ -133,6 +149,10 @@ pub struct RemoteExperts {
     load: Vec<Vec<AtomicU64>>,
     interest: RwLock<Option<Arc<dyn StepInterest>>>,
     pub stats: Arc<RemoteStats>,
+    /// Per node, per layer and hot-expert series for `/metrics`.
+    pub series: Arc<series::DataPlaneSeries>,
+    /// The cluster as last read from the placement store (in a cluster), for the dashboard.
+    pub cluster_view: RwLock<Option<Arc<moe_placement::ClusterView>>>,
 }
 
 /// What the connection tasks share with the dispatching thread.
@@ -310,6 +330,8 @@ impl RemoteExperts {
             load,
             interest: RwLock::new(None),
             stats,
+            series: Arc::new(series::DataPlaneSeries::new(config)),
+            cluster_view: RwLock::new(None),
         };
         Ok((remote, downs_rx))
     }
@@ -472,6 +494,7 @@ impl Experts for RemoteExperts {
                 }
             }
         }
+        self.series.routed(layer, &routing.experts);
         let tokens: Vec<u32> = (0..ntok as u32).collect();
         let csr = v1::Routing {
             offsets: routing.offsets.clone(),

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use moe_model::{ModelError, PendingExperts};
 use moe_proto::codec;
-use moe_proto::v1::{self, Dtype, ForwardRequest};
+use moe_proto::v1::{self, Dtype, ForwardRequest, Reduce};
 use tokio::sync::oneshot;
 
 use super::link::{Answer, Link};
@@ -36,13 +36,39 @@ pub(crate) struct Sent {
     tokens: Vec<u32>,
     request: ForwardRequest,
     answer: oneshot::Receiver<Answer>,
+    /// The message's span, when its step is traced: from send to answer.
+    span: Option<tracing::Span>,
+    sent_at: Instant,
     deadline: Instant,
+    /// Whether its pairs were taken off the node's outstanding count.
+    settled: bool,
 }
 
 impl Sent {
+    /// Takes the piece's pairs off its node's outstanding count, once.
+    fn settle(&mut self) {
+        if !std::mem::replace(&mut self.settled, true) {
+            self.link.settle(self.pairs());
+        }
+    }
+
     /// The (token, expert) pairs the piece carries: its weight in the node's outstanding work.
     fn pairs(&self) -> usize {
         self.request.routing.as_ref().map_or(self.tokens.len(), |r| r.experts.len())
+    }
+
+    /// A copy of the piece's work, to hedge it away from its node.
+    fn copy_owned(&self, hidden: usize) -> Result<Owned, String> {
+        let dtype = Dtype::try_from(self.request.dtype).unwrap_or(Dtype::F32);
+        let mut rows = vec![0f32; self.request.num_tokens as usize * hidden];
+        codec::decode_into(&self.request.activations, dtype, &mut rows).map_err(|e| e.to_string())?;
+        Ok(Owned {
+            rows,
+            tokens: self.tokens.clone(),
+            routing: self.request.routing.clone().unwrap_or_default(),
+            avoid: Some(Arc::clone(&self.link)),
+            not_before: None,
+        })
     }
 
     /// The piece's work back, to plan again.
@@ -143,12 +169,19 @@ impl RemoteExperts {
                 Stall::Bug(format!("expert {expert} of layer {layer} is not in the placement"))
             }
         })?;
-        for ((link, v), b) in topo.links.iter().zip(&nodes).zip(before) {
+        for ((link, v), b) in topo.links.iter().zip(&nodes).zip(&before) {
             link.sent_pairs.fetch_add(v.sent - b, Ordering::Relaxed);
         }
+        self.series.planned(
+            layer,
+            topo.links.iter().zip(&nodes).zip(&before).map(|((link, v), b)| (link.name().to_owned(), v.sent - b)),
+        );
 
         let dtype = self.shared.options.wire_dtype;
         let deadline = self.shared.options.deadline;
+        let reduce = self.shared.options.reduce;
+        // Inside a traced step, each message gets a span and carries its context to the node.
+        let traced = moe_telemetry::trace::traceparent(&tracing::Span::current()).is_some();
         let mut pieces = Vec::new();
         let mut buf = Vec::new();
         for (link, share) in topo.links.iter().zip(&shares) {
@@ -158,7 +191,17 @@ impl RemoteExperts {
                     buf.extend_from_slice(&work.rows[row as usize * h..(row as usize + 1) * h]);
                 }
                 let tokens: Vec<u32> = chunk.iter().map(|&row| work.tokens[row as usize]).collect();
+                let span = traced.then(|| {
+                    tracing::info_span!(
+                        "moe.dispatch",
+                        layer,
+                        node = link.name(),
+                        tokens = chunk.len(),
+                        "otel.kind" = "client"
+                    )
+                });
                 let request = ForwardRequest {
+                    traceparent: span.as_ref().and_then(moe_telemetry::trace::traceparent).unwrap_or_default(),
                     id: self.next_id.fetch_add(1, Ordering::Relaxed),
                     layer: layer as u32,
                     epoch: topo.epoch,
@@ -168,17 +211,22 @@ impl RemoteExperts {
                     activations: codec::encode(&buf, dtype),
                     routing: Some(routing),
                     deadline_us: deadline.as_micros() as u64,
+                    reduce: reduce as i32,
                 };
                 let bytes = request.activations.len() as u64;
                 match link.send(request.clone()) {
                     Ok(answer) => {
                         self.stats.bytes_sent.fetch_add(bytes, Ordering::Relaxed);
+                        self.series.sent(link.name(), bytes);
                         pieces.push(Piece::Sent(Sent {
                             link: Arc::clone(link),
                             tokens,
                             request,
                             answer,
+                            span,
+                            sent_at: Instant::now(),
                             deadline: Instant::now() + deadline,
+                            settled: false,
                         }));
                     }
                     Err(failure) => {
@@ -268,9 +316,9 @@ impl Drop for RemotePending<'_> {
     /// Work given up on (an error in another piece, or a forward that failed elsewhere) stops counting as
     /// outstanding, so that replica choice is not skewed by answers nobody waits for.
     fn drop(&mut self) {
-        for piece in &self.pieces {
+        for piece in &mut self.pieces {
             if let Piece::Sent(s) = piece {
-                s.link.settle(s.pairs());
+                s.settle();
             }
         }
         self.end_hold();
@@ -287,7 +335,9 @@ impl PendingExperts for RemotePending<'_> {
             return Err(fail(format!("output has {} values for {ntok} tokens of width {h}", out.len())));
         }
         out.fill(0.0);
-        // Pieces are in node order; adding them in that order fixes each token's summation order.
+        // Sums per token are added as they come, in piece order (node order), which fixes each token's summation
+        // order for one placement; rows per pair are kept and added in expert order once all are in.
+        let mut pairs = PairRows::default();
         let mut i = 0;
         while i < this.pieces.len() {
             if let Piece::Held(work) = &this.pieces[i] {
@@ -312,26 +362,34 @@ impl PendingExperts for RemotePending<'_> {
             }
             let Piece::Sent(piece) = &mut this.pieces[i] else { continue };
             let waited = Instant::now();
-            let deadline = piece.deadline;
-            let answer = remote
-                .runtime
-                .handle()
-                .block_on(async { tokio::time::timeout_at(deadline.into(), &mut piece.answer).await });
+            let awaited = remote.await_piece(layer, piece);
             remote.stats.wait_ns.fetch_add(waited.elapsed().as_nanos() as u64, Ordering::Relaxed);
-            piece.link.settle(piece.pairs());
-            let result = match answer {
-                Err(_) => Err(Failure::Deadline { after: remote.shared.options.deadline }),
-                Ok(Err(_)) => {
-                    Err(Failure::NodeDown { reason: format!("the stream to {} was dropped", piece.link.addr) })
+            piece.settle();
+            let result = match awaited {
+                Awaited::Own(result) => result,
+                Awaited::Hedged(copies) => {
+                    piece.link.suspect(format!(
+                        "a piece's copy on another node answered first, after {:?}",
+                        piece.sent_at.elapsed()
+                    ));
+                    remote.stats.hedges_won.fetch_add(1, Ordering::Relaxed);
+                    for (mut copy, sums) in copies {
+                        add_sums(remote, &copy, &sums, h, out, &mut pairs).map_err(fail)?;
+                        copy.span.take();
+                        copy.link.answered_well();
+                    }
+                    i += 1;
+                    continue;
                 }
-                Ok(Ok(result)) => result,
             };
             let failure = match result {
                 Ok(sums) if !sums_finite(&sums) => Failure::BadAnswer {
                     message: format!("expert node {} answered non-finite partial sums", piece.link.addr),
                 },
                 Ok(sums) => {
-                    add_sums(remote, piece, &sums, h, out).map_err(fail)?;
+                    add_sums(remote, piece, &sums, h, out, &mut pairs).map_err(fail)?;
+                    piece.span.take();
+                    piece.link.observe(piece.sent_at.elapsed(), piece.pairs());
                     piece.link.answered_well();
                     i += 1;
                     continue;
@@ -365,7 +423,157 @@ impl PendingExperts for RemotePending<'_> {
             remote.stats.resent.fetch_add(1, Ordering::Relaxed);
             this.pieces[i] = Piece::Held(owned);
         }
+        pairs.combine(h, out);
         Ok(())
+    }
+}
+
+/// Answers per (token, expert) pair, kept until every piece is in.
+#[derive(Default)]
+struct PairRows {
+    /// The expert outputs, a row of `hidden` values each.
+    rows: Vec<f32>,
+    /// For each row: its token in the batch, its expert and the router weight.
+    pairs: Vec<(u32, u32, f32)>,
+}
+
+impl PairRows {
+    /// Weighs and adds each token's rows in expert order, as the single-process combine does, and adds the result
+    /// to `out`: onto the +0 it was filled with (the combine's bits exactly), or onto per-token sums an older node
+    /// sent for the same token.
+    fn combine(self, h: usize, out: &mut [f32]) {
+        if self.pairs.is_empty() {
+            return;
+        }
+        let mut order: Vec<usize> = (0..self.pairs.len()).collect();
+        order.sort_by_key(|&r| self.pairs[r].0);
+        let mut sum = vec![0f32; h];
+        for group in order.chunk_by(|&a, &b| self.pairs[a].0 == self.pairs[b].0) {
+            let t = self.pairs[group[0]].0 as usize;
+            let terms = group.iter().map(|&r| (self.pairs[r].1, self.pairs[r].2, &self.rows[r * h..(r + 1) * h]));
+            moe_model::combine_experts(&mut sum, terms);
+            for (o, s) in out[t * h..(t + 1) * h].iter_mut().zip(&sum) {
+                *o += s;
+            }
+        }
+    }
+}
+
+/// How much later than its node's recent answers say it should a piece may be before it is hedged.
+const HEDGE_FACTOR: u32 = 8;
+
+/// What waiting for one piece gave.
+enum Awaited {
+    /// Its own answer, or why there is none.
+    Own(Answer),
+    /// A copy of it, sent to other nodes once it was late, answered whole first: the copies and their answers.
+    Hedged(Vec<(Sent, v1::PartialSums)>),
+}
+
+impl RemoteExperts {
+    /// Waits for `piece`'s answer until its deadline. Past its hedge point (see [`RemoteOptions::hedge_min`]), with
+    /// every expert of it hosted by another trusted node, a copy goes there and the first whole answer wins.
+    fn await_piece(&self, layer: usize, piece: &mut Sent) -> Awaited {
+        let deadline = piece.deadline;
+        let late = Failure::Deadline { after: self.shared.options.deadline };
+        let dropped = |link: &Link| Failure::NodeDown { reason: format!("the stream to {} was dropped", link.addr) };
+        let hedge_at = self.shared.options.hedge_min.map(|min| {
+            let expected = piece.link.expected(piece.pairs()).unwrap_or_default() * HEDGE_FACTOR;
+            piece.sent_at + min.max(expected)
+        });
+        let first = hedge_at.filter(|&t| t < deadline).unwrap_or(deadline);
+        let rt = self.runtime.handle();
+        // The timers are made inside the runtime's context (in the async blocks), which they need.
+        match rt.block_on(async { tokio::time::timeout_at(first.into(), &mut piece.answer).await }) {
+            Ok(answer) => return Awaited::Own(answer.unwrap_or_else(|_| Err(dropped(&piece.link)))),
+            Err(_) if first == deadline => return Awaited::Own(Err(late)),
+            Err(_) => {}
+        }
+        let Some(mut copies) = self.hedge(layer, piece) else {
+            return match rt.block_on(async { tokio::time::timeout_at(deadline.into(), &mut piece.answer).await }) {
+                Ok(answer) => Awaited::Own(answer.unwrap_or_else(|_| Err(dropped(&piece.link)))),
+                Err(_) => Awaited::Own(Err(late)),
+            };
+        };
+        self.stats.hedged.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(layer, node = piece.link.name(), "a piece is late: copied to {} other node(s)", copies.len());
+        enum Won {
+            Own(Result<Answer, oneshot::error::RecvError>),
+            Copies(Vec<v1::PartialSums>),
+            Late,
+        }
+        let won = rt.block_on(async {
+            // The copies count only whole and good; one that fails leaves the original to answer.
+            let all = async {
+                let mut got = Vec::with_capacity(copies.len());
+                for copy in copies.iter_mut() {
+                    match (&mut copy.answer).await {
+                        Ok(Ok(sums)) if sums_finite(&sums) => got.push(sums),
+                        _ => return None,
+                    }
+                }
+                Some(got)
+            };
+            tokio::select! {
+                answer = &mut piece.answer => Won::Own(answer),
+                Some(got) = all => Won::Copies(got),
+                _ = tokio::time::sleep_until(deadline.into()) => Won::Late,
+            }
+        });
+        match won {
+            Won::Copies(got) => {
+                for copy in &mut copies {
+                    copy.settle();
+                    copy.link.observe(copy.sent_at.elapsed(), copy.pairs());
+                }
+                Awaited::Hedged(copies.into_iter().zip(got).collect())
+            }
+            own => {
+                for copy in &mut copies {
+                    copy.settle();
+                }
+                match own {
+                    Won::Own(answer) => Awaited::Own(answer.unwrap_or_else(|_| Err(dropped(&piece.link)))),
+                    _ => Awaited::Own(Err(late)),
+                }
+            }
+        }
+    }
+
+    /// Sends a copy of `piece` to other nodes, if every one of its experts has a trusted live replica elsewhere;
+    /// the copies sent, or `None` when it cannot be hedged.
+    fn hedge(&self, layer: usize, piece: &Sent) -> Option<Vec<Sent>> {
+        let topo = self.current();
+        let slow = topo.index_of(&piece.link)?;
+        let table = topo.placement.get(layer)?;
+        let routing = piece.request.routing.as_ref()?;
+        let elsewhere = |e: &u32| {
+            table.get(*e as usize).is_some_and(|replicas| {
+                replicas.iter().any(|&r| r != slow && topo.links[r].is_trusted() && !topo.links[r].is_down())
+            })
+        };
+        if !routing.experts.iter().all(elsewhere) {
+            return None;
+        }
+        let work = piece.copy_owned(self.shared.config.hidden_size).ok()?;
+        let pieces = self.scatter(&topo, layer, work.work()).ok()?;
+        let mut copies = Vec::with_capacity(pieces.len());
+        let mut whole = true;
+        for p in pieces {
+            match p {
+                Piece::Sent(s) if !Arc::ptr_eq(&s.link, &piece.link) => copies.push(s),
+                Piece::Sent(mut s) => {
+                    s.settle();
+                    whole = false;
+                }
+                Piece::Held(_) => whole = false,
+            }
+        }
+        if !whole {
+            copies.iter_mut().for_each(Sent::settle);
+            return None;
+        }
+        Some(copies)
     }
 }
 
@@ -400,29 +608,54 @@ fn add_sums(
     sums: &v1::PartialSums,
     h: usize,
     out: &mut [f32],
+    pairs: &mut PairRows,
 ) -> Result<(), String> {
     let decoding = Instant::now();
     let addr = &piece.link.addr;
     let dtype = Dtype::try_from(sums.dtype).unwrap_or(Dtype::Unspecified);
     let size = dtype.size().ok_or_else(|| format!("expert node {addr} answered in dtype {}", sums.dtype))?;
-    if sums.num_tokens as usize != piece.tokens.len() || sums.sums.len() != piece.tokens.len() * h * size {
+    // The answer says its form: a node older than per-pair answers sends per-token sums whatever was asked, and
+    // those are added as such (right, but grouped by node).
+    let per_pair = sums.reduce == Reduce::Pair as i32;
+    if per_pair && piece.request.reduce != Reduce::Pair as i32 {
+        return Err(format!("expert node {addr} answered per pair where one sum per token was asked"));
+    }
+    let routing = piece.request.routing.as_ref();
+    let rows = if per_pair { routing.map_or(0, |r| r.experts.len()) } else { piece.tokens.len() };
+    if sums.num_tokens as usize != piece.tokens.len() || sums.sums.len() != rows * h * size {
         return Err(format!(
-            "expert node {addr} answered {} bytes for {} tokens ({} expected)",
+            "expert node {addr} answered {} bytes for {} tokens ({} expected: {rows} rows of {h})",
             sums.sums.len(),
             sums.num_tokens,
-            piece.tokens.len() * h * size
+            rows * h * size
         ));
     }
     let bytes: &Bytes = &sums.sums;
-    for (k, &t) in piece.tokens.iter().enumerate() {
-        let t = t as usize;
-        codec::add_into(&bytes[k * h * size..(k + 1) * h * size], dtype, &mut out[t * h..(t + 1) * h])
-            .map_err(|e| e.to_string())?;
+    match routing.filter(|_| per_pair) {
+        Some(routing) => {
+            let at = pairs.rows.len();
+            pairs.rows.resize(at + rows * h, 0.0);
+            codec::decode_into(bytes, dtype, &mut pairs.rows[at..]).map_err(|e| e.to_string())?;
+            for (k, &t) in piece.tokens.iter().enumerate() {
+                let (a, b) = (routing.offsets[k] as usize, routing.offsets[k + 1] as usize);
+                for j in a..b {
+                    pairs.pairs.push((t, routing.experts[j], routing.weights[j]));
+                }
+            }
+        }
+        None => {
+            for (k, &t) in piece.tokens.iter().enumerate() {
+                let t = t as usize;
+                codec::add_into(&bytes[k * h * size..(k + 1) * h * size], dtype, &mut out[t * h..(t + 1) * h])
+                    .map_err(|e| e.to_string())?;
+            }
+        }
     }
     let stats = &remote.stats;
     stats.decode_ns.fetch_add(decoding.elapsed().as_nanos() as u64, Ordering::Relaxed);
     stats.messages.fetch_add(1, Ordering::Relaxed);
     stats.bytes_received.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+    remote.series.answered(piece.link.name(), piece.sent_at.elapsed(), bytes.len() as u64);
     if let Some(t) = &sums.timings {
         stats.node_queue_us.fetch_add(t.queue_us, Ordering::Relaxed);
         stats.node_codec_us.fetch_add(t.decode_us + t.encode_us, Ordering::Relaxed);

@@ -18,9 +18,7 @@ pub fn prompt(i: u32) -> Vec<u32> {
 
 pub async fn metric(url: &str, name: &str) -> f64 {
     let text = client().get(format!("{url}/metrics")).send().await.expect("sent").text().await.expect("text");
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or_else(|| panic!("{name} not in /metrics:\n{text}"))
+    moe_e2e::metric_value(&text, name).unwrap_or_else(|| panic!("{name} not in /metrics:\n{text}"))
 }
 
 pub async fn status_of(url: &str, path: &str) -> u16 {

@@ -94,6 +94,18 @@ fn add_scaled_body(o: &mut [f32], w: f32, y: &[f32]) {
 
 crate::multiversion!(fn add_scaled(o: &mut [f32], w: f32, y: &[f32]) => add_scaled_body);
 
+/// The combine of a token's routed experts: `out = Σ w · y` over `(expert, w, y)` in ascending expert order, from
+/// +0, each term a product then a sum. [`LocalExperts`] combines so; a combiner elsewhere (the router adding expert
+/// outputs from other processes) that calls this with the same outputs gets the same bits.
+pub fn combine_experts<'y>(out: &mut [f32], terms: impl IntoIterator<Item = (u32, f32, &'y [f32])>) {
+    let mut terms: Vec<_> = terms.into_iter().collect();
+    terms.sort_by_key(|&(e, _, _)| e);
+    out.fill(0.0);
+    for (_, w, y) in terms {
+        add_scaled(out, w, y);
+    }
+}
+
 /// A SwiGLU MLP, `down · (silu(gate · x) ⊙ (up · x))`: a routed expert, the shared expert, or a dense MLP.
 #[derive(Debug, Clone)]
 pub struct SwiGlu {
