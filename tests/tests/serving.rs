@@ -208,6 +208,14 @@ async fn every_bad_request_gets_an_openai_error_naming_the_field() {
         ("/v1/completions", br#"{"prompt": "x", "max_tokens": 0}"#.to_vec(), 400, Some("max_tokens")),
         ("/v1/completions", br#"{"prompt": "x", "max_tokens": -3}"#.to_vec(), 400, Some("max_tokens")),
         ("/v1/completions", br#"{"prompt": "x", "temperature": -0.5}"#.to_vec(), 400, Some("temperature")),
+        // Finite as JSON's f64, infinite as the f32 that sampling divides by.
+        ("/v1/completions", br#"{"prompt": "x", "temperature": 1e150}"#.to_vec(), 400, Some("temperature")),
+        (
+            "/v1/completions",
+            br#"{"prompt": "x", "repetition_penalty": 1e-300}"#.to_vec(),
+            400,
+            Some("repetition_penalty"),
+        ),
         ("/v1/completions", br#"{"prompt": "x", "top_p": 0}"#.to_vec(), 400, Some("top_p")),
         ("/v1/completions", br#"{"prompt": "x", "top_p": 1.5}"#.to_vec(), 400, Some("top_p")),
         ("/v1/completions", br#"{"prompt": "x", "n": 0}"#.to_vec(), 400, Some("n")),

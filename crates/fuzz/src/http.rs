@@ -68,6 +68,9 @@ fn check(intake: &Intake<'_>, read: Result<RequestShape, ApiError>) {
     assert!(shape.stop_token_ids.len() <= 256);
     let t = shape.temperature;
     assert!(t == 0.0 || (t.is_finite() && t >= 1e-5), "temperature {t} would not sample");
+    // (Only requests that generate carry one: `/tokenize` and `/detokenize` start no sequence.)
+    let p = shape.repetition_penalty;
+    assert!(shape.choices == 0 || (p.is_finite() && p > 0.0), "repetition penalty {p} would not scale logits");
 }
 
 /// A `/v1/completions` body.

@@ -210,8 +210,12 @@ pub(super) fn parse_common(intake: &Intake<'_>, f: &Fields<'_>, chat: bool) -> R
     let g = intake.generation;
     let greedy_default = g.do_sample == Some(false);
     let temperature = match f.float("temperature")? {
-        Some(t) if !(t.is_finite() && t >= 0.0) => {
-            return Err(ApiError::invalid("temperature", format!("`temperature` must be ≥ 0, got {t}")))
+        // Sampling divides by the temperature as an f32: one past f32's range would be infinite there.
+        Some(t) if !(t.is_finite() && t >= 0.0 && t <= f32::MAX as f64) => {
+            return Err(ApiError::invalid(
+                "temperature",
+                format!("`temperature` must be a number from 0 to {:e}, got {t}", f32::MAX),
+            ))
         }
         // As vLLM does: a temperature this close to 0 is greedy (dividing logits by it would overflow).
         Some(t) if t < MIN_TEMPERATURE => 0.0,
@@ -284,8 +288,12 @@ pub(super) fn parse_common(intake: &Intake<'_>, f: &Fields<'_>, chat: bool) -> R
         v => v.unwrap_or(0) as usize,
     };
     let repetition_penalty = match f.float("repetition_penalty")? {
-        Some(p) if !(p.is_finite() && p > 0.0) => {
-            return Err(ApiError::invalid("repetition_penalty", format!("`repetition_penalty` must be > 0, got {p}")))
+        // Applied as an f32: it must stay finite and above 0 there too.
+        Some(p) if !(p.is_finite() && p as f32 > 0.0 && p <= f32::MAX as f64) => {
+            return Err(ApiError::invalid(
+                "repetition_penalty",
+                format!("`repetition_penalty` must be above 0 and at most {:e}, got {p}", f32::MAX),
+            ))
         }
         p => p.unwrap_or(1.0) as f32,
     };

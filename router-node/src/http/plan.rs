@@ -125,6 +125,7 @@ pub struct RequestShape {
     pub stop: Vec<String>,
     pub stop_token_ids: Vec<u32>,
     pub temperature: f32,
+    pub repetition_penalty: f32,
     /// What `/detokenize` returns.
     pub text: String,
 }
@@ -139,6 +140,7 @@ pub fn read_request(intake: &Intake<'_>, endpoint: Endpoint, body: &[u8]) -> Res
         stop: c.stop.clone(),
         stop_token_ids: c.stop_token_ids.clone(),
         temperature: c.sampling.temperature,
+        repetition_penalty: c.repetition_penalty,
         text: String::new(),
     };
     match endpoint {
