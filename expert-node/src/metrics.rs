@@ -33,6 +33,7 @@ pub struct NodeMetrics {
     batches: Counter,
     tokens: Counter,
     pairs: Counter,
+    cancelled: Counter,
     refusals: Family<Reason, Counter>,
 }
 
@@ -53,6 +54,7 @@ impl Default for NodeMetrics {
             batches: Counter::default(),
             tokens: Counter::default(),
             pairs: Counter::default(),
+            cancelled: Counter::default(),
             refusals,
         }
     }
@@ -74,6 +76,11 @@ impl NodeMetrics {
         self.batches.inc();
         self.tokens.inc_by(tokens);
         self.pairs.inc_by(pairs);
+    }
+
+    /// A queued request dropped because its router cancelled it.
+    pub(crate) fn cancelled(&self) {
+        self.cancelled.inc();
     }
 
     pub(crate) fn refused(&self, code: ErrorCode) {
@@ -103,6 +110,11 @@ impl NodeMetrics {
         r.register("moe_node_batches", "Requests computed", self.batches.clone());
         r.register("moe_node_tokens", "Tokens computed", self.tokens.clone());
         r.register("moe_node_expert_pairs", "(token, expert) pairs computed", self.pairs.clone());
+        r.register(
+            "moe_node_cancelled",
+            "Queued requests dropped before compute because their router cancelled them",
+            self.cancelled.clone(),
+        );
         r.register("moe_node_refusals", "Requests refused or failed, by reason", self.refusals.clone());
     }
 }

@@ -1,8 +1,9 @@
 //! The expert shard a node hosts, the checks every request passes, and the compute queue.
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use moe_model::{Checkpoint, Family, ModelConfig, Residency, Routing};
@@ -487,6 +488,40 @@ pub(crate) struct Job {
     pub deadline: Option<Instant>,
     /// A slot reserved in the stream's reply queue: answering never waits for a router that does not read.
     pub reply: tokio::sync::mpsc::OwnedPermit<Result<ForwardResponse, tonic::Status>>,
+    /// Its stream's cancellations: a job cancelled before the compute thread takes it is dropped unanswered.
+    pub cancels: Arc<Cancels>,
+}
+
+/// The requests of one `Forward` stream that are queued, and those of them its router has cancelled. Only a
+/// queued id can be cancelled, so neither set outlives the requests it names.
+#[derive(Debug, Default)]
+pub(crate) struct Cancels {
+    ids: Mutex<(HashSet<u64>, HashSet<u64>)>,
+}
+
+impl Cancels {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (HashSet<u64>, HashSet<u64>)> {
+        self.ids.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Notes `id` as queued (before it is submitted).
+    pub fn queued(&self, id: u64) {
+        self.lock().0.insert(id);
+    }
+
+    /// Cancels each of `ids` still queued; returns how many were.
+    pub fn cancel(&self, ids: &[u64]) -> usize {
+        let mut g = self.lock();
+        let (queued, cancelled) = &mut *g;
+        ids.iter().filter(|id| queued.contains(id) && cancelled.insert(**id)).count()
+    }
+
+    /// Takes `id` off the queue; whether it was cancelled while it waited.
+    pub fn take(&self, id: u64) -> bool {
+        let mut g = self.lock();
+        g.0.remove(&id);
+        g.1.remove(&id)
+    }
 }
 
 /// The thread that computes requests one at a time, in arrival order, each spread over all cores by the matmul
@@ -514,6 +549,12 @@ impl ComputeQueue {
             for job in rx {
                 let id = job.req.id;
                 node.metrics.dequeued(job.enqueued.elapsed());
+                if job.cancels.take(id) {
+                    // Its router took the answer from elsewhere or gave the step up: the slot is freed unanswered.
+                    node.metrics.cancelled();
+                    tracing::debug!(id, layer = job.req.layer, "dropped a cancelled request before computing it");
+                    continue;
+                }
                 let started = Instant::now();
                 let response = if job.deadline.is_some_and(|d| Instant::now() > d) {
                     Err(Refusal {
@@ -564,8 +605,11 @@ impl ComputeQueue {
     pub fn submit(&self, node: &ExpertNode, job: Job) -> Result<(), Rejected> {
         // Counted before it is sent, so that the compute thread never takes off what was not added yet.
         node.metrics.queued();
+        let (id, cancels) = (job.req.id, Arc::clone(&job.cancels));
+        cancels.queued(id);
         self.tx.try_send(job).map_err(|e| {
             node.metrics.dequeued(Duration::ZERO);
+            cancels.take(id);
             match e {
                 mpsc::TrySendError::Full(job) => Rejected::Full(Box::new(job)),
                 mpsc::TrySendError::Disconnected(_) => Rejected::Closed,
@@ -575,5 +619,27 @@ impl ComputeQueue {
 
     pub fn depth(&self) -> usize {
         self.depth
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cancels;
+
+    #[test]
+    fn only_queued_requests_are_cancelled_and_nothing_is_kept_after_them() {
+        let c = Cancels::default();
+        c.queued(1);
+        c.queued(2);
+        // 3 was never queued (done, computing or unknown): nothing to cancel, nothing remembered.
+        assert_eq!(c.cancel(&[2, 3, 2]), 1);
+        assert!(!c.take(1), "1 was not cancelled");
+        assert!(c.take(2), "2 was cancelled while queued");
+        // Taken off the queue, neither id can be cancelled later, and an id used again starts clean.
+        assert_eq!(c.cancel(&[1, 2]), 0);
+        c.queued(2);
+        assert!(!c.take(2));
+        let ids = c.lock();
+        assert!(ids.0.is_empty() && ids.1.is_empty(), "ids outlived their requests");
     }
 }

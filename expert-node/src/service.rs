@@ -16,7 +16,7 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::node::{ComputeQueue, ExpertNode, Job, Refusal, Rejected};
+use crate::node::{Cancels, ComputeQueue, ExpertNode, Job, Refusal, Rejected};
 use crate::NodeError;
 
 /// Transport settings of the server. The defaults suit activations of a few MiB per message on a datacenter link.
@@ -105,6 +105,7 @@ impl ExpertService for Service {
         let mut inbound = request.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel(STREAM_DEPTH);
         let (node, queue) = (Arc::clone(&self.node), self.queue.clone());
+        let cancels = Arc::new(Cancels::default());
         tokio::spawn(async move {
             tracing::debug!(?peer, "forward stream opened");
             loop {
@@ -121,13 +122,21 @@ impl ExpertService for Service {
                 };
                 let received = Instant::now();
                 let id = req.id;
+                if !req.cancel.is_empty() {
+                    let n = cancels.cancel(&req.cancel);
+                    tracing::debug!(?peer, asked = req.cancel.len(), queued = n, "cancelled");
+                    if req.num_tokens == 0 && req.routing.is_none() && req.activations.is_empty() {
+                        continue;
+                    }
+                }
                 // A slot for the answer, whatever it is: waits only while this stream's router leaves its answers
                 // unread.
                 let Ok(slot) = tx.clone().reserve_owned().await else { break };
                 match node.check(&req) {
                     Ok(dtype) => {
                         let deadline = (req.deadline_us > 0).then(|| received + Duration::from_micros(req.deadline_us));
-                        let job = Job { req, dtype, enqueued: received, deadline, reply: slot };
+                        let cancels = Arc::clone(&cancels);
+                        let job = Job { req, dtype, enqueued: received, deadline, reply: slot, cancels };
                         match queue.submit(&node, job) {
                             Ok(()) => {}
                             Err(Rejected::Full(job)) => {

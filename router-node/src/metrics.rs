@@ -258,6 +258,12 @@ fn remote_series(s: &mut Scrape<'_>, remote: &RemoteExperts) -> Result<(), std::
         get(&r.hedged),
     )?;
     s.counter("moe_expert_hedges_won", "Hedged pieces whose copy answered first", get(&r.hedges_won))?;
+    s.counter(
+        "moe_expert_pieces_cancelled",
+        "Pieces in flight whose answer stopped being wanted (a hedge's loser, past its deadline, a step given up), \
+         cancelled on their node",
+        get(&r.cancelled),
+    )?;
     s.counter("moe_expert_holds", "Layer waits held because some expert had no live replica", get(&r.holds))?;
     s.counter(
         "moe_expert_holds_abandoned",

@@ -206,6 +206,21 @@ impl ServingProcess {
         std::fs::read_to_string(self.log.path()).unwrap_or_default()
     }
 
+    /// Waits up to `within` for `needle` to appear in its stderr (a line may be written a little after the effect a
+    /// test observed); whether it did.
+    pub fn log_shows(&self, needle: &str, within: std::time::Duration) -> bool {
+        let until = std::time::Instant::now() + within;
+        loop {
+            if self.log_text().contains(needle) {
+                return true;
+            }
+            if std::time::Instant::now() >= until {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     /// Returns whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))

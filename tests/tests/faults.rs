@@ -352,6 +352,7 @@ fn a_router_that_stops_reading_stalls_nobody_else() {
                 deadline_us: 0,
                 traceparent: String::new(),
                 reduce: 0,
+                cancel: Vec::new(),
             };
             if tx.send(req).await.is_err() {
                 break;

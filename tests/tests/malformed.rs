@@ -62,6 +62,7 @@ fn request(id: u64, layer: u32, n: usize, experts: &[u32]) -> ForwardRequest {
         deadline_us: 10_000_000,
         traceparent: String::new(),
         reduce: 0,
+        cancel: Vec::new(),
     }
 }
 

@@ -80,6 +80,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             deadline_us: 0,
             traceparent: String::new(),
             reduce: reduce as i32,
+            cancel: Vec::new(),
         };
         let name = match reduce {
             Reduce::Token => format!("seed-{}", dtype.as_str_name().to_lowercase()),

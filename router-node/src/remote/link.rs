@@ -186,6 +186,34 @@ impl Link {
     }
 }
 
+impl Link {
+    /// Tells the node that the answers to `ids` (requests sent on this link) are no longer wanted: it drops those
+    /// still queued there, and nothing here waits for them any more. Best effort: on a full or closed stream
+    /// nothing is sent, the node computes them, and their answers are dropped on arrival as they are now.
+    pub fn cancel(&self, ids: &[u64]) {
+        if ids.is_empty() {
+            return;
+        }
+        {
+            let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+            for id in ids {
+                waiting.remove(id);
+            }
+        }
+        if self.is_down() {
+            return;
+        }
+        // An id no request has: an older node refuses the message, and that answer finds no one waiting.
+        let req = ForwardRequest { id: CANCEL_ID, cancel: ids.to_vec(), ..Default::default() };
+        if self.requests.try_send(req).is_err() {
+            tracing::debug!(addr = %self.addr, "could not send a cancellation: the stream is full or closed");
+        }
+    }
+}
+
+/// The id of a message that only cancels; requests are numbered from 1 up.
+const CANCEL_ID: u64 = u64::MAX;
+
 /// Messages a stream may have queued on this side before sends are refused as `RESOURCE_EXHAUSTED`.
 const STREAM_DEPTH: usize = 256;
 /// Smallest message limit the router plans with.

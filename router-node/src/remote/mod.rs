@@ -128,6 +128,9 @@ pub struct RemoteStats {
     /// Pieces copied to other replicas because their answer was late, and those whose copy answered first.
     pub hedged: AtomicU64,
     pub hedges_won: AtomicU64,
+    /// Pieces whose answer stopped being wanted while they were in flight (a hedge's losing copy, a piece past
+    /// its deadline, a step given up), cancelled on their node.
+    pub cancelled: AtomicU64,
     /// Layer waits that held for experts without a live replica, and those that gave up.
     pub holds: AtomicU64,
     pub holds_abandoned: AtomicU64,

@@ -52,6 +52,13 @@ impl Sent {
         }
     }
 
+    /// Gives the piece up: off its node's outstanding count, and cancelled there (see [`Link::cancel`]).
+    fn cancel(&mut self, stats: &super::RemoteStats) {
+        self.settle();
+        self.link.cancel(&[self.request.id]);
+        stats.cancelled.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// The (token, expert) pairs the piece carries: its weight in the node's outstanding work.
     fn pairs(&self) -> usize {
         self.request.routing.as_ref().map_or(self.tokens.len(), |r| r.experts.len())
@@ -212,6 +219,7 @@ impl RemoteExperts {
                     routing: Some(routing),
                     deadline_us: deadline.as_micros() as u64,
                     reduce: reduce as i32,
+                    cancel: Vec::new(),
                 };
                 let bytes = request.activations.len() as u64;
                 match link.send(request.clone()) {
@@ -313,13 +321,26 @@ impl<'a> RemotePending<'a> {
 }
 
 impl Drop for RemotePending<'_> {
-    /// Work given up on (an error in another piece, or a forward that failed elsewhere) stops counting as
-    /// outstanding, so that replica choice is not skewed by answers nobody waits for.
+    /// Work given up on (an error in another piece, a hold that ended, a forward that failed elsewhere) stops
+    /// counting as outstanding, so that replica choice is not skewed by answers nobody waits for, and is cancelled
+    /// on its nodes, one message per node.
     fn drop(&mut self) {
+        let mut abandoned: Vec<(Arc<Link>, Vec<u64>)> = Vec::new();
         for piece in &mut self.pieces {
             if let Piece::Sent(s) = piece {
+                if s.settled {
+                    continue;
+                }
                 s.settle();
+                match abandoned.iter_mut().find(|(l, _)| Arc::ptr_eq(l, &s.link)) {
+                    Some((_, ids)) => ids.push(s.request.id),
+                    None => abandoned.push((Arc::clone(&s.link), vec![s.request.id])),
+                }
             }
+        }
+        for (link, ids) in abandoned {
+            self.remote.stats.cancelled.fetch_add(ids.len() as u64, Ordering::Relaxed);
+            link.cancel(&ids);
         }
         self.end_hold();
     }
@@ -396,7 +417,11 @@ impl PendingExperts for RemotePending<'_> {
                 }
                 Err(failure) => failure,
             };
-            let Piece::Sent(piece) = std::mem::replace(&mut this.pieces[i], placeholder()) else { continue };
+            let Piece::Sent(mut piece) = std::mem::replace(&mut this.pieces[i], placeholder()) else { continue };
+            if matches!(failure, Failure::Deadline { .. }) {
+                // Its node may still have it queued: it goes elsewhere (or there again, as a new request).
+                piece.cancel(&remote.stats);
+            }
             let addr = piece.link.addr.clone();
             let next = failure.next();
             let seen = *remote.shared.generation.borrow();
@@ -526,11 +551,13 @@ impl RemoteExperts {
                     copy.settle();
                     copy.link.observe(copy.sent_at.elapsed(), copy.pairs());
                 }
+                // The late original: the slow node drops it if it has not begun it yet.
+                piece.cancel(&self.stats);
                 Awaited::Hedged(copies.into_iter().zip(got).collect())
             }
             own => {
                 for copy in &mut copies {
-                    copy.settle();
+                    copy.cancel(&self.stats);
                 }
                 match own {
                     Won::Own(answer) => Awaited::Own(answer.unwrap_or_else(|_| Err(dropped(&piece.link)))),
