@@ -486,6 +486,9 @@ impl PairRows {
 
 /// How much later than its node's recent answers say it should a piece may be before it is hedged.
 const HEDGE_FACTOR: u32 = 8;
+/// The expert compute rate assumed before any node has answered: a slow CPU's, so that the first pieces are
+/// hedged only when they are really late (with the factor above: 8 × what 10 GFLOP/s would take).
+const COLD_FLOPS_PER_S: f64 = 10e9;
 
 /// What waiting for one piece gave.
 enum Awaited {
@@ -503,7 +506,7 @@ impl RemoteExperts {
         let late = Failure::Deadline { after: self.shared.options.deadline };
         let dropped = |link: &Link| Failure::NodeDown { reason: format!("the stream to {} was dropped", link.addr) };
         let hedge_at = self.shared.options.hedge_min.map(|min| {
-            let expected = piece.link.expected(piece.pairs()).unwrap_or_default() * HEDGE_FACTOR;
+            let expected = self.expected(&piece.link, piece.pairs()) * HEDGE_FACTOR;
             piece.sent_at + min.max(expected)
         });
         let first = hedge_at.filter(|&t| t < deadline).unwrap_or(deadline);
@@ -567,6 +570,20 @@ impl RemoteExperts {
         }
     }
 
+    /// What `pairs` (token, expert) pairs should take on `link`: by its own recent answers; before it has any, by
+    /// the fastest estimate of the other live nodes (so that a node slow from its first answer is not the measure
+    /// of itself); before any node has answered, by a deliberately slow rate for this model's experts, so that a
+    /// cold router does not hedge a first large piece at the floor.
+    fn expected(&self, link: &Link, pairs: usize) -> Duration {
+        let topo = self.current();
+        let c = &self.shared.config;
+        reference(
+            link.expected(pairs),
+            topo.links.iter().filter(|l| !l.is_down()).map(|l| l.expected(pairs)),
+            cold(c.hidden_size, c.moe_intermediate_size, pairs),
+        )
+    }
+
     /// Sends a copy of `piece` to other nodes, if every one of its experts has a trusted live replica elsewhere;
     /// the copies sent, or `None` when it cannot be hedged.
     fn hedge(&self, layer: usize, piece: &Sent) -> Option<Vec<Sent>> {
@@ -602,6 +619,18 @@ impl RemoteExperts {
         }
         Some(copies)
     }
+}
+
+/// What a piece should take: its node's own estimate, else the fastest of the others', else the cold estimate.
+fn reference(own: Option<Duration>, others: impl Iterator<Item = Option<Duration>>, cold: Duration) -> Duration {
+    own.or_else(|| others.flatten().min()).unwrap_or(cold)
+}
+
+/// What `pairs` (token, expert) pairs take at [`COLD_FLOPS_PER_S`]: gate, up and down projections, three matrices
+/// of hidden × moe_intermediate at 2 FLOPs per weight.
+fn cold(hidden: usize, moe_intermediate: usize, pairs: usize) -> Duration {
+    let flops = 6.0 * (hidden * moe_intermediate) as f64 * pairs.max(1) as f64;
+    Duration::from_secs_f64(flops / COLD_FLOPS_PER_S)
 }
 
 /// A piece that stands for nothing, while the real one is being replaced.
@@ -689,4 +718,27 @@ fn add_sums(
         stats.node_compute_us.fetch_add(t.compute_us, Ordering::Relaxed);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn a_piece_is_measured_by_its_node_then_by_the_fastest_other_then_by_the_cold_rate() {
+        let cold = cold(2048, 512, 4096);
+        // The bench model's 512-token prefill on two nodes: about 4096 pairs each, 2.6 s at the cold rate, so
+        // 21 s with the hedge factor: a cold router does not hedge it at the 250 ms floor.
+        assert!((2.5..2.7).contains(&cold.as_secs_f64()), "{cold:?}");
+        assert!(cold * HEDGE_FACTOR > Duration::from_millis(250) * 80);
+        // A decode step's piece (8 pairs) stays under the floor.
+        assert!(super::cold(2048, 512, 8) * HEDGE_FACTOR < Duration::from_millis(250));
+        assert_eq!(reference(Some(5 * MS), [Some(MS)].into_iter(), cold), 5 * MS, "its own answers come first");
+        // A node that never won (its answers always came after a copy's) is measured by the fastest other node, so
+        // a node slow from its first answer does not set its own, slow, measure.
+        assert_eq!(reference(None, [None, Some(9 * MS), Some(3 * MS)].into_iter(), cold), 3 * MS);
+        assert_eq!(reference(None, [None, None].into_iter(), cold), cold);
+    }
 }
