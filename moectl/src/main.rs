@@ -14,6 +14,7 @@ mod cluster;
 mod generate;
 mod init_model;
 mod placement;
+mod plan;
 mod remote;
 mod up;
 
@@ -44,6 +45,9 @@ enum Command {
     /// Measure the expert data plane: per-layer round trip on loopback, and decode throughput with the experts on
     /// expert-node processes next to the single-process engine.
     BenchDataplane(bench_dataplane::Args),
+    /// Plan capacity: routers, expert nodes, replicas and micro-batches for a load under an SLO, with memory, cost
+    /// and the throughput/latency trade-off; `plan calibrate` writes this machine's hardware profile.
+    Plan(Box<plan::Args>),
     /// Measure the CUDA backend on one card: grouped expert GEMMs next to cuBLAS dense GEMMs, and a decode step's
     /// routed-expert work next to the HBM-bandwidth floor (builds with `--features cuda`).
     #[cfg(feature = "cuda")]
@@ -94,6 +98,7 @@ fn main() -> ExitCode {
         Command::BenchModel(args) => bench_model::run(args),
         Command::Placement(args) => placement::run(args),
         Command::BenchDataplane(args) => bench_dataplane::run(args),
+        Command::Plan(args) => plan::run(*args),
         #[cfg(feature = "cuda")]
         Command::BenchCuda(args) => bench_cuda::run(args),
     };
