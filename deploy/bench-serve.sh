@@ -9,7 +9,7 @@
 # and run its CLI). Settings: $CONCURRENCY ("1 8 32"), $PROMPTS (requests per concurrency, "6 16 96"), $INPUT_LEN
 # (128), $OUTPUT_LEN (64), $ROUNDS (1), $EXPERT_NODES (2), $THREADS_BIND (vLLM's OpenMP cores, 0-1), $VLLM_MEM (the share of memory vLLM
 # may take for weights and KV cache, 0.5: its default 0.92 is refused when anything else holds memory). Needs release
-# binaries (cargo build --release -p moectl; or $MOE_BIN_DIR). Servers listen on free loopback ports; everything
+# binaries (cargo build --release -p moectl -p expert-node; or $MOE_BIN_DIR). Servers listen on free loopback ports; everything
 # lives in a temporary directory removed at exit. Not part of the tests: it takes 15 minutes or more.
 set -euo pipefail
 model=$(cd "${1:?usage: VLLM=... $0 MODEL_DIR}" && pwd)
@@ -21,18 +21,8 @@ read -r -a prompts <<<"${PROMPTS:-6 16 96}"
 name=$(basename "$model")
 work=$(mktemp -d)
 server=""
-cleanup() { [ -n "$server" ] && kill "$server" 2>/dev/null; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_ready() { # URL LOG
-  for _ in $(seq 1 1200); do
-    curl -sf "$1/v1/models" >/dev/null 2>&1 && return 0
-    kill -0 "$server" 2>/dev/null || { echo "the server exited:" >&2; tail -30 "$2" >&2; exit 1; }
-    sleep 0.5
-  done
-  echo "not ready after 10 minutes" >&2; tail -30 "$2" >&2; exit 1
-}
-stop() { kill "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true; server=""; }
+# shellcheck source=deploy/serve-lib.sh
+. "$(dirname "$0")/serve-lib.sh"
 
 # One `vllm bench serve` run: SERVER-NAME ROUND URL C N; its result goes to $work/NAME-ROUND-C.json.
 run() {

@@ -105,11 +105,11 @@ struct CalibrateArgs {
     /// `moectl bench-model --batch 1,8,32,64 --json` output measured on this machine.
     #[arg(long)]
     bench_model: PathBuf,
-    /// `moectl bench-dataplane --json` output: the expert link's round trip.
+    /// `moectl bench-dataplane --json` output: the expert link's round trip and codec rate.
     #[arg(long)]
     dataplane: Option<PathBuf>,
-    /// `moectl bench --json` outputs against `moectl up` on this machine, to fit the serving overhead per step; each
-    /// as FILE:EXPERT_NODES:MICRO_BATCHES:PROMPT:OUTPUT.
+    /// `moectl bench --json` outputs against `moectl up` on this machine, to fit the serving overhead (per step and
+    /// per sampled token: give runs at two or more concurrencies); each as FILE:EXPERT_NODES:MICRO_BATCHES:PROMPT:OUTPUT.
     #[arg(long)]
     serving: Vec<String>,
     /// The model bench-model ran (default: the path its report names).
@@ -414,7 +414,9 @@ fn print_plan(plan: &Plan, inputs: &Inputs<'_>, router: &str, expert: &str) {
             );
         }
     } else if let (Some(b), None) = (plan.best, plan.best_colocated) {
-        println!("no co-located layout meets the SLO; {} does", layout_name(&plan.candidates[b]));
+        if plan.candidates.iter().any(|c| c.expert_nodes == 0) {
+            println!("no co-located layout meets the SLO; {} does", layout_name(&plan.candidates[b]));
+        }
     }
 }
 
@@ -579,14 +581,15 @@ fn calibrate(args: CalibrateArgs) -> Result<()> {
         .with_context(|| format!("writing {}", args.out.display()))?;
     let p = &file.profiles[0];
     eprintln!(
-        "wrote {} ({}): {:.1} GB/s, matmul {:.0} GFLOP/s, vector {:.0} GFLOP/s, {} correction tables, serving {:.2} ms/step",
+        "wrote {} ({}): {:.1} GB/s, matmul {:.0} GFLOP/s, vector {:.0} GFLOP/s, {} correction tables, serving {:.2} ms/step + {:.2} ms/sampled token",
         args.out.display(),
         p.name,
         p.memory_bandwidth_bytes_per_s / 1e9,
         p.matmul_flops_per_s / 1e9,
         p.vector_flops_per_s / 1e9,
         p.corrections.len(),
-        p.serving.per_step_s * 1e3
+        p.serving.per_step_s * 1e3,
+        p.serving.per_token_s * 1e3
     );
     Ok(())
 }

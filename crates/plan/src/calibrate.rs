@@ -46,7 +46,10 @@ fn field(v: &Value, path: &[&str], file: &Path) -> Result<f64> {
 fn read_json(path: &Path) -> Result<Value> {
     let text =
         std::fs::read_to_string(path).map_err(|e| PlanError::Io { path: path.to_owned(), message: e.to_string() })?;
-    serde_json::from_str(&text).map_err(|e| PlanError::Calibration { path: path.to_owned(), message: e.to_string() })
+    // `bench-dataplane --json` prints its tables, then the object on the last line.
+    serde_json::from_str(&text)
+        .or_else(|e| text.lines().rev().find(|l| l.starts_with('{')).map_or(Err(e), serde_json::from_str))
+        .map_err(|e| PlanError::Calibration { path: path.to_owned(), message: e.to_string() })
 }
 
 /// A profile from a `bench-model --json` report of the model `shape` describes, and optionally a
@@ -221,13 +224,15 @@ impl ServingRun {
     }
 }
 
-/// Sets the profile's serving overhead per step so that the simulated mean TPOT of each run matches the measured
-/// one on average (the forward pass is what the stages cover; this is the scheduler, sampling and streaming).
+/// Sets the profile's serving overhead, a part per step and a part per sampled token, so that the simulated mean
+/// TPOT of each run matches the measured one: a line through each run's shortfall against its mean decode batch
+/// (with one run, or runs of one batch, the part per step alone). The forward pass is what the stages cover; this
+/// is the scheduler, sampling and streaming.
 pub fn fit_serving(shape: &Shape, profile: &mut Profile, runs: &[ServingRun]) {
     if runs.is_empty() {
         return;
     }
-    let mut per_step = Vec::new();
+    let mut points = Vec::new();
     profile.serving = Overhead::default();
     for run in runs {
         let load = ExpertLoad::zipf(shape.experts, 0.0);
@@ -238,8 +243,14 @@ pub fn fit_serving(shape: &Shape, profile: &mut Profile, runs: &[ServingRun]) {
             output: Length::Fixed(run.output),
             requests: run.requests,
         };
-        let predicted = simulate(&cluster, &traffic, &EngineLimits::default()).tpot_s.mean;
-        per_step.push((run.measured_tpot_s - predicted).max(0.0));
+        let predicted = simulate(&cluster, &traffic, &EngineLimits::default());
+        points.push((predicted.mean_decode_batch, (run.measured_tpot_s - predicted.tpot_s.mean).max(0.0)));
     }
-    profile.serving.per_step_s = per_step.iter().sum::<f64>() / per_step.len() as f64;
+    let spread = points.iter().map(|p| p.0).fold(f64::NEG_INFINITY, f64::max)
+        - points.iter().map(|p| p.0).fold(f64::INFINITY, f64::min);
+    profile.serving = if spread > 0.5 {
+        fit_line(&points)
+    } else {
+        Overhead { per_step_s: points.iter().map(|p| p.1).sum::<f64>() / points.len() as f64, per_token_s: 0.0 }
+    };
 }

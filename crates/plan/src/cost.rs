@@ -198,8 +198,11 @@ impl<'a> Cluster<'a> {
             return (1.0, 1.0);
         }
         let cores = self.router.cores;
-        let (r, n) = split_threads(cores, self.layout.expert_nodes, self.layout.micro_batches);
-        (r as f64 / cores as f64, n as f64 / cores as f64)
+        let nodes = self.layout.expert_nodes;
+        let (r, n) = split_threads(cores, nodes, self.layout.micro_batches);
+        // The nodes compute their pieces of a layer at the same time: more of their threads than cores share them.
+        let n = if nodes > 0 { (n as f64).min(cores as f64 / nodes as f64) } else { 0.0 };
+        (r as f64 / cores as f64, n / cores as f64)
     }
 
     /// The profile the expert nodes run on.
@@ -271,7 +274,8 @@ impl<'a> Cluster<'a> {
             t,
             share,
         );
-        let rest = (p.rest.at(t) / share) + p.serving.at(t);
+        // Serving (scheduling, sampling, streaming) costs a part per step and a part per sampled token.
+        let rest = (p.rest.at(t) / share) + p.serving.at(step.logits as f64);
         (dense, recurrent + chunked, attention, rest)
     }
 

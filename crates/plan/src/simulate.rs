@@ -35,6 +35,10 @@ impl Length {
     }
 }
 
+/// From a closed-loop client's last token to its next request in the engine's queue (the response's end, a new
+/// connection's request, tokenizing): the engine starts its next step at once and does not wait for it.
+const CLIENT_TURNAROUND_S: f64 = 1e-3;
+
 /// How requests arrive.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Arrivals {
@@ -286,7 +290,9 @@ fn run(cluster: &Cluster<'_>, traffic: &Traffic, limits: &EngineLimits, routers:
         if clients > 0 {
             for _ in 0..finished {
                 if reqs.len() < n {
-                    let r = make(now, &mut rng);
+                    // The client's next request arrives once the engine has begun its next step: it waits that
+                    // step out.
+                    let r = make(now + CLIENT_TURNAROUND_S, &mut rng);
                     reqs.push(r);
                 }
             }

@@ -410,4 +410,38 @@ fn calibration_recovers_the_times_it_was_given() {
     let again =
         HardwareFile::parse(&serde_json::to_string(&file).expect("json"), Path::new("out.json")).expect("parse");
     assert_eq!(again, file);
+
+    // A dataplane report, tables first and the object on its last line as bench-dataplane prints it: per-layer
+    // round trips of 200 µs plus 1 ns per byte both ways on the TLS link, with the node's compute on top (which
+    // the fit takes off), beside a plaintext link and a bf16 wire that it leaves out.
+    let rows: Vec<_> = [1.0f64, 16.0, 64.0, 256.0]
+        .iter()
+        .flat_map(|&n| {
+            let (out, back) = s.wire_bytes_per_layer(n, n * s.top_k as f64, 4.0);
+            let compute = 30.0 * n;
+            let tls = 200.0 + (out + back) * 1e-3 + compute;
+            [
+                serde_json::json!({"tokens": n, "wire": "f32/router", "link": "tls", "total_us": tls,
+                    "node_compute_us": compute}),
+                serde_json::json!({"tokens": n, "wire": "f32/router", "link": "plain", "total_us": tls / 2.0,
+                    "node_compute_us": compute}),
+                serde_json::json!({"tokens": n, "wire": "bf16/router", "link": "tls", "total_us": tls / 3.0,
+                    "node_compute_us": compute}),
+            ]
+        })
+        .collect();
+    let dataplane = dir.path().join("dataplane.json");
+    let text = format!("per-layer round trip ...\n{}\n", serde_json::json!({"round_trip": rows}));
+    std::fs::write(&dataplane, text).expect("write");
+    let facts = calibrate::MachineFacts {
+        name: "here".into(),
+        source: "test".into(),
+        cost_per_hour: 0.5,
+        memory_bytes: 1e9,
+        cores: 2,
+        network: bare.network.clone(),
+    };
+    let p = calibrate::from_reports(&s, &path, Some(&dataplane), facts).expect("calibrated");
+    assert!((p.network.round_trip_s - 200e-6).abs() < 1e-12, "{:?}", p.network);
+    assert!((p.network.codec_bytes_per_s - 1e9).abs() < 1e-3, "{:?}", p.network);
 }
