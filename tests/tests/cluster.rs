@@ -59,6 +59,23 @@ fn moectl(etcd: &str, args: &[&str]) -> Value {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("moectl placement {args:?} printed {text}: {e}"))
 }
 
+/// `moectl plan --placement current` against the cluster, with the CPU profile shipped in deploy/profiles/.
+fn plan_what_if(etcd: &str, model: &std::path::Path) -> Value {
+    let profile = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/profiles/cpu-xeon-amx-2c.json");
+    let out = Command::new(bin("moectl"))
+        .args(["plan", "--placement", "current", "--etcd", etcd, "--cluster", CLUSTER, "--json"])
+        .arg("--model")
+        .arg(model)
+        .arg("--hardware")
+        .arg(&profile)
+        .args(["--traffic", "concurrency=4,prompt=8,output=16,requests=16"])
+        .output()
+        .expect("moectl runs");
+    assert!(out.status.success(), "moectl plan --placement current: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("moectl plan printed {text}: {e}"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_join_drain_and_routers_fail_over_without_changing_output() {
     let dir = fixture("qwen35");
@@ -112,6 +129,24 @@ async fn nodes_join_drain_and_routers_fail_over_without_changing_output() {
     })
     .await;
     check_all(routers[1].url().to_owned()).await;
+
+    // The planner's what-if reads this cluster from etcd: its two routers, three nodes and the load they routed.
+    let view = wait_for("a load report", Duration::from_secs(30), &cluster, |v| {
+        v.model.as_ref().is_some_and(|m| v.total_load(m).iter().flatten().sum::<f64>() > 0.0)
+    })
+    .await;
+    let placement = view.placement.clone().expect("placement");
+    let what_if = plan_what_if(&endpoint, &dir);
+    assert_eq!(what_if["cluster"]["epoch"], json!(placement.epoch), "{what_if}");
+    assert_eq!(what_if["cluster"]["routers"], json!(2), "{what_if}");
+    assert_eq!(what_if["cluster"]["expert_nodes"], json!(3), "{what_if}");
+    assert!(what_if["cluster"]["measured_pairs_per_s"].as_f64().is_some_and(|r| r > 0.0), "{what_if}");
+    let changes = what_if["changes"].as_array().expect("changes");
+    assert_eq!(changes[0]["candidate"]["expert_nodes"], json!(3), "{what_if}");
+    assert_eq!(changes[1]["candidate"]["expert_nodes"], json!(4), "{what_if}");
+    assert_eq!(changes[2]["candidate"]["routers"], json!(3), "{what_if}");
+    // More of anything buys nothing or something; the extra sends of one more node may take back under 1 %.
+    assert!(changes.iter().all(|c| c["throughput_ratio"].as_f64().is_some_and(|r| r >= 0.99)), "{what_if}");
 
     // 3. Drain node-a with moectl while a long request runs: the request's output does not change.
     let long_prompt = prompts[0].clone();
