@@ -345,6 +345,17 @@ fn bad_hardware_files_are_answered_with_one_line_naming_the_field() {
     assert!(hardware_error("not json").starts_with("hardware file hw.json: "));
 }
 
+fn facts(p: &Profile) -> calibrate::MachineFacts {
+    calibrate::MachineFacts {
+        name: "here".into(),
+        source: "test".into(),
+        cost_per_hour: 0.5,
+        memory_bytes: 1e9,
+        cores: 2,
+        network: p.network.clone(),
+    }
+}
+
 #[test]
 fn calibration_recovers_the_times_it_was_given() {
     let s = tiny();
@@ -383,15 +394,7 @@ fn calibration_recovers_the_times_it_was_given() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("bench-model.json");
     std::fs::write(&path, report.to_string()).expect("write");
-    let facts = calibrate::MachineFacts {
-        name: "here".into(),
-        source: "test".into(),
-        cost_per_hour: 0.5,
-        memory_bytes: 1e9,
-        cores: 2,
-        network: bare.network.clone(),
-    };
-    let p = calibrate::from_reports(&s, &path, None, facts).expect("calibrated");
+    let p = calibrate::from_reports(&s, &path, None, facts(&bare)).expect("calibrated");
     for (stage, points) in &p.corrections {
         for &[tokens, ratio] in points {
             assert!((ratio - 3.0).abs() < 1e-9, "{}: {ratio} at {tokens}", stage.name());
@@ -433,15 +436,7 @@ fn calibration_recovers_the_times_it_was_given() {
     let dataplane = dir.path().join("dataplane.json");
     let text = format!("per-layer round trip ...\n{}\n", serde_json::json!({"round_trip": rows}));
     std::fs::write(&dataplane, text).expect("write");
-    let facts = calibrate::MachineFacts {
-        name: "here".into(),
-        source: "test".into(),
-        cost_per_hour: 0.5,
-        memory_bytes: 1e9,
-        cores: 2,
-        network: bare.network.clone(),
-    };
-    let p = calibrate::from_reports(&s, &path, Some(&dataplane), facts).expect("calibrated");
+    let p = calibrate::from_reports(&s, &path, Some(&dataplane), facts(&bare)).expect("calibrated");
     assert!((p.network.round_trip_s - 200e-6).abs() < 1e-12, "{:?}", p.network);
     assert!((p.network.codec_bytes_per_s - 1e9).abs() < 1e-3, "{:?}", p.network);
 }
