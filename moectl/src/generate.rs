@@ -131,7 +131,7 @@ pub fn run(args: Args) -> Result<()> {
                     .chat_template
                     .as_ref()
                     .with_context(|| format!("--chat: the model in {} has no chat template", args.model.display()))?;
-                template.encode(&lm.tokenizer, &[Message { role: "user".into(), content: text.clone() }], true)?
+                template.encode(&lm.tokenizer, &[Message::new("user", text.clone())], true)?
             } else {
                 lm.tokenizer.encode(text, true)?
             }

@@ -131,6 +131,8 @@ pub struct SequenceRequest {
     pub deadline: Option<Instant>,
     /// When it was submitted: a request not admitted by `submitted + max_queue_wait` is shed.
     pub submitted: Instant,
+    /// The grammar its output must follow, when constrained.
+    pub guide: Option<crate::guide::Guide>,
 }
 
 /// How a sequence ended early, for the counters: each ends in exactly one way.
@@ -578,20 +580,43 @@ impl Engine {
                 }
                 rows[rows.len() - vocab..].to_vec()
             };
-            // Log-probs are the model's own (before penalties), as vLLM reports them by default.
-            let id = if s.req.params.repetition_penalty != 1.0 || s.generated.len() < s.req.params.min_tokens {
+            // Log-probs are the model's own (before penalties and constraints), as vLLM reports them by default.
+            let processed = s.req.params.repetition_penalty != 1.0
+                || s.generated.len() < s.req.params.min_tokens
+                || s.req.guide.is_some();
+            let id = if processed {
                 let mut logits = last_row.clone();
                 self.process_logits(s, &mut logits);
+                if let Some(guide) = s.req.guide.as_mut() {
+                    // The mask was computed while this step ran; a sequence whose grammar cannot go on ends.
+                    if let Err(e) = guide.restrict(&mut logits) {
+                        self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                        let _ = s.req.events.send(SequenceEvent::Failed(format!("structured output: {e}")));
+                        s.next = None;
+                        continue;
+                    }
+                }
                 s.sampler.sample(&logits)
             } else {
                 s.sampler.sample(&last_row)
             };
+            if let Some(guide) = s.req.guide.as_mut() {
+                if let Err(e) = guide.commit(id) {
+                    self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                    let _ = s.req.events.send(SequenceEvent::Failed(format!("structured output: {e}")));
+                    s.next = None;
+                    continue;
+                }
+            }
             let logprob = s.req.params.logprobs.map(|top| token_logprob(&last_row, id, top));
             s.generated.push(id);
             self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
             let _ = s.req.events.send(SequenceEvent::Token { id, logprob });
             let p = &s.req.params;
-            let stop = p.stop_ids.contains(&id) || p.eos_ids.contains(&id) && !p.ignore_eos;
+            // A constrained output ends at its end token even with `ignore_eos`: the grammar allows it only once
+            // the output is complete.
+            let ends = p.eos_ids.contains(&id) && (!p.ignore_eos || s.req.guide.is_some());
+            let stop = p.stop_ids.contains(&id) || ends;
             let finish = if stop && s.generated.len() >= p.min_tokens {
                 Some(Finish::Stop)
             } else if s.generated.len() >= p.max_tokens {

@@ -4,8 +4,10 @@
 
 pub mod cluster;
 pub mod engine;
+pub mod guide;
 pub mod http;
 pub mod metrics;
+pub mod output;
 pub mod remote;
 pub mod server;
 

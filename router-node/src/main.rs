@@ -12,7 +12,8 @@ use moe_model::Residency;
 use moe_proto::v1::{Dtype, Reduce};
 use router_node::cluster::ClusterOptions;
 use router_node::engine::EngineConfig;
-use router_node::http::ApiConfig;
+use router_node::http::{ApiConfig, ParserChoice};
+use router_node::output::ToolFormat;
 use router_node::remote::RemoteOptions;
 use router_node::server::{ExpertsAt, RouterOptions, ServeConfig};
 
@@ -67,6 +68,18 @@ struct Args {
     /// bits then follow the placement.
     #[arg(long, default_value = "router", value_parser = ["router", "node"])]
     combine: String,
+    /// How tool calls in chat output are read: auto (the form the chat template teaches), qwen3_xml (Qwen3.5's
+    /// `<function=…>` form), hermes (`<tool_call>{json}</tool_call>`), or none (tool calls stay text).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "qwen3_xml", "hermes", "none"])]
+    tool_call_parser: String,
+    /// How reasoning is read: auto (on when the chat template writes `<think>`), qwen3 (`<think>…</think>` into
+    /// `reasoning_content`), or none (reasoning stays in `content`).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "qwen3", "none"])]
+    reasoning_parser: String,
+    /// Refuse `response_format`, `structured_outputs` / `guided_*` and required tool calls instead of constraining
+    /// the output to them.
+    #[arg(long)]
+    no_structured_outputs: bool,
     /// Accepted API key (repeatable; also MOE_API_KEYS, comma-separated). Without any, no authentication.
     #[arg(long = "api-key", env = "MOE_API_KEYS", value_delimiter = ',')]
     api_keys: Vec<String>,
@@ -191,6 +204,18 @@ impl moe_config::Settings for Args {
         }
         if self.wire_dtype != "f32" && self.wire_dtype != "bf16" {
             return Err(ConfigError::refused("wire-dtype", format!("{:?}: f32 or bf16", self.wire_dtype)));
+        }
+        if !["auto", "qwen3_xml", "hermes", "none"].contains(&self.tool_call_parser.as_str()) {
+            return Err(ConfigError::refused(
+                "tool-call-parser",
+                format!("{:?}: auto, qwen3_xml, hermes or none", self.tool_call_parser),
+            ));
+        }
+        if !["auto", "qwen3", "none"].contains(&self.reasoning_parser.as_str()) {
+            return Err(ConfigError::refused(
+                "reasoning-parser",
+                format!("{:?}: auto, qwen3 or none", self.reasoning_parser),
+            ));
         }
         if self.combine != "router" && self.combine != "node" {
             return Err(ConfigError::refused("combine", format!("{:?}: router or node", self.combine)));
@@ -348,6 +373,18 @@ fn options(args: &Args) -> Result<RouterOptions> {
                 max_connections: args.max_connections.max(1),
                 header_read_timeout: secs("header-read-timeout-secs", args.header_read_timeout_secs)?,
             },
+            tool_call_parser: match args.tool_call_parser.as_str() {
+                "qwen3_xml" => ParserChoice::Use(ToolFormat::Xml),
+                "hermes" => ParserChoice::Use(ToolFormat::Hermes),
+                "none" => ParserChoice::Off,
+                _ => ParserChoice::Auto,
+            },
+            reasoning_parser: match args.reasoning_parser.as_str() {
+                "qwen3" => ParserChoice::Use(()),
+                "none" => ParserChoice::Off,
+                _ => ParserChoice::Auto,
+            },
+            structured_outputs: !args.no_structured_outputs,
             ..ApiConfig::default()
         },
     })

@@ -118,8 +118,25 @@ pub fn prepare(options: RouterOptions, progress: &(dyn Fn(u64, u64) + Sync)) -> 
         ready,
     );
     state.remote = on_nodes;
+    if state.config.structured_outputs {
+        state.guides = guides_for(&state.tokenizer, &state.eos_ids, config.vocab_size);
+    }
     let state = Arc::new(state);
     Ok(PreparedRouter { state, engine, cluster })
+}
+
+/// Constrained decoding over the model's vocabulary; a tokenizer llguidance cannot read turns it off, said once.
+fn guides_for(tokenizer: &moe_model::Tokenizer, eos_ids: &[u32], vocab: usize) -> Option<Arc<crate::guide::Guides>> {
+    let built = std::fs::read_to_string(tokenizer.path())
+        .map_err(|e| crate::guide::GuideError::Tokenizer(format!("{}: {e}", tokenizer.path().display())))
+        .and_then(|json| crate::guide::Guides::new(&json, eos_ids, vocab));
+    match built {
+        Ok(g) => Some(Arc::new(g)),
+        Err(e) => {
+            tracing::warn!("structured outputs are off: {e}");
+            None
+        }
+    }
 }
 
 /// Every routed expert of the model in `dir`, on the GPUs of `device`.

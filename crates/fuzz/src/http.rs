@@ -39,6 +39,9 @@ fn intake(m: &Model) -> Intake<'_> {
         max_model_len: 256,
         max_choices: 16,
         request_timeout: Duration::from_secs(600),
+        parsers: router_node::http::ChatParsers::of_template(Some(&m.template)),
+        // Constraints are refused here: the fuzz targets read requests, they do not compile grammars.
+        guides: None,
     }
 }
 

@@ -37,11 +37,8 @@ pub fn chat_template(data: &[u8]) {
     };
     let tok =
         TOKENIZER.get_or_init(|| fixture("tokenizer", Tokenizer::from_file(&fixture_dir().join("tokenizer.json"))));
-    let messages = [
-        Message { role: "system".into(), content: "Be brief.".into() },
-        Message { role: "user".into(), content: SAMPLE.into() },
-        Message { role: "assistant".into(), content: String::new() },
-    ];
+    let messages =
+        [Message::new("system", "Be brief."), Message::new("user", SAMPLE), Message::new("assistant", String::new())];
     for generation_prompt in [false, true] {
         let _ = template.encode(tok, &messages, generation_prompt);
     }

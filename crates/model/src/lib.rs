@@ -26,7 +26,7 @@ pub use layers::moe::{
 pub use model::{Decoder, LogitsFor, Model, Segment};
 pub use sampling::{Sampler, SamplingParams};
 pub use state::{new_decoder_id, DeviceState, SequenceState};
-pub use tokenizer::{ChatTemplate, GenerationConfig, Message, Tokenizer};
+pub use tokenizer::{ChatTemplate, GenerationConfig, Message, RenderOptions, Tokenizer};
 pub use weights::{Checkpoint, Residency};
 
 use std::path::{Path, PathBuf};

@@ -51,6 +51,8 @@ pub(super) struct ChoiceSpec {
     pub(super) stop: Vec<String>,
     pub(super) skip_special: bool,
     pub(super) deadline: Instant,
+    /// The output constraint this choice follows (its own copy).
+    pub(super) constraint: Option<crate::guide::Compiled>,
 }
 
 /// Waits until the engine admits the choice (it left the queue), so that a request shed from the queue gets its
@@ -94,6 +96,10 @@ pub(super) fn start_choice(state: &Arc<AppState>, spec: ChoiceSpec) -> Result<mp
         "gen_ai.response.finish_reasons" = tracing::field::Empty,
     );
     let trace = moe_telemetry::trace::traceparent(&span).map(|_| span.clone());
+    let guide = match spec.constraint {
+        Some(c) => Some(c.start().map_err(|e| unavailable(e.to_string(), "unavailable"))?),
+        None => None,
+    };
     state
         .engine
         .submit(SequenceRequest {
@@ -104,6 +110,7 @@ pub(super) fn start_choice(state: &Arc<AppState>, spec: ChoiceSpec) -> Result<mp
             cancel: Arc::clone(&cancel),
             deadline: Some(deadline),
             submitted,
+            guide,
         })
         .map_err(|e| match e {
             SubmitError::QueueFull(_) => ApiError {

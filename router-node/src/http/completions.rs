@@ -20,10 +20,11 @@ use super::plan::{completion_plan, CompletionPlan};
 use super::stream::{sse, stream_tail, StreamTally};
 use super::AppState;
 use crate::engine::TokenLogprob;
+use crate::guide::Compiled;
 
 pub(super) async fn completions(State(state): State<Arc<AppState>>, req: Request) -> Result<Response, ApiError> {
     let body = read_body(&state, req).await?;
-    let CompletionPlan { mut common, prompts, echo } =
+    let CompletionPlan { mut common, prompts, echo, constraint } =
         off_the_workers(&state, move |state| completion_plan(&state.intake(), &body)).await?;
     state.seed(&mut common);
     let mut receivers = Vec::new();
@@ -42,6 +43,7 @@ pub(super) async fn completions(State(state): State<Arc<AppState>>, req: Request
                         stop: common.stop.clone(),
                         skip_special: common.skip_special_tokens,
                         deadline: common.deadline,
+                        constraint: constraint.as_ref().map(Compiled::copy),
                     },
                 )?,
             ));

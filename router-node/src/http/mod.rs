@@ -19,6 +19,7 @@ mod plan;
 mod probes;
 mod stream;
 mod text;
+mod tools;
 
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
@@ -30,6 +31,7 @@ use axum::Router;
 use moe_model::{ChatTemplate, GenerationConfig, Tokenizer};
 
 use crate::engine::EngineHandle;
+use crate::output::ToolFormat;
 
 use chat::chat_completions;
 use completions::completions;
@@ -39,6 +41,7 @@ use probes::{livez, metrics, readyz, status};
 pub use error::ApiError;
 pub use parse::Intake;
 pub use plan::{read_request, Endpoint, RequestShape};
+pub use tools::ChatParsers;
 
 /// Settings of the HTTP front end.
 #[derive(Debug, Clone)]
@@ -63,6 +66,20 @@ pub struct ApiConfig {
     /// SSE keep-alive comments, sent after this long without an event once a stream's first data event is out
     /// (never before it: some clients cannot parse a stream that begins with a comment).
     pub sse_keepalive: Duration,
+    /// The tool-call form read from chat output.
+    pub tool_call_parser: ParserChoice<ToolFormat>,
+    /// Whether `<think>…</think>` goes to `reasoning_content`.
+    pub reasoning_parser: ParserChoice<()>,
+    /// Constrained decoding (`response_format`, `structured_outputs`, required tool calls); off refuses them.
+    pub structured_outputs: bool,
+}
+
+/// A parser setting: what the chat template says, a given one, or none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParserChoice<T> {
+    Auto,
+    Use(T),
+    Off,
 }
 
 impl Default for ApiConfig {
@@ -77,6 +94,9 @@ impl Default for ApiConfig {
             sse_keepalive: Duration::from_secs(15),
             body_read_timeout: Duration::from_secs(30),
             connections: ConnectionLimits::default(),
+            tool_call_parser: ParserChoice::Auto,
+            reasoning_parser: ParserChoice::Auto,
+            structured_outputs: true,
         }
     }
 }
@@ -100,6 +120,10 @@ pub struct AppState {
     pub remote: Option<Arc<crate::remote::RemoteExperts>>,
     /// vLLM's per-request series, recorded as sequences run.
     pub requests: crate::metrics::RequestMetrics,
+    /// How chat output is read: set from the template at construction, overridden by the flags.
+    pub parsers: ChatParsers,
+    /// Constrained decoding over the model's vocabulary (`None`: constrained requests are refused).
+    pub guides: Option<Arc<crate::guide::Guides>>,
     /// The dashboard's last minutes.
     history: dashboard::History,
     next_id: AtomicU64,
@@ -118,7 +142,22 @@ impl AppState {
         experts_ready: ReadinessCheck,
     ) -> Self {
         let requests = crate::metrics::RequestMetrics::new(config.max_model_len);
+        let from_template = ChatParsers::of_template(chat_template.as_deref());
+        let parsers = ChatParsers {
+            tool_format: match config.tool_call_parser {
+                ParserChoice::Auto => from_template.tool_format,
+                ParserChoice::Use(format) => Some(format),
+                ParserChoice::Off => None,
+            },
+            reasoning: match config.reasoning_parser {
+                ParserChoice::Auto => from_template.reasoning,
+                ParserChoice::Use(()) => true,
+                ParserChoice::Off => false,
+            },
+        };
         AppState {
+            parsers,
+            guides: None,
             engine,
             tokenizer,
             chat_template,
@@ -149,6 +188,8 @@ impl AppState {
             max_model_len: self.config.max_model_len,
             max_choices: self.config.max_choices,
             request_timeout: self.config.request_timeout,
+            parsers: self.parsers,
+            guides: self.guides.as_deref(),
         }
     }
 

@@ -8,11 +8,14 @@ use std::time::{Duration, Instant};
 use axum::body::Bytes;
 use axum::extract::Request;
 use axum::http::StatusCode;
-use moe_model::{ChatTemplate, GenerationConfig, Message, SamplingParams, Tokenizer};
+use moe_model::{ChatTemplate, GenerationConfig, Message, RenderOptions, SamplingParams, Tokenizer};
 use serde_json::{Map, Value};
 
 use super::error::ApiError;
+pub use super::tools::ChatParsers;
+use super::tools::{message_tool_calls, parse_template_kwargs, parse_tools, ToolChoice, Tools};
 use super::AppState;
+use crate::guide::Guides;
 
 /// What reading a request needs: the model's tokenizer, chat template and generation defaults, and the server's
 /// limits. A view of [`AppState`] ([`AppState::intake`]), or built by hand by tools that check request reading
@@ -30,6 +33,10 @@ pub struct Intake<'a> {
     pub max_choices: usize,
     /// The most a request's own `request_timeout` may ask.
     pub request_timeout: Duration,
+    /// How chat output is read (tool calls, reasoning).
+    pub parsers: ChatParsers,
+    /// Constrained decoding over this model's vocabulary; `None` refuses constrained requests.
+    pub guides: Option<&'a Guides>,
 }
 
 pub(super) fn check_model(intake: &Intake<'_>, f: &Fields<'_>) -> Result<(), ApiError> {
@@ -388,7 +395,49 @@ pub(super) fn parse_prompts(intake: &Intake<'_>, f: &Fields<'_>) -> Result<Vec<V
     Ok(prompts)
 }
 
+/// A chat request's conversation, as its template will render it.
+pub(super) struct Conversation {
+    pub(super) messages: Vec<Message>,
+    pub(super) options: RenderOptions,
+    /// The tools, when the request gives any.
+    pub(super) tools: Option<Tools>,
+}
+
+impl Conversation {
+    /// The tools the template is shown: none when `tool_choice` is "none", so that the model is not told of them.
+    fn options(&self) -> RenderOptions {
+        let mut options = self.options.clone();
+        options.tools = match &self.tools {
+            Some(t) if t.choice != ToolChoice::None => Some(t.list.clone()),
+            _ => None,
+        };
+        options
+    }
+
+    /// Renders and tokenises the conversation, ending with the assistant's turn: the text and its ids.
+    pub(super) fn encode(&self, intake: &Intake<'_>) -> Result<(String, Vec<u32>), ApiError> {
+        let template = intake.chat_template.ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "this model has no chat template; use /v1/completions",
+                Some("messages"),
+                "invalid_value",
+            )
+        })?;
+        // Each message's content is read as text: a special token a user types stays the characters it spells.
+        template
+            .encode_with(intake.tokenizer, &self.messages, true, &self.options())
+            .map_err(|e| ApiError::invalid("messages", e.to_string()))
+    }
+}
+
 pub(super) fn parse_messages(intake: &Intake<'_>, f: &Fields<'_>) -> Result<Vec<u32>, ApiError> {
+    parse_conversation(f)?.encode(intake).map(|(_, ids)| ids)
+}
+
+pub(super) fn parse_conversation(f: &Fields<'_>) -> Result<Conversation, ApiError> {
+    let tools = parse_tools(f)?;
+    let kwargs = parse_template_kwargs(f)?;
     let Some(messages) = f.get("messages") else {
         return Err(ApiError::schema("messages", "`messages` is required"));
     };
@@ -437,16 +486,26 @@ pub(super) fn parse_messages(intake: &Intake<'_>, f: &Fields<'_>) -> Result<Vec<
                 return Err(ApiError::schema(&field("content"), "`content` must be a string or a list of parts"))
             }
         };
-        out.push(Message { role: role.to_owned(), content });
+        let mut extra = Map::new();
+        match (role, m.get("tool_calls")) {
+            (_, None | Some(Value::Null)) => {}
+            ("assistant", Some(calls)) => {
+                extra.insert("tool_calls".into(), message_tool_calls(i, calls)?);
+            }
+            (_, Some(_)) => {
+                return Err(ApiError::invalid(&field("tool_calls"), "only assistant messages carry tool calls"))
+            }
+        }
+        for key in ["reasoning_content", "tool_call_id", "name"] {
+            match m.get(key) {
+                None | Some(Value::Null) => {}
+                Some(Value::String(s)) => {
+                    extra.insert(key.into(), Value::String(s.clone()));
+                }
+                Some(_) => return Err(ApiError::schema(&field(key), format!("`{key}` must be a string"))),
+            }
+        }
+        out.push(Message { role: role.to_owned(), content, extra });
     }
-    let template = intake.chat_template.ok_or_else(|| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "this model has no chat template; use /v1/completions",
-            Some("messages"),
-            "invalid_value",
-        )
-    })?;
-    // Each message's content is read as text: a special token a user types stays the characters it spells.
-    template.encode(intake.tokenizer, &out, true).map_err(|e| ApiError::invalid("messages", e.to_string()))
+    Ok(Conversation { messages: out, options: RenderOptions { tools: None, kwargs }, tools })
 }

@@ -4,13 +4,20 @@
 use serde_json::Value;
 
 use super::error::ApiError;
-use super::parse::{check_model, parse_common, parse_json, parse_messages, parse_prompts, Common, Fields, Intake};
+use super::parse::{
+    check_model, parse_common, parse_conversation, parse_json, parse_messages, parse_prompts, Common, Fields, Intake,
+};
+use super::tools::{parse_constraint, tool_grammar, ToolChoice};
+use crate::guide::{Compiled, GuideSpec};
+use crate::output::OutputConfig;
 
 /// A completions request: each prompt with its token budget, every prompt asked `common.n` times.
 pub(super) struct CompletionPlan {
     pub(super) common: Common,
     pub(super) prompts: Vec<(Vec<u32>, usize)>,
     pub(super) echo: bool,
+    /// The output constraint, compiled (each choice follows a copy).
+    pub(super) constraint: Option<Compiled>,
 }
 
 pub(super) fn completion_plan(intake: &Intake<'_>, body: &[u8]) -> Result<CompletionPlan, ApiError> {
@@ -19,6 +26,10 @@ pub(super) fn completion_plan(intake: &Intake<'_>, body: &[u8]) -> Result<Comple
     let common = parse_common(intake, &f, false)?;
     let prompts = parse_prompts(intake, &f)?;
     let echo = f.bool("echo")?.unwrap_or(false);
+    let constraint = match parse_constraint(&f)? {
+        Some((spec, param)) => Some(compile(intake, &spec, param)?),
+        None => None,
+    };
     if prompts.len().checked_mul(common.n).is_none_or(|choices| choices > intake.max_choices) {
         return Err(ApiError::invalid("n", format!("at most {} choices per request", intake.max_choices)));
     }
@@ -29,7 +40,7 @@ pub(super) fn completion_plan(intake: &Intake<'_>, body: &[u8]) -> Result<Comple
             Ok((p, max_tokens))
         })
         .collect::<Result<_, ApiError>>()?;
-    Ok(CompletionPlan { common, prompts, echo })
+    Ok(CompletionPlan { common, prompts, echo, constraint })
 }
 
 /// A chat request: the rendered conversation's tokens and their budget, asked `common.n` times.
@@ -37,16 +48,71 @@ pub(super) struct ChatPlan {
     pub(super) common: Common,
     pub(super) prompt: Vec<u32>,
     pub(super) max_tokens: usize,
+    /// How the output is split into reasoning, content and tool calls.
+    pub(super) output: OutputConfig,
+    /// The output constraint (`response_format`, `structured_outputs`, or a required tool call), compiled.
+    pub(super) constraint: Option<Compiled>,
+    /// More than one call per answer (`parallel_tool_calls`, default true); else only the first is returned.
+    pub(super) parallel_tool_calls: bool,
 }
 
 pub(super) fn chat_plan(intake: &Intake<'_>, body: &[u8]) -> Result<ChatPlan, ApiError> {
     let body = parse_json(body)?;
     let f = Fields(&body);
     let common = parse_common(intake, &f, true)?;
-    let prompt = parse_messages(intake, &f)?;
+    let conversation = parse_conversation(&f)?;
+    let (text, prompt) = conversation.encode(intake)?;
     let param = if f.get("max_completion_tokens").is_some() { "max_completion_tokens" } else { "max_tokens" };
     let max_tokens = budget(intake, &common, prompt.len(), None, param)?;
-    Ok(ChatPlan { common, prompt, max_tokens })
+    let reasoning = intake.parsers.reasoning;
+    let in_reasoning = reasoning && OutputConfig::prompt_opens_reasoning(&text);
+    let tools = conversation.tools.as_ref().filter(|t| t.choice != ToolChoice::None);
+    let format = intake.tool_format();
+    let output = OutputConfig {
+        in_reasoning,
+        reasoning,
+        tools: match (tools, format) {
+            (Some(t), Some(format)) => Some((format, t.specs.clone())),
+            _ => None,
+        },
+    };
+    let asked = parse_constraint(&f)?;
+    let forced = tools.filter(|t| matches!(t.choice, ToolChoice::Required | ToolChoice::Function(_)));
+    let spec = match (asked, forced) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid(
+                "tool_choice",
+                "a required tool call and an output format cannot both constrain one answer",
+            ))
+        }
+        (Some((spec, param)), None) => Some((spec, param)),
+        (None, Some(t)) => {
+            let format = format.ok_or_else(|| {
+                ApiError::invalid("tool_choice", "this server reads no tool calls (`--tool-call-parser none`)")
+            })?;
+            Some((tool_grammar(t, format), "tool_choice"))
+        }
+        (None, None) => None,
+    };
+    // A prompt that opened reasoning gets it closed first: the constrained answer is the content.
+    let spec = spec.map(|(spec, param)| match in_reasoning {
+        true => (GuideSpec::After("</think>\n\n".into(), Box::new(spec)), param),
+        false => (spec, param),
+    });
+    let constraint = match spec {
+        Some((spec, param)) => Some(compile(intake, &spec, param)?),
+        None => None,
+    };
+    let parallel_tool_calls = conversation.tools.as_ref().is_none_or(|t| t.parallel);
+    Ok(ChatPlan { common, prompt, max_tokens, output, constraint, parallel_tool_calls })
+}
+
+/// Compiles an output constraint; what llguidance cannot follow is the client's error, naming `param`.
+fn compile(intake: &Intake<'_>, spec: &GuideSpec, param: &str) -> Result<Compiled, ApiError> {
+    let guides = intake
+        .guides
+        .ok_or_else(|| ApiError::invalid(param, "constrained decoding is not available for this model's tokenizer"))?;
+    guides.compile(spec).map_err(|e| ApiError::invalid(param, format!("the output constraint cannot be used: {e}")))
 }
 
 /// vLLM's `/tokenize`: `prompt` (a string) or `messages` (through the chat template).
