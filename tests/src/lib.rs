@@ -659,3 +659,17 @@ pub fn dashboard_metrics(json: &str) -> Result<std::collections::BTreeSet<String
     walk(&v, &mut out);
     Ok(out)
 }
+
+/// The Python that runs the `openai` client tests: `MOE_PYTHON` (set by `.ci/run`) or `python3`, when it can import
+/// `openai`. `None` means skip, with the reason printed; under CI (`CI` set) a missing client fails instead.
+pub fn openai_python() -> Option<String> {
+    let python = std::env::var("MOE_PYTHON").unwrap_or_else(|_| "python3".into());
+    let importable =
+        std::process::Command::new(&python).args(["-c", "import openai"]).output().is_ok_and(|o| o.status.success());
+    if !importable {
+        assert!(std::env::var_os("CI").is_none(), "{python} cannot import openai; .ci/run installs it");
+        eprintln!("SKIPPED: {python} cannot import openai (pip install openai, or set MOE_PYTHON)");
+        return None;
+    }
+    Some(python)
+}

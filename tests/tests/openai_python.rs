@@ -10,13 +10,7 @@ use moe_e2e::{fixture, RouterProcess};
 
 #[test]
 fn the_openai_python_client_works_unchanged() {
-    let python = std::env::var("MOE_PYTHON").unwrap_or_else(|_| "python3".into());
-    let importable = Command::new(&python).args(["-c", "import openai"]).output().is_ok_and(|o| o.status.success());
-    if !importable {
-        assert!(std::env::var_os("CI").is_none(), "{python} cannot import openai; .ci/run installs it");
-        eprintln!("SKIPPED: {python} cannot import openai (pip install openai, or set MOE_PYTHON)");
-        return;
-    }
+    let Some(python) = moe_e2e::openai_python() else { return };
     let router = RouterProcess::start(&fixture("qwen35"), &["--api-key", "sk-test"]).expect("router starts");
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/openai_client.py");
     let out = Command::new(&python).args([script, router.url(), "sk-test", "qwen35"]).output().expect("python runs");
