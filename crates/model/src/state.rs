@@ -6,17 +6,33 @@
 //!
 //! Invariant: every layer's state describes exactly the first `position` tokens of the sequence. The forward pass
 //! advances all layers and then `position` together; a failed forward leaves the state unusable (callers drop it).
+//!
+//! **Snapshots.** [`SequenceState::snapshot`] copies a state for a prefix cache. Full KV pages are shared, not
+//! copied (a page is written only while it fills, and a snapshot taken at a multiple of [`ALIGN_TOKENS`] holds only
+//! full pages); the Gated DeltaNet slots are copied. A state's numbers at a multiple of [`ALIGN_TOKENS`] depend only
+//! on the tokens before it, not on how the forward calls cut them, as long as every call starts at such a multiple
+//! or continues a single-token step: so a snapshot there continues bit for bit as the state it was taken from.
+
+use std::sync::Arc;
 
 use crate::config::{LayerKind, ModelConfig};
 
 /// Positions per KV page.
 pub const KV_PAGE_TOKENS: usize = 16;
 
-/// Rows of `width` values stored in pages of [`KV_PAGE_TOKENS`] rows.
+/// The positions at which a state depends only on the tokens before it whatever the forward calls were (the delta
+/// rule's chunk, a multiple of [`KV_PAGE_TOKENS`]): prompts are fed in pieces that end on them, and prefix caches
+/// keep states taken there.
+pub const ALIGN_TOKENS: usize = 32;
+
+const _: () = assert!(ALIGN_TOKENS.is_multiple_of(KV_PAGE_TOKENS));
+
+/// Rows of `width` values stored in pages of [`KV_PAGE_TOKENS`] rows. Pages are shared between a state and its
+/// snapshots; a shared page that is still filling is copied before it is written.
 #[derive(Debug, Clone)]
 pub(crate) struct PagedRows {
     width: usize,
-    pages: Vec<Box<[f32]>>,
+    pages: Vec<Arc<[f32]>>,
     len: usize,
 }
 
@@ -34,10 +50,15 @@ impl PagedRows {
         debug_assert_eq!(row.len(), self.width);
         let (page, slot) = (self.len / KV_PAGE_TOKENS, self.len % KV_PAGE_TOKENS);
         if page == self.pages.len() {
-            self.pages.push(vec![0f32; KV_PAGE_TOKENS * self.width].into_boxed_slice());
+            self.pages.push(Arc::from(vec![0f32; KV_PAGE_TOKENS * self.width]));
         }
         self.len += 1;
-        let stored = &mut self.pages[page][slot * self.width..(slot + 1) * self.width];
+        let shared = &mut self.pages[page];
+        if Arc::get_mut(shared).is_none() {
+            *shared = Arc::from(&shared[..]);
+        }
+        let Some(page) = Arc::get_mut(shared) else { unreachable!("a page just copied has one owner") };
+        let stored = &mut page[slot * self.width..(slot + 1) * self.width];
         stored.copy_from_slice(row);
         stored
     }
@@ -139,7 +160,21 @@ impl SequenceState {
         self.position
     }
 
-    /// Bytes of memory the state holds now (whole KV pages).
+    /// A copy to continue from later, sharing the full KV pages (see the module docs); `None` for a state kept by
+    /// another decoder, which this crate cannot copy.
+    pub fn snapshot(&self) -> Option<SequenceState> {
+        if self.device.is_some() {
+            return None;
+        }
+        Some(SequenceState {
+            layers: self.layers.clone(),
+            position: self.position,
+            model_id: self.model_id,
+            device: None,
+        })
+    }
+
+    /// Bytes of memory the state holds now (whole KV pages, shared ones included).
     pub fn bytes(&self) -> usize {
         self.device.as_ref().map_or(0, |d| d.bytes())
             + self

@@ -1,10 +1,13 @@
 //! Properties of the forward pass that must hold exactly (≤ 1e-5): prefill then decode equals one full forward, and a
-//! sequence decoded inside a batch of 8 sequences of different lengths and positions gives what it gives alone.
+//! sequence decoded inside a batch of 8 sequences of different lengths and positions gives what it gives alone. And
+//! bit for bit: a prompt fed in pieces that end on multiples of `ALIGN_TOKENS` gives what one call gives, and a
+//! snapshot continues as the state it was taken from (what the prefix cache rests on).
 
 use std::path::PathBuf;
 
 use moe_model::cpu::matmul::{self, Kernel, Precision};
-use moe_model::{LoadedModel, LogitsFor, Segment};
+use moe_model::state::ALIGN_TOKENS;
+use moe_model::{LoadedModel, LogitsFor, Segment, SequenceState};
 
 const TOL: f32 = 1e-5;
 /// The same bound for the matrix units' split precision: `hi = bf16(x)` rounds, so two values of `x` that differ in
@@ -78,6 +81,66 @@ fn prefill_then_decode_equals_full_forward(name: &str) {
         eprintln!("{name}: prefill {split} then decode vs full forward: {d:.2e}");
         assert!(d <= path_tol(), "{name}: prefill {split} then decode differs from the full forward by {d}");
     }
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+fn aligned_pieces_and_snapshots_are_bit_identical(name: &str) {
+    let lm = load(name);
+    let vocab = lm.model.config().vocab_size;
+    let seq = tokens(150, 11, vocab);
+    let run = |state: &mut SequenceState, toks: &[u32]| {
+        lm.model
+            .forward(&mut [Segment { state, tokens: toks, logits: LogitsFor::All }], &lm.experts)
+            .expect("forward")
+            .remove(0)
+    };
+    let mut one_state = lm.model.new_state();
+    let whole = bits(&run(&mut one_state, &seq));
+    let a = ALIGN_TOKENS;
+    for cuts in [vec![a], vec![2 * a, 3 * a], vec![a, 2 * a, 3 * a, 4 * a]] {
+        let mut state = lm.model.new_state();
+        let mut got = Vec::new();
+        let mut from = 0;
+        for to in cuts.iter().copied().chain([seq.len()]) {
+            got.extend(run(&mut state, &seq[from..to]));
+            from = to;
+        }
+        assert_eq!(bits(&got), whole, "{name}: fed in pieces ending at {cuts:?}");
+    }
+
+    // A last piece of one token (the recurrent step) gives what a last chunk of one token in a longer call gives.
+    let short = &seq[..4 * a + 1];
+    let mut state = lm.model.new_state();
+    let one_call = bits(&run(&mut state, short));
+    let mut state = lm.model.new_state();
+    let pieces = bits(&[run(&mut state, &short[..4 * a]), run(&mut state, &short[4 * a..])].concat());
+    assert_eq!(pieces, one_call, "{name}: a last piece of one token");
+
+    // A snapshot at an aligned position continues as the state does, and as one call does; the state it was taken
+    // from, going on first, leaves it untouched (the pages they share are full).
+    let mut state = lm.model.new_state();
+    let head = run(&mut state, &seq[..2 * a]);
+    let mut snap = state.snapshot().expect("a CPU state can be copied");
+    let tail = run(&mut state, &seq[2 * a..]);
+    assert_eq!(bits(&[head.clone(), tail].concat()), whole, "{name}: the original after its snapshot");
+    let tail = run(&mut snap, &seq[2 * a..]);
+    assert_eq!(bits(&[head, tail].concat()), whole, "{name}: the snapshot continued");
+
+    // At an unaligned position the shared page is still filling: whoever writes first copies it, and each goes on
+    // as the same cut without a snapshot does.
+    let cut = 2 * a + 5;
+    let mut reference = lm.model.new_state();
+    let expected = bits(&[run(&mut reference, &seq[..cut]), run(&mut reference, &seq[cut..])].concat());
+    let mut state = lm.model.new_state();
+    let head = run(&mut state, &seq[..cut]);
+    let mut snap = state.snapshot().expect("a CPU state can be copied");
+    let tail = run(&mut state, &seq[cut..]);
+    assert_eq!(bits(&[head.clone(), tail].concat()), expected, "{name}: the original, unaligned");
+    let tail = run(&mut snap, &seq[cut..]);
+    assert_eq!(bits(&[head, tail].concat()), expected, "{name}: the snapshot, unaligned");
 }
 
 fn batch_of_eight_equals_alone(name: &str, micro_batches: usize) {
@@ -174,6 +237,16 @@ macro_rules! per_kernel {
             #[test]
             fn qwen3next_prefill_then_decode() {
                 if select($kernel, $precision) { prefill_then_decode_equals_full_forward("qwen3next") }
+            }
+
+            #[test]
+            fn qwen35_aligned_pieces_and_snapshots() {
+                if select($kernel, $precision) { aligned_pieces_and_snapshots_are_bit_identical("qwen35") }
+            }
+
+            #[test]
+            fn qwen3next_aligned_pieces_and_snapshots() {
+                if select($kernel, $precision) { aligned_pieces_and_snapshots_are_bit_identical("qwen3next") }
             }
 
             #[test]

@@ -5,7 +5,7 @@
 //! The delta rule runs on the fp32 state as in the reference. Both of its forms are exact in exact arithmetic but
 //! round differently (the chunked form solves a triangular system, which amplifies rounding: all-f32 showed 4e-5
 //! logit differences between a prefill and the same tokens decoded one by one). So the chunked form solves its small
-//! triangular system in f64, carries the state in f64 within a call, and computes the outputs in f64; the two
+//! triangular system in f64, carries the state in f64 within a chunk, and computes the outputs in f64; the two
 //! products that only feed the state's correction (`W·S` and `Kᵀ·V'`) run in f32 ([`gemm`]). The recurrence is f64
 //! arithmetic on the f32 state. Both are vectorised for the CPU ([`crate::cpu::simd`]).
 //!
@@ -36,6 +36,8 @@ const SOLVE_ROWS: usize = 8;
 /// halves the work that grows with it (the triangles, the solve, `P·V'`): on the bench model's 512-token prefill the
 /// rule took 183-196 ms instead of 242-253, with the prefill-then-decode figures unchanged or lower.
 const CHUNK: usize = 32;
+// Calls that start on aligned positions start on chunk boundaries.
+const _: () = assert!(crate::state::ALIGN_TOKENS.is_multiple_of(CHUNK));
 /// The eps of the q/k L2 normalisation (fixed in the reference, not rms_norm_eps).
 const L2_EPS: f32 = 1e-6;
 
@@ -426,8 +428,11 @@ fn recurrent_body(h: &HeadInputs<'_>, s: &mut [f32], o: &mut [f32]) {
 /// the intra-chunk read `(QKᵀ ⊙ D)·V'` and the state update `S ← e^{Γ_l} S + (K ⊙ e^{Γ_l−Γ})ᵀ·V'`.
 ///
 /// Precision where it matters: the triangular solve amplifies rounding, so `A`, `U` and `W` are f64; the state is
-/// carried in f64 across the chunks of a call and rounded to f32 once, at the end (rounding it once per chunk moved
-/// the fixtures' prefill-versus-decode logits from 6e-6 to 1.3e-5). The outputs `O` are f64 products rounded once,
+/// rounded to f32 at every chunk's end, as at a call's end, so that a prompt fed in calls that start on multiples of
+/// [`CHUNK`] gives the same bits as one call (which the prefix cache relies on). Carrying it in f64 across a call's
+/// chunks instead left the fixtures' prefill-versus-decode logits where they are (3.4e-6 to 4.3e-6 on Qwen3.5,
+/// 1.8e-6 to 2.3e-6 on Qwen3-Next, the same figures either way). A last chunk of one token runs the recurrent step.
+/// The outputs `O` are f64 products rounded once,
 /// like the recurrence's: computed in f32 they moved the same test from 4e-6 to 7.6e-6 on the f32 kernel and from
 /// 4.4e-5 to 1.4e-4 on the matrix units' split precision, whose bf16 split turns every last-bit difference into one
 /// of 2⁻¹⁷. The two products that only feed the state's correction, `W·S` and `Kᵀ·V'` (half the work), run in f32
@@ -462,6 +467,24 @@ fn chunked_body(h: &HeadInputs<'_>, n: usize, s: &mut [f32], out: &mut [f32]) {
     let mut c0 = 0;
     while c0 < n {
         let l = (n - c0).min(CHUNK);
+        if l == 1 {
+            // A last chunk of one token is the recurrent step, as a call of that one token would be: the state
+            // between chunks is f32, so the two agree bit for bit.
+            for (d, x) in s.iter_mut().zip(&s64) {
+                *d = *x as f32;
+            }
+            let one = HeadInputs {
+                q: &h.q[c0 * dk..],
+                k: &h.k[c0 * dk..],
+                v: &h.v[c0 * dv..],
+                beta: &h.beta[c0..],
+                g: &h.g[c0..],
+                dk,
+                dv,
+            };
+            recurrent_body(&one, s, &mut out[c0 * dv..(c0 + 1) * dv]);
+            return;
+        }
         let q = &h.q[c0 * dk..(c0 + l) * dk];
         let k = &h.k[c0 * dk..(c0 + l) * dk];
         let v = &h.v[c0 * dv..(c0 + l) * dv];
@@ -589,9 +612,11 @@ fn chunked_body(h: &HeadInputs<'_>, n: usize, s: &mut [f32], out: &mut [f32]) {
         }
         upd.fill(0.0);
         gemm_add(&mut upd, dv, Left::transposed(&kd32, dk), &v32, dv, (dk, l, dv));
+        // Rounded to the f32 state at every chunk's end, as a call's end would: so the state after a chunk does not
+        // depend on whether the chunks before it came in the same call (the prefix cache's exactness rests on it).
         let d = exp_flushed(last);
         for (x, p) in s64.iter_mut().zip(&upd) {
-            *x = d.mul_add(*x, f64::from(*p));
+            *x = f64::from(state_f32(d.mul_add(*x, f64::from(*p))));
         }
         c0 += l;
     }
@@ -701,6 +726,49 @@ mod tests {
                 worst.0, worst.1
             );
             assert!(worst.0 < 1e-5 && worst.1 < 1e-5, "{dk}x{dv}: {worst:?}");
+
+            // Calls that start on chunk boundaries give one call's bits, state and outputs; a last chunk of one
+            // token gives the recurrent step's.
+            for cuts in [vec![CHUNK], vec![2 * CHUNK, 3 * CHUNK], vec![CHUNK, 2 * CHUNK, 4 * CHUNK]] {
+                let mut s2 = s_init.clone();
+                let mut out = vec![0f32; n * dv];
+                let mut from = 0;
+                for to in cuts.iter().copied().chain([n]) {
+                    let part = HeadInputs {
+                        q: &q[from * dk..to * dk],
+                        k: &k[from * dk..to * dk],
+                        v: &v[from * dv..to * dv],
+                        beta: &beta[from..to],
+                        g: &g[from..to],
+                        dk,
+                        dv,
+                    };
+                    chunked(&part, to - from, &mut s2, &mut out[from * dv..to * dv]);
+                    from = to;
+                }
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&out), bits(&chunk_out), "{dk}x{dv}: outputs fed in calls ending at {cuts:?}");
+                assert_eq!(bits(&s2), bits(&s0), "{dk}x{dv}: state fed in calls ending at {cuts:?}");
+            }
+            let one_more = n - n % CHUNK + 1;
+            let head = HeadInputs { q: &q, k: &k, v: &v, beta: &beta, g: &g, dk, dv };
+            let (mut sa, mut sb) = (s_init.clone(), s_init.clone());
+            let (mut oa, mut ob) = (vec![0f32; one_more * dv], vec![0f32; one_more * dv]);
+            chunked(&head, one_more, &mut sa, &mut oa);
+            let cut = one_more - 1;
+            chunked(&head, cut, &mut sb, &mut ob[..cut * dv]);
+            let last = HeadInputs {
+                q: &q[cut * dk..],
+                k: &k[cut * dk..],
+                v: &v[cut * dv..],
+                beta: &beta[cut..],
+                g: &g[cut..],
+                dk,
+                dv,
+            };
+            recurrent_step(&last, &mut sb, &mut ob[cut * dv..]);
+            assert!(oa.iter().zip(&ob).all(|(a, b)| a.to_bits() == b.to_bits()), "{dk}x{dv}: a last chunk of one");
+            assert!(sa.iter().zip(&sb).all(|(a, b)| a.to_bits() == b.to_bits()), "{dk}x{dv}: its state");
         }
     }
 }
