@@ -8,6 +8,7 @@ pub mod guide;
 pub mod http;
 pub mod metrics;
 pub mod output;
+pub mod prefix;
 pub mod remote;
 pub mod server;
 

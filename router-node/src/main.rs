@@ -89,6 +89,10 @@ struct Args {
     /// Most tokens per forward step (decode tokens plus prompt chunks).
     #[arg(long, default_value_t = 512)]
     max_batch_tokens: usize,
+    /// Do not keep prompt-prefix states: every request feeds its whole prompt. (The cache is exact, lives in what the
+    /// state budget leaves free, and gives way to requests; this is for measuring without it.)
+    #[arg(long)]
+    no_prefix_caching: bool,
     /// Most sequences running at once.
     #[arg(long, default_value_t = 256)]
     max_running: usize,
@@ -361,6 +365,7 @@ fn options(args: &Args) -> Result<RouterOptions> {
             state_budget_bytes: (args.state_budget_gib * (1u64 << 30) as f64) as u64,
             micro_batches: args.micro_batches,
             max_queue_wait: secs("max-queue-wait-secs", args.max_queue_wait_secs)?,
+            prefix_caching: !args.no_prefix_caching,
         },
         api: ApiConfig {
             model_name: args.served_model_name.clone().unwrap_or_default(),

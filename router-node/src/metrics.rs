@@ -218,6 +218,23 @@ fn engine_series(s: &mut Scrape<'_>, st: &EngineStats, budget: u64) -> Result<()
     )?;
     s.counter("vllm:prompt_tokens", "Prompt tokens processed", get(&st.prompt_tokens))?;
     s.counter("vllm:generation_tokens", "Tokens generated", get(&st.generated_tokens))?;
+    s.counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache", get(&st.prefix_queries))?;
+    s.counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache", get(&st.prefix_hits))?;
+    s.gauge(
+        "moe_prefix_cache_bytes",
+        "Sequence state the prefix cache holds (an upper bound: shared KV pages count once per holder)",
+        get(&st.prefix_cache_bytes) as i64,
+    )?;
+    s.gauge(
+        "moe_prefix_cache_entries",
+        "Prompt prefixes whose state is cached",
+        st.prefix_cache_entries.load(Ordering::Relaxed) as i64,
+    )?;
+    s.counter(
+        "moe_prefix_cache_evictions",
+        "Cached prefixes evicted to make room (for a request, or a newer prefix)",
+        get(&st.prefix_evictions),
+    )?;
     s.gauge("moe_num_requests_running", "Sequences in the running batch", running)?;
     s.gauge("moe_num_requests_waiting", "Sequences waiting for admission", waiting)?;
     s.gauge(
