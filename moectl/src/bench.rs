@@ -9,6 +9,10 @@
 //! Against moe-mesh, the router's `/metrics` is read before and after the run and the report gains `cluster`: what
 //! the cluster measured meanwhile (each expert node's share of the (token, expert) pairs and its mean round trip,
 //! each MoE layer's imbalance, and the bytes on the wire per token). Other servers' reports have no such key.
+//!
+//! `--prefix-len` puts the same prefix before every prompt (a system prompt; `vllm bench serve --random-prefix-len`),
+//! and the report gains the share of prompt tokens the server's prefix cache found (`vllm:prefix_cache_*`).
+//! `--json-schema` constrains every output to a schema (structured output).
 
 use std::time::{Duration, Instant};
 
@@ -41,6 +45,13 @@ pub struct Args {
     /// Stream the responses (needed for TTFT, TPOT and ITL).
     #[arg(long)]
     stream: bool,
+    /// Token ids shared by every prompt, before its own --input-len ones (a system prompt, for the prefix cache).
+    #[arg(long, default_value_t = 0)]
+    prefix_len: usize,
+    /// Constrain every output to this JSON schema (sent as `structured_outputs.json`, which vLLM reads too). The
+    /// grammar then decides where an output ends, so --output-len is the most, not the exact count.
+    #[arg(long)]
+    json_schema: Option<String>,
     /// Token ids are drawn below this (keep it under the model's vocabulary).
     #[arg(long, default_value_t = 1000)]
     vocab: u32,
@@ -64,10 +75,13 @@ struct Outcome {
     output_tokens: usize,
 }
 
-async fn one(client: &reqwest::Client, url: &str, args: &Args, i: usize) -> Outcome {
-    let body = json!({
+async fn one(client: &reqwest::Client, url: &str, args: &Args, schema: Option<&Value>, i: usize) -> Outcome {
+    let vocab = args.vocab.max(1) as usize;
+    let mut prompt = tokens(args.prefix_len, args.seed ^ 0x5eed_0f_5a4e_d000, vocab);
+    prompt.extend(tokens(args.input_len, args.seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15), vocab));
+    let mut body = json!({
         "model": args.model,
-        "prompt": tokens(args.input_len, args.seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15), args.vocab.max(1) as usize),
+        "prompt": prompt,
         "max_tokens": args.output_len,
         "min_tokens": args.output_len,
         "ignore_eos": true,
@@ -75,6 +89,12 @@ async fn one(client: &reqwest::Client, url: &str, args: &Args, i: usize) -> Outc
         "stream": args.stream,
         "stream_options": if args.stream { json!({"include_usage": true}) } else { Value::Null },
     });
+    if let Some(schema) = schema {
+        body["structured_outputs"] = json!({"json": schema});
+        if let Some(fields) = body.as_object_mut() {
+            fields.remove("min_tokens");
+        }
+    }
     let mut req = client.post(url).json(&body);
     if let Some(key) = &args.api_key {
         req = req.bearer_auth(key);
@@ -163,6 +183,10 @@ pub fn run(args: Args) -> Result<()> {
     if args.concurrency == 0 || args.requests == 0 || args.input_len == 0 || args.output_len == 0 {
         bail!("--concurrency, --requests, --input-len and --output-len must be positive");
     }
+    let schema: Option<Value> = match &args.json_schema {
+        Some(text) => Some(serde_json::from_str(text).context("--json-schema is not JSON")?),
+        None => None,
+    };
     let base = args.url.trim_end_matches('/').trim_end_matches("/v1").to_owned();
     let url = format!("{base}/v1/completions");
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
@@ -176,7 +200,7 @@ pub fn run(args: Args) -> Result<()> {
         eprintln!(
             "{} requests of {} prompt + {} output tokens to {url}, {} at a time{}",
             args.requests,
-            args.input_len,
+            args.prefix_len + args.input_len,
             args.output_len,
             args.concurrency,
             if args.stream { ", streaming" } else { "" }
@@ -185,9 +209,9 @@ pub fn run(args: Args) -> Result<()> {
         let started = Instant::now();
         let outcomes: Vec<Outcome> = futures::stream::iter(0..args.requests)
             .map(|i| {
-                let (client, url, args, bar) = (&client, &url, &args, &bar);
+                let (client, url, args, bar, schema) = (&client, &url, &args, &bar, schema.as_ref());
                 async move {
-                    let o = one(client, url, args, i).await;
+                    let o = one(client, url, args, schema, i).await;
                     bar.inc(1);
                     o
                 }
@@ -200,7 +224,8 @@ pub fn run(args: Args) -> Result<()> {
     })?;
     let (outcomes, duration) = outcomes;
     let after = runtime.block_on(scrape(&client, &base, args.api_key.as_deref()));
-    let cluster = before.zip(after).and_then(|(b, a)| cluster_report(&b, &a));
+    let cluster = before.as_ref().zip(after.as_ref()).and_then(|(b, a)| cluster_report(b, a));
+    let prefix_hits = before.as_ref().zip(after.as_ref()).and_then(|(b, a)| prefix_hit_rate(b, a));
     let done: Vec<&Outcome> = outcomes.iter().filter(|o| o.ok).collect();
     let failed = outcomes.len() - done.len();
     if let Some(first) = outcomes.iter().find(|o| !o.ok) {
@@ -210,7 +235,7 @@ pub fn run(args: Args) -> Result<()> {
         bail!("every request failed");
     }
     let output: usize = done.iter().map(|o| o.output_tokens).sum();
-    let input = done.len() * args.input_len;
+    let input = done.len() * (args.prefix_len + args.input_len);
     let ttft = stats(done.iter().map(|o| o.ttft).collect());
     let tpot = stats(
         done.iter()
@@ -238,6 +263,9 @@ pub fn run(args: Args) -> Result<()> {
     if let Some(cluster) = &cluster {
         report["cluster"] = cluster.clone();
     }
+    if let Some(rate) = prefix_hits {
+        report["prefix_cache_hit_rate"] = json!(rate);
+    }
     if args.json {
         println!("{report}");
         return Ok(());
@@ -249,6 +277,9 @@ pub fn run(args: Args) -> Result<()> {
     println!("{:<6} {:>10} {:>10} {:>10} {:>10}", "ms", "mean", "p50", "p90", "p99");
     for (name, s) in [("TTFT", ttft), ("TPOT", tpot), ("ITL", itl), ("E2E", e2e)] {
         println!("{name:<6} {:>10.1} {:>10.1} {:>10.1} {:>10.1}", s.0, s.1, s.2, s.3);
+    }
+    if let Some(rate) = prefix_hits {
+        println!("prefix cache hits   {:>9.1} % of prompt tokens", 100.0 * rate);
     }
     if let Some(c) = &cluster {
         println!("measured by the cluster meanwhile:");
@@ -272,14 +303,25 @@ pub fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-/// The server's `/metrics`, if it answers with moe-mesh's series.
+/// The share of prompt tokens looked up in the prefix cache between two scrapes that it found; `None` when none
+/// were looked up.
+fn prefix_hit_rate(before: &str, after: &str) -> Option<f64> {
+    let get = |text: &str, name: &str| {
+        moe_telemetry::metrics::parse_series(text).iter().filter(|(n, _, _)| n == name).map(|s| s.2).sum::<f64>()
+    };
+    let queries = get(after, "vllm:prefix_cache_queries_total") - get(before, "vllm:prefix_cache_queries_total");
+    let hits = get(after, "vllm:prefix_cache_hits_total") - get(before, "vllm:prefix_cache_hits_total");
+    (queries > 0.0).then(|| hits / queries)
+}
+
+/// The server's `/metrics`, if it answers with vLLM-named series (moe-mesh's and vLLM's both do).
 async fn scrape(client: &reqwest::Client, base: &str, key: Option<&str>) -> Option<String> {
     let mut req = client.get(format!("{base}/metrics")).timeout(Duration::from_secs(10));
     if let Some(key) = key {
         req = req.bearer_auth(key);
     }
     let text = req.send().await.ok()?.error_for_status().ok()?.text().await.ok()?;
-    text.contains("moe_expert_messages_total").then_some(text)
+    text.contains("vllm:").then_some(text)
 }
 
 /// What the cluster measured between two scrapes of a router: `None` when its experts are not on expert nodes.

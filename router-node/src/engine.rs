@@ -355,12 +355,16 @@ pub fn start(
         let _stopped = Stopped(Arc::clone(&stats));
         // Chunks can end on aligned positions only when a step holds at least one aligned block.
         let align = if config.max_batch_tokens >= ALIGN_TOKENS { ALIGN_TOKENS } else { 1 };
-        let cache = (config.prefix_caching && align > 1).then(PrefixCache::new);
-        if config.prefix_caching && cache.is_none() {
+        // States another decoder keeps (on a GPU) cannot be copied here.
+        let copyable = model.new_state().snapshot().is_some();
+        let cache = (config.prefix_caching && align > 1 && copyable).then(PrefixCache::new);
+        if config.prefix_caching && align == 1 {
             tracing::warn!(
                 "prefix caching is off: --max-batch-tokens {} is below the {ALIGN_TOKENS}-token blocks it caches",
                 config.max_batch_tokens
             );
+        } else if config.prefix_caching && !copyable {
+            tracing::info!("prefix caching is off: this decoder's sequence states live on its device");
         }
         Engine { model, experts, config, stats, in_step, footprint, rx, waiting: VecDeque::new(), align, cache }.run()
     })?;
