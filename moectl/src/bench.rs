@@ -77,7 +77,7 @@ struct Outcome {
 
 async fn one(client: &reqwest::Client, url: &str, args: &Args, schema: Option<&Value>, i: usize) -> Outcome {
     let vocab = args.vocab.max(1) as usize;
-    let mut prompt = tokens(args.prefix_len, args.seed ^ 0x5eed_0f_5a4e_d000, vocab);
+    let mut prompt = tokens(args.prefix_len, args.seed ^ 0x005e_ed0f_5a4e_d000, vocab);
     prompt.extend(tokens(args.input_len, args.seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15), vocab));
     let mut body = json!({
         "model": args.model,
