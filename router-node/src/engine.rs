@@ -104,8 +104,11 @@ pub enum Finish {
 /// What the engine tells the submitter of a sequence, in order.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SequenceEvent {
-    /// The sequence left the queue and runs (its state is reserved).
-    Admitted,
+    /// The sequence left the queue and runs (its state is reserved); `cached_tokens` of its prompt came from the
+    /// prefix cache and are not computed again.
+    Admitted {
+        cached_tokens: usize,
+    },
     /// Log-probs of prompt tokens 1.. (the first token has none), when asked.
     PromptLogprobs(Vec<TokenLogprob>),
     /// A generated token.
@@ -472,8 +475,8 @@ impl Engine {
                 match Sampler::new(req.params.sampling) {
                     Ok(sampler) => {
                         reserved += need;
-                        let _ = req.events.send(SequenceEvent::Admitted);
                         let (state, fed) = self.first_state(&req);
+                        let _ = req.events.send(SequenceEvent::Admitted { cached_tokens: fed });
                         running.push(Running {
                             state,
                             sampler,

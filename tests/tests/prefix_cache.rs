@@ -82,9 +82,33 @@ async fn hits_answer_what_misses_answer_bit_for_bit() {
     // A repeated prompt starts from its own last aligned boundary.
     let before = metric(cached.url(), "vllm:prefix_cache_hits_total").await;
     let body = request(&prompts[5], false);
-    assert_eq!(answer(&complete(cached.url(), &body).await), answer(&complete(plain.url(), &body).await));
+    let (hit, miss) = (complete(cached.url(), &body).await, complete(plain.url(), &body).await);
+    assert_eq!(answer(&hit), answer(&miss));
     let found = metric(cached.url(), "vllm:prefix_cache_hits_total").await - before;
     assert_eq!(found, ((prompts[5].len() - 1) / 32 * 32) as f64, "a repeat finds all but its last partial block");
+    // The usage says so, as OpenAI's `prompt_tokens_details.cached_tokens`, streamed or not.
+    let cached_tokens = |resp: &Value| resp["usage"]["prompt_tokens_details"]["cached_tokens"].as_f64();
+    assert_eq!(cached_tokens(&hit), Some(found), "usage: {}", hit["usage"]);
+    assert_eq!(cached_tokens(&miss), Some(0.0), "usage: {}", miss["usage"]);
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let text = client()
+        .post(format!("{}/v1/completions", cached.url()))
+        .json(&streamed)
+        .send()
+        .await
+        .expect("sent")
+        .text()
+        .await
+        .expect("stream");
+    let last_usage = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .rfind(|chunk| !chunk["usage"].is_null())
+        .unwrap_or_else(|| panic!("no usage chunk in:\n{text}"));
+    assert_eq!(cached_tokens(&last_usage), Some(found), "streamed usage: {}", last_usage["usage"]);
 
     // Echoed prompt log-probs need every prompt token computed: such requests skip the cache and still agree.
     let mut echo = request(&prompts[2], false);

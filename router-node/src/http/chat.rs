@@ -15,7 +15,7 @@ use super::completions::collect;
 use super::error::ApiError;
 use super::parse::{off_the_workers, read_body};
 use super::plan::{chat_plan, ChatPlan};
-use super::stream::{sse, stream_tail, StreamTally};
+use super::stream::{sse, stream_tail, usage, StreamTally};
 use super::AppState;
 use crate::engine::TokenLogprob;
 use crate::guide::Compiled;
@@ -91,10 +91,13 @@ pub(super) async fn chat_completions(State(state): State<Arc<AppState>>, req: Re
 
     let results = futures::future::join_all(receivers.into_iter().map(|rx| collect(rx, Vec::new()))).await;
     let mut choices = Vec::new();
-    let mut completion_tokens = 0;
+    let (mut completion_tokens, mut cached_tokens) = (0, 0);
     for (index, (_, r)) in results.into_iter().enumerate() {
         let r = r?;
         completion_tokens += r.completion_tokens;
+        if index == 0 {
+            cached_tokens = r.cached_tokens;
+        }
         let mut splitter = Splitter::new(output.clone());
         let mut parts = splitter.push(&r.text);
         parts.extend(splitter.finish());
@@ -127,7 +130,7 @@ pub(super) async fn chat_completions(State(state): State<Arc<AppState>>, req: Re
         "created": created,
         "model": model,
         "choices": choices,
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens},
+        "usage": usage(prompt_tokens, completion_tokens, cached_tokens),
     }))
     .into_response())
 }
@@ -211,8 +214,9 @@ impl<F: Fn(Value) -> String> StreamedChoice<F> {
                 let parts = self.splitter.push(&text);
                 self.chunks(parts)
             }
-            Delta::Finished { reason, completion_tokens, .. } => {
-                self.tally.finished(0, completion_tokens);
+            Delta::Finished { reason, completion_tokens, cached_tokens, .. } => {
+                // The prompt counts once (the tally starts with it), its cached part with the first choice.
+                self.tally.finished(0, completion_tokens, if self.index == 0 { cached_tokens } else { 0 });
                 let parts = self.splitter.finish();
                 let mut out = self.chunks(parts);
                 let reason = finish_reason(reason, self.splitter.calls() > 0);

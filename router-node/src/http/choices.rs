@@ -23,6 +23,7 @@ pub(super) struct ChoiceResult {
     pub(super) prompt_logprobs: Vec<TokenLogprob>,
     pub(super) finish: Option<&'static str>,
     pub(super) completion_tokens: usize,
+    pub(super) cached_tokens: usize,
 }
 
 /// One piece of a choice's progress, for streaming.
@@ -38,6 +39,8 @@ pub(super) enum Delta {
         reason: &'static str,
         prompt_tokens: usize,
         completion_tokens: usize,
+        /// Prompt tokens the prefix cache served.
+        cached_tokens: usize,
     },
     /// The sequence ended without finishing; nothing follows.
     Failed(ApiError),
@@ -127,6 +130,7 @@ pub(super) fn start_choice(state: &Arc<AppState>, spec: ChoiceSpec) -> Result<mp
     tokio::spawn(async move {
         let mut pending_logprobs: Vec<TokenLogprob> = Vec::new();
         let mut admitted = false;
+        let mut cached = 0;
         loop {
             let event = tokio::select! {
                 e = events.recv() => e,
@@ -149,9 +153,10 @@ pub(super) fn start_choice(state: &Arc<AppState>, spec: ChoiceSpec) -> Result<mp
                     return;
                 }
             };
-            admitted |= matches!(event, Some(SequenceEvent::Admitted));
+            admitted |= matches!(event, Some(SequenceEvent::Admitted { .. }));
             let delta = match event {
-                Some(SequenceEvent::Admitted) => {
+                Some(SequenceEvent::Admitted { cached_tokens }) => {
+                    cached = cached_tokens;
                     timer.admitted();
                     Delta::Admitted
                 }
@@ -167,7 +172,12 @@ pub(super) fn start_choice(state: &Arc<AppState>, spec: ChoiceSpec) -> Result<mp
                         let _ =
                             tx.send(Delta::Text { text: piece, logprobs: std::mem::take(&mut pending_logprobs) }).await;
                         let _ = tx
-                            .send(Delta::Finished { reason: "stop", prompt_tokens, completion_tokens: text.ids.len() })
+                            .send(Delta::Finished {
+                                reason: "stop",
+                                prompt_tokens,
+                                completion_tokens: text.ids.len(),
+                                cached_tokens: cached,
+                            })
                             .await;
                         return;
                     }
@@ -195,7 +205,9 @@ pub(super) fn start_choice(state: &Arc<AppState>, spec: ChoiceSpec) -> Result<mp
                         Finish::Length => "length",
                     };
                     finished(&span, reason, completion_tokens);
-                    let _ = tx.send(Delta::Finished { reason, prompt_tokens, completion_tokens }).await;
+                    let _ = tx
+                        .send(Delta::Finished { reason, prompt_tokens, completion_tokens, cached_tokens: cached })
+                        .await;
                     return;
                 }
                 Some(SequenceEvent::Failed(why)) => Delta::Failed(unavailable(why, "engine_error")),

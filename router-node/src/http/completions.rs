@@ -17,7 +17,7 @@ use super::choices::{admitted, sequence_params, start_choice, token_text, unix_n
 use super::error::ApiError;
 use super::parse::{off_the_workers, read_body};
 use super::plan::{completion_plan, CompletionPlan};
-use super::stream::{sse, stream_tail, StreamTally};
+use super::stream::{sse, stream_tail, usage, StreamTally};
 use super::AppState;
 use crate::engine::TokenLogprob;
 use crate::guide::Compiled;
@@ -99,9 +99,14 @@ pub(super) async fn completions(State(state): State<Arc<AppState>>, req: Request
                         "logprobs": completion_logprobs(&st.tokenizer, &lp, 0),
                         "finish_reason": Value::Null,
                     }),
-                    Delta::Finished { reason, prompt_tokens, completion_tokens } => {
+                    Delta::Finished { reason, prompt_tokens, completion_tokens, cached_tokens } => {
                         // A prompt counts once however many choices it has, as in the non-streamed usage.
-                        tally.finished(if index % n == 0 { prompt_tokens } else { 0 }, completion_tokens);
+                        let first = index % n == 0;
+                        tally.finished(
+                            if first { prompt_tokens } else { 0 },
+                            completion_tokens,
+                            if first { cached_tokens } else { 0 },
+                        );
                         json!({"index": index, "text": echo_text, "logprobs": Value::Null, "finish_reason": reason})
                     }
                     Delta::Failed(e) => return Some(tally.error_event(e)),
@@ -116,11 +121,12 @@ pub(super) async fn completions(State(state): State<Arc<AppState>>, req: Request
 
     let results = futures::future::join_all(receivers.into_iter().map(|(p, rx)| collect(rx, p))).await;
     let mut choices = Vec::new();
-    let (mut prompt_tokens, mut completion_tokens) = (0, 0);
+    let (mut prompt_tokens, mut completion_tokens, mut cached_tokens) = (0, 0, 0);
     for (index, (prompt, r)) in results.into_iter().enumerate() {
         let r = r?;
         if index % common.n == 0 {
             prompt_tokens += prompt.len();
+            cached_tokens += r.cached_tokens;
         }
         completion_tokens += r.completion_tokens;
         let mut text = r.text;
@@ -147,7 +153,7 @@ pub(super) async fn completions(State(state): State<Arc<AppState>>, req: Request
         "created": created,
         "model": model,
         "choices": choices,
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens},
+        "usage": usage(prompt_tokens, completion_tokens, cached_tokens),
     }))
     .into_response())
 }
@@ -165,9 +171,10 @@ pub(super) async fn collect(
                 r.tokens.extend(logprobs);
             }
             Delta::PromptLogprobs(lp) => r.prompt_logprobs = lp,
-            Delta::Finished { reason, completion_tokens, .. } => {
+            Delta::Finished { reason, completion_tokens, cached_tokens, .. } => {
                 r.finish = Some(reason);
                 r.completion_tokens = completion_tokens;
+                r.cached_tokens = cached_tokens;
                 return (prompt, Ok(r));
             }
             Delta::Admitted => {}

@@ -17,12 +17,14 @@ pub(super) struct StreamTally {
     pub(super) failed: AtomicBool,
     pub(super) prompt_tokens: AtomicU64,
     pub(super) completion_tokens: AtomicU64,
+    pub(super) cached_tokens: AtomicU64,
 }
 
 impl StreamTally {
-    pub(super) fn finished(&self, prompt_tokens: usize, completion_tokens: usize) {
+    pub(super) fn finished(&self, prompt_tokens: usize, completion_tokens: usize, cached_tokens: usize) {
         self.prompt_tokens.fetch_add(prompt_tokens as u64, Ordering::Relaxed);
         self.completion_tokens.fetch_add(completion_tokens as u64, Ordering::Relaxed);
+        self.cached_tokens.fetch_add(cached_tokens as u64, Ordering::Relaxed);
     }
 
     /// The event that ends a stream whose sequence failed; nothing follows it.
@@ -47,9 +49,8 @@ pub(super) fn stream_tail(
             return futures::stream::iter(out);
         }
         if include_usage {
-            let p = tally.prompt_tokens.load(Ordering::Relaxed);
-            let c = tally.completion_tokens.load(Ordering::Relaxed);
-            let usage = json!({"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c});
+            let load = |n: &AtomicU64| n.load(Ordering::Relaxed) as usize;
+            let usage = usage(load(&tally.prompt_tokens), load(&tally.completion_tokens), load(&tally.cached_tokens));
             let chunk =
                 json!({"id": id, "object": object, "created": created, "model": model, "choices": [], "usage": usage});
             out.push(Event::default().data(chunk.to_string()));
@@ -58,6 +59,17 @@ pub(super) fn stream_tail(
         futures::stream::iter(out)
     })
     .flatten()
+}
+
+/// A response's `usage`: OpenAI's fields, with the prompt tokens the prefix cache served as
+/// `prompt_tokens_details.cached_tokens`.
+pub(super) fn usage(prompt_tokens: usize, completion_tokens: usize, cached_tokens: usize) -> serde_json::Value {
+    json!({
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    })
 }
 
 pub(super) fn sse(
