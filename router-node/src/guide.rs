@@ -38,9 +38,10 @@ pub enum GuideSpec {
     Choice(Vec<String>),
     /// A grammar in llguidance's Lark dialect (vLLM's `guided_grammar`).
     Lark(String),
-    /// This text, then the output the inner constraint allows: the `</think>` that closes a reasoning block the
-    /// prompt opened, so that a constrained answer lands in the content.
-    After(String, Box<GuideSpec>),
+    /// Free reasoning up to the first `</think>` (the prompt opened the block), the blank line the templates put
+    /// after it, then the output the inner constraint allows: the model thinks as it would unconstrained, and the
+    /// constrained answer is the content. (vLLM with a reasoning parser behaves so.)
+    AfterReasoning(Box<GuideSpec>),
 }
 
 impl GuideSpec {
@@ -54,12 +55,14 @@ impl GuideSpec {
                 TopLevelGrammar::from_lark(format!("start: {}", alternatives.join(" | ")))
             }
             GuideSpec::Lark(source) => TopLevelGrammar::from_lark(source.clone()),
-            GuideSpec::After(prefix, inner) => {
-                // The inner grammar is referenced by name from the outer one.
+            GuideSpec::AfterReasoning(inner) => {
+                // A lazy lexeme whose visible suffix is `</think>`: it ends at the first one. The inner grammar is
+                // referenced by name from the outer one.
                 let mut inner = inner.grammar();
                 let mut grammars = vec![llguidance::api::GrammarWithLexer::from_lark(format!(
-                    "start: {} @inner",
-                    lark_string(prefix)
+                    "start: reasoning {} @inner\nreasoning[suffix={}]: /(.|\\n)*/",
+                    lark_string("\n\n"),
+                    lark_string(REASONING_END),
                 ))];
                 if let Some(first) = inner.grammars.first_mut() {
                     first.name = Some("inner".into());
@@ -70,6 +73,9 @@ impl GuideSpec {
         }
     }
 }
+
+/// What ends a reasoning block.
+pub const REASONING_END: &str = "</think>";
 
 /// A schema whose JSON is written as Python's `json.dumps` writes it (`", "` and `": "`, no other white space),
 /// unless the schema sets its own llguidance options: free white space lets a model pad forever.
@@ -304,12 +310,63 @@ mod tests {
             assert_eq!(text.len(), 4, "{text:?}");
             assert!(text.as_bytes()[2] == b'-', "{text:?}");
         }
-        let after = GuideSpec::After("</think>\n\n".into(), Box::new(GuideSpec::Choice(vec!["A".into(), "B".into()])));
-        for seed in 0..5 {
-            let text = run(&guides, &tok, &after, seed, 50).expect("ends");
-            assert!(text == "</think>\n\nA" || text == "</think>\n\nB", "{text:?}");
-        }
         assert!(guides.compile(&GuideSpec::Regex("(unclosed".into())).is_err());
         assert!(guides.compile(&GuideSpec::Lark("start: nothing_defined".into())).is_err());
+    }
+
+    #[test]
+    fn reasoning_is_free_until_it_closes_then_the_constraint_holds() {
+        let (guides, tok) = fixture_guides();
+        let eos = tok.token_id("<|im_end|>").expect("im_end");
+        let spec = GuideSpec::AfterReasoning(Box::new(GuideSpec::Choice(vec!["A".into(), "B".into()])));
+        let compiled = guides.compile(&spec).expect("compiles");
+        let ascii: Vec<u32> = (0..297)
+            .filter(|&t| {
+                tok.decode(&[t], false)
+                    .is_ok_and(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_graphic() || b == b' '))
+            })
+            .collect();
+        assert!(ascii.len() > 100, "{} ASCII tokens", ascii.len());
+        for seed in 0..4u32 {
+            let mut guide = compiled.copy().start().expect("starts");
+            // Inside reasoning, every token of ASCII text may come next, at every step, and the output may not end.
+            let thought = format!("Reasoning {seed}: <b>A</b> or B? </thin no, it is A ");
+            for id in tok.encode(&thought, false).expect("encodes") {
+                let mut logits = vec![0.0f32; 300];
+                guide.restrict(&mut logits).expect("a token is allowed");
+                for (t, l) in ascii.iter().map(|&t| (t, logits[t as usize])) {
+                    assert!(l.is_finite(), "token {t} is not allowed inside reasoning");
+                }
+                assert!(!logits[eos as usize].is_finite(), "the output may not end inside reasoning");
+                guide.commit(id).expect("reasoning is free");
+            }
+            // `</think>` ends it; then the blank line, then only the choices.
+            let mut ids = tok.encode(REASONING_END, false).expect("encodes");
+            for &id in &ids {
+                let mut logits = vec![0.0f32; 300];
+                guide.restrict(&mut logits).expect("a token is allowed");
+                assert!(logits[id as usize].is_finite());
+                guide.commit(id).expect("commit");
+            }
+            let mut state = u64::from(seed) * 7 + 1;
+            loop {
+                let mut logits: Vec<f32> = (0..300)
+                    .map(|_| {
+                        state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+                        (state >> 40) as f32
+                    })
+                    .collect();
+                guide.restrict(&mut logits).expect("a token is allowed");
+                let id = moe_model::sampling::argmax(&logits);
+                if id == eos {
+                    break;
+                }
+                ids.push(id);
+                guide.commit(id).expect("commit");
+                assert!(ids.len() < 40, "no end");
+            }
+            let text = tok.decode(&ids, false).expect("decodes");
+            assert!(text == "</think>\n\nA" || text == "</think>\n\nB", "{text:?}");
+        }
     }
 }

@@ -36,9 +36,11 @@ def main() -> None:
     base, model = sys.argv[1], sys.argv[2]
     client = OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
     messages = [{"role": "user", "content": "What is the weather in Paris for two days?"}]
+    # Constraints hold from the end of the reasoning on, and random weights never end it: thinking off.
+    no_thinking = {"chat_template_kwargs": {"enable_thinking": False}}
 
     first = client.chat.completions.create(model=model, messages=messages, tools=TOOLS, tool_choice="required",
-                                           temperature=0.8, seed=3, max_tokens=400)
+                                           temperature=0.8, seed=3, max_tokens=400, extra_body=no_thinking)
     choice = first.choices[0]
     assert choice.finish_reason == "tool_calls", first
     calls = choice.message.tool_calls
@@ -51,7 +53,7 @@ def main() -> None:
     for call in calls:
         messages.append({"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature_c": 12})})
     final = client.chat.completions.create(model=model, messages=messages, tools=TOOLS, max_tokens=16,
-                                           extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+                                           extra_body=no_thinking)
     answer = final.choices[0]
     assert answer.finish_reason in ("stop", "length", "tool_calls"), final
     assert answer.message.content is not None or answer.message.tool_calls, final
@@ -60,7 +62,8 @@ def main() -> None:
 
     # The same call, streamed: deltas put together by index.
     stream = client.chat.completions.create(model=model, messages=messages[:1], tools=TOOLS, tool_choice="required",
-                                            temperature=0.8, seed=3, max_tokens=400, stream=True)
+                                            temperature=0.8, seed=3, max_tokens=400, stream=True,
+                                            extra_body=no_thinking)
     names, arguments, finish = {}, {}, None
     for chunk in stream:
         if not chunk.choices:
@@ -80,7 +83,7 @@ def main() -> None:
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0,
               "maximum": 9}}, "required": ["ok", "n"], "additionalProperties": False}
     structured = client.chat.completions.create(
-        model=model, messages=messages[:1], temperature=1.0, seed=5, max_tokens=200,
+        model=model, messages=messages[:1], temperature=1.0, seed=5, max_tokens=200, extra_body=no_thinking,
         response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}})
     value = json.loads(structured.choices[0].message.content)
     try:

@@ -118,11 +118,14 @@ fn streamed_calls(chunks: &[Value]) -> (Vec<Call>, Option<String>, String, Strin
     (calls, finish, content, reasoning)
 }
 
+/// A chat request, thinking off: a constraint holds from the end of the reasoning on, and random weights would
+/// reason until `max_tokens` (the template closes the block itself when thinking is off).
 fn chat(extra: Value) -> Value {
     let mut body = json!({
         "model": "qwen35",
         "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
         "max_tokens": 400,
+        "chat_template_kwargs": {"enable_thinking": false},
     });
     for (k, v) in extra.as_object().expect("object") {
         body[k] = v.clone();
@@ -139,7 +142,7 @@ async fn required_calls_are_valid(url: &str, seeds: u64) {
         assert_eq!(choice["finish_reason"], "tool_calls", "{done}");
         let message = &choice["message"];
         assert_eq!(message["content"], Value::Null, "{done}");
-        assert!(message.get("reasoning_content").is_none(), "the constraint closes reasoning: {done}");
+        assert!(message.get("reasoning_content").is_none(), "no reasoning when thinking is off: {done}");
         let calls = message["tool_calls"].as_array().expect("tool_calls");
         assert!(!calls.is_empty());
         for call in calls {
@@ -333,6 +336,18 @@ async fn json_schema_choice_and_regex_outputs_hold_for_many_seeds() {
         assert!(tags.len() <= 3 && tags.iter().all(|t| t == "a" || t == "b"), "{v}");
         assert_eq!(v.as_object().expect("object").len(), 3, "{v}");
     }
+    // With thinking on, the model reasons first, unconstrained (random weights never close the block, so the
+    // answer runs out of tokens inside it), as vLLM with a reasoning parser does.
+    let mut body = chat(json!({"temperature": 0, "max_tokens": 24, "response_format": {"type": "json_schema",
+        "json_schema": {"name": "verdict", "strict": true, "schema": schema}}}));
+    body["chat_template_kwargs"] = json!({});
+    let (status, done) = post(url, "/v1/chat/completions", &body).await;
+    assert_eq!(status, 200, "{done}");
+    assert_eq!(done["choices"][0]["finish_reason"], "length", "{done}");
+    let message = &done["choices"][0]["message"];
+    assert!(message["reasoning_content"].as_str().is_some_and(|r| !r.is_empty()), "{done}");
+    assert!(message["content"].as_str().unwrap_or_default().is_empty(), "{done}");
+    assert_eq!(done["usage"]["completion_tokens"], 24, "{done}");
     // vLLM's spellings on /v1/completions.
     for seed in 0..6 {
         let (_, done) = post(

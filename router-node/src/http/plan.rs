@@ -94,9 +94,11 @@ pub(super) fn chat_plan(intake: &Intake<'_>, body: &[u8]) -> Result<ChatPlan, Ap
         }
         (None, None) => None,
     };
-    // A prompt that opened reasoning gets it closed first: the constrained answer is the content.
+    // A prompt that opened reasoning: the model reasons freely, and the constraint holds from the end of it on, so
+    // that the constrained answer is the content. (`chat_template_kwargs: {"enable_thinking": false}` makes the
+    // template close the block itself, and the constraint then holds from the first token.)
     let spec = spec.map(|(spec, param)| match in_reasoning {
-        true => (GuideSpec::After("</think>\n\n".into(), Box::new(spec)), param),
+        true => (GuideSpec::AfterReasoning(Box::new(spec)), param),
         false => (spec, param),
     });
     let constraint = match spec {
