@@ -31,9 +31,10 @@ pub struct Args {
     /// round is reported.
     #[arg(long, default_value_t = 5)]
     rounds: usize,
-    /// Prompt length of the prefill measurement.
-    #[arg(long, default_value_t = 512)]
-    prompt_len: usize,
+    /// Prompt lengths of the prefill measurements. The JSON's `prefill` is the first; `prefills` has every one
+    /// (`moectl plan calibrate` reads them all: give the prompt lengths the cluster will see, e.g. `128,512`).
+    #[arg(long, value_delimiter = ',', default_value = "512")]
+    prompt_len: Vec<usize>,
     /// Buffer for the memory-bandwidth probe, in GiB (make it several times the last-level cache).
     #[arg(long, default_value_t = 2.0)]
     bandwidth_gib: f64,
@@ -58,8 +59,11 @@ pub(crate) fn tokens(n: usize, seed: u64, vocab: usize) -> Vec<u32> {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    if args.decode_steps == 0 || args.rounds == 0 || args.prompt_len == 0 || args.batch.contains(&0) {
-        bail!("--decode-steps, --rounds, --prompt-len and every --batch must be positive");
+    if args.decode_steps == 0 || args.rounds == 0 || args.prompt_len.contains(&0) || args.batch.contains(&0) {
+        bail!("--decode-steps, --rounds, every --prompt-len and every --batch must be positive");
+    }
+    if args.prompt_len.is_empty() {
+        bail!("--prompt-len needs at least one length");
     }
     let selection = args.cpu.apply()?;
     let threads = rayon::current_num_threads();
@@ -88,27 +92,30 @@ pub fn run(args: Args) -> Result<()> {
 
     let forward = |segs: &mut [Segment<'_>]| model.forward(segs, experts);
 
-    // Prefill: once to fault the weights in from the page cache, then `--rounds` timed rounds; the median is reported.
-    let prompt = tokens(args.prompt_len, 1, vocab);
-    let mut prefill_rounds = Vec::with_capacity(args.rounds);
-    for round in 0..=args.rounds {
-        let mut st = model.new_state();
-        let p0 = profile::snapshot();
-        let f0 = experts.stats.flops.load(Ordering::Relaxed);
-        let n0 = experts.stats.nanos.load(Ordering::Relaxed);
-        let t = Instant::now();
-        forward(&mut [Segment { state: &mut st, tokens: &prompt, logits: LogitsFor::Last }])?;
-        let secs = t.elapsed().as_secs_f64();
-        if round > 0 {
-            let stages = profile::delta(&p0, &profile::snapshot());
-            let flops = experts.stats.flops.load(Ordering::Relaxed) - f0;
-            let nanos = experts.stats.nanos.load(Ordering::Relaxed) - n0;
-            prefill_rounds.push((secs, stages, flops, nanos as f64 * 1e-9));
+    // Prefill, per prompt length: once to fault the weights in from the page cache, then `--rounds` timed rounds;
+    // the median is reported.
+    let mut prefills = Vec::with_capacity(args.prompt_len.len());
+    for &len in &args.prompt_len {
+        let prompt = tokens(len, 1, vocab);
+        let mut rounds = Vec::with_capacity(args.rounds);
+        for round in 0..=args.rounds {
+            let mut st = model.new_state();
+            let p0 = profile::snapshot();
+            let f0 = experts.stats.flops.load(Ordering::Relaxed);
+            let n0 = experts.stats.nanos.load(Ordering::Relaxed);
+            let t = Instant::now();
+            forward(&mut [Segment { state: &mut st, tokens: &prompt, logits: LogitsFor::Last }])?;
+            let secs = t.elapsed().as_secs_f64();
+            if round > 0 {
+                let stages = profile::delta(&p0, &profile::snapshot());
+                let flops = experts.stats.flops.load(Ordering::Relaxed) - f0;
+                let nanos = experts.stats.nanos.load(Ordering::Relaxed) - n0;
+                rounds.push((secs, stages, flops, nanos as f64 * 1e-9));
+            }
         }
+        rounds.sort_by(|a, b| a.0.total_cmp(&b.0));
+        prefills.push(Prefill { len, rounds });
     }
-    prefill_rounds.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let prefill_rounds_tps: Vec<f64> = prefill_rounds.iter().map(|r| args.prompt_len as f64 / r.0).collect();
-    let (prefill_s, prefill_stages, expert_flops, expert_s) = prefill_rounds[prefill_rounds.len() / 2];
 
     let mut decode = Vec::new();
     for &batch in &args.batch {
@@ -199,16 +206,8 @@ pub fn run(args: Args) -> Result<()> {
         "matmul_precision": selection.precision.name(),
         "matmul_kernel_peak_gflops": kernel_peak / 1e9,
         "load_s": load_s,
-        "prefill": {
-            "prompt_tokens": args.prompt_len,
-            "tokens_per_s": args.prompt_len as f64 / prefill_s,
-            "tokens_per_s_rounds": prefill_rounds_tps,
-            "seconds": prefill_s,
-            "expert_gflops": expert_flops as f64 / expert_s.max(1e-12) / 1e9,
-            "expert_fraction_of_fma_peak": expert_flops as f64 / expert_s.max(1e-12) / peak,
-            "expert_share_of_time": expert_s / prefill_s,
-            "stages": stages_json(&prefill_stages, prefill_s, kernel_peak, bandwidth),
-        },
+        "prefill": prefills[0].json(peak, kernel_peak, bandwidth),
+        "prefills": prefills.iter().map(|p| p.json(peak, kernel_peak, bandwidth)).collect::<Vec<_>>(),
         "decode": decode,
     });
     if args.json {
@@ -221,24 +220,30 @@ pub fn run(args: Args) -> Result<()> {
         peak / 1e9,
         matmul::kernel_name()
     );
-    println!(
-        "prefill {} tokens: {:.1} tokens/s ({:.2} s; rounds {:.1}-{:.1}); expert matmuls {:.1} GFLOP/s = {:.0}% of FMA peak, {:.0}% of the time",
-        args.prompt_len,
-        args.prompt_len as f64 / prefill_s,
-        prefill_s,
-        prefill_rounds_tps.last().copied().unwrap_or(0.0),
-        prefill_rounds_tps.first().copied().unwrap_or(0.0),
-        expert_flops as f64 / expert_s.max(1e-12) / 1e9,
-        100.0 * expert_flops as f64 / expert_s.max(1e-12) / peak,
-        100.0 * expert_s / prefill_s
-    );
+    for p in &prefills {
+        let (secs, _, expert_flops, expert_s) = p.median();
+        let tps = |r: &(f64, [StageTotals; 5], u64, f64)| p.len as f64 / r.0;
+        println!(
+            "prefill {} tokens: {:.1} tokens/s ({:.2} s; rounds {:.1}-{:.1}); expert matmuls {:.1} GFLOP/s = {:.0}% of FMA peak, {:.0}% of the time",
+            p.len,
+            p.len as f64 / secs,
+            secs,
+            p.rounds.last().map(tps).unwrap_or(0.0),
+            p.rounds.first().map(tps).unwrap_or(0.0),
+            expert_flops as f64 / expert_s.max(1e-12) / 1e9,
+            100.0 * expert_flops as f64 / expert_s.max(1e-12) / peak,
+            100.0 * expert_s / secs
+        );
+    }
     println!(
         "matmul kernel {} ({} precision): {:.1} GFLOP/s on expert-shaped work in cache (the kernel peak below)",
         selection.kernel.name(),
         selection.precision.name(),
         kernel_peak / 1e9
     );
-    print_stages(&format!("prefill {} tokens", args.prompt_len), &report["prefill"]["stages"]);
+    for p in report["prefills"].as_array().into_iter().flatten() {
+        print_stages(&format!("prefill {} tokens", p["prompt_tokens"]), &p["stages"]);
+    }
     for d in &decode {
         let f = |k: &str| d[k].as_f64().unwrap_or(0.0);
         let range = |k: &str| {
@@ -267,6 +272,32 @@ pub fn run(args: Args) -> Result<()> {
         print_stages(&format!("decode batch {}, per step", d["batch"]), &d["stages"]);
     }
     Ok(())
+}
+
+/// One prompt length's prefill rounds, fastest first: seconds, stage totals, expert FLOPs and expert seconds.
+struct Prefill {
+    len: usize,
+    rounds: Vec<(f64, [StageTotals; 5], u64, f64)>,
+}
+
+impl Prefill {
+    fn median(&self) -> (f64, [StageTotals; 5], u64, f64) {
+        self.rounds[self.rounds.len() / 2]
+    }
+
+    fn json(&self, fma_peak: f64, kernel_peak: f64, bandwidth: f64) -> serde_json::Value {
+        let (secs, stages, expert_flops, expert_s) = self.median();
+        json!({
+            "prompt_tokens": self.len,
+            "tokens_per_s": self.len as f64 / secs,
+            "tokens_per_s_rounds": self.rounds.iter().map(|r| self.len as f64 / r.0).collect::<Vec<_>>(),
+            "seconds": secs,
+            "expert_gflops": expert_flops as f64 / expert_s.max(1e-12) / 1e9,
+            "expert_fraction_of_fma_peak": expert_flops as f64 / expert_s.max(1e-12) / fma_peak,
+            "expert_share_of_time": expert_s / secs,
+            "stages": stages_json(&stages, secs, kernel_peak, bandwidth),
+        })
+    }
 }
 
 /// The stages of a phase that took `total_s`, as JSON: seconds, share, FLOP/s against the kernel peak and weight

@@ -175,3 +175,40 @@ fn errors_are_one_clear_line() {
     std::fs::write(model.join("config.json"), "{\"model_type\": \"llama\"}").expect("write");
     fails_with(&["generate", "--model", m, "--prompt", "x"], "llama");
 }
+
+/// `bench-model --json` keeps its fields (`prefill` is the first prompt length) and reports every length in
+/// `prefills`, each with its stage breakdown, which `plan calibrate` reads.
+#[test]
+fn bench_model_reports_each_prompt_length_with_its_stages() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let model = tmp.path().join("tiny");
+    init_tiny(&model, &[]);
+    let m = model.to_str().expect("utf-8");
+    let v = ok_json(&[
+        "bench-model",
+        "--model",
+        m,
+        "--batch",
+        "1,2",
+        "--rounds",
+        "1",
+        "--decode-steps",
+        "1",
+        "--prompt-len",
+        "40,8",
+        "--bandwidth-gib",
+        "0.02",
+        "--json",
+    ]);
+    assert_eq!(v["prefill"]["prompt_tokens"], 40, "{v}");
+    let prefills = v["prefills"].as_array().expect("prefills");
+    assert_eq!(prefills.iter().map(|p| p["prompt_tokens"].as_u64()).collect::<Vec<_>>(), [Some(40), Some(8)]);
+    for p in prefills.iter().chain([&v["prefill"]]) {
+        assert!(p["tokens_per_s"].as_f64().is_some_and(|t| t > 0.0), "{p}");
+        for stage in ["routed_experts", "dense_projections", "deltanet_chunked", "attention_core", "rest"] {
+            assert!(p["stages"][stage]["seconds"].as_f64().is_some(), "{stage} in {p}");
+        }
+    }
+    assert_eq!(v["decode"].as_array().map(Vec::len), Some(2));
+    fails_with(&["bench-model", "--model", m, "--prompt-len", "8,0"], "--prompt-len");
+}

@@ -113,16 +113,46 @@ pub fn from_reports(
         add(Stage::AttentionCore, b, stage_seconds(stages, Stage::AttentionCore), roof.attention);
         rest_points.push((b, stages.get("rest").and_then(|v| v["seconds"].as_f64()).unwrap_or(0.0)));
     }
-    let n = f(&["prefill", "prompt_tokens"])?;
-    let stages = &report["prefill"]["stages"];
-    let step =
-        Step { decode: 0, prefill: n as usize, logits: 1, decode_context: 0.0, prefill_context: n * (n + 1.0) / 2.0 };
-    let roof = cluster.step(&step, 0.0);
-    add(Stage::DenseProjections, n, stage_seconds(stages, Stage::DenseProjections), roof.dense);
-    add(Stage::RoutedExperts, n, stage_seconds(stages, Stage::RoutedExperts), roof.experts);
-    add(Stage::DeltanetChunked, n, stage_seconds(stages, Stage::DeltanetChunked), roof.deltanet);
-    add(Stage::AttentionCore, n, stage_seconds(stages, Stage::AttentionCore), roof.attention);
-    rest_points.push((n, stages.get("rest").and_then(|v| v["seconds"].as_f64()).unwrap_or(0.0)));
+    // Every prompt length measured (`prefills`; older reports have the one `prefill`). A prefill of n tokens is
+    // its own point in each table, so a prompt the cluster sees is read near a prefill of its size, not between a
+    // decode batch and a much longer prompt.
+    let prefills = match report.get("prefills").and_then(Value::as_array) {
+        Some(list) if !list.is_empty() => list.clone(),
+        _ => vec![report.get("prefill").cloned().ok_or_else(|| PlanError::Calibration {
+            path: bench_model.to_owned(),
+            message: "no field prefill".into(),
+        })?],
+    };
+    let mut prefill_points: BTreeMap<Stage, Vec<[f64; 2]>> = BTreeMap::new();
+    for p in &prefills {
+        let n = field(p, &["prompt_tokens"], bench_model)?;
+        let stages = &p["stages"];
+        let step = Step {
+            decode: 0,
+            prefill: n as usize,
+            logits: 1,
+            decode_context: 0.0,
+            prefill_context: n * (n + 1.0) / 2.0,
+        };
+        let roof = cluster.step(&step, 0.0);
+        let mut put = |stage: Stage, measured: f64, roof: f64| {
+            if measured > 0.0 && roof > 0.0 {
+                prefill_points.entry(stage).or_default().push([n, measured / roof]);
+            }
+        };
+        put(Stage::DenseProjections, stage_seconds(stages, Stage::DenseProjections), roof.dense);
+        put(Stage::RoutedExperts, stage_seconds(stages, Stage::RoutedExperts), roof.experts);
+        put(Stage::DeltanetChunked, stage_seconds(stages, Stage::DeltanetChunked), roof.deltanet);
+        put(Stage::AttentionCore, stage_seconds(stages, Stage::AttentionCore), roof.attention);
+        rest_points.push((n, stages.get("rest").and_then(|v| v["seconds"].as_f64()).unwrap_or(0.0)));
+    }
+    // Where a prefill and a decode batch have the same size, the prefill's point stands (a prompt step is the
+    // planner's TTFT; a decode batch that large is rare).
+    for (stage, points) in prefill_points {
+        let table = corrections.entry(stage).or_default();
+        table.retain(|[t, _]| !points.iter().any(|[n, _]| n == t));
+        table.extend(points);
+    }
     if decode.is_empty() {
         return Err(PlanError::Calibration {
             path: bench_model.to_owned(),

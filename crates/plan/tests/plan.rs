@@ -440,3 +440,60 @@ fn calibration_recovers_the_times_it_was_given() {
     assert!((p.network.round_trip_s - 200e-6).abs() < 1e-12, "{:?}", p.network);
     assert!((p.network.codec_bytes_per_s - 1e9).abs() < 1e-3, "{:?}", p.network);
 }
+
+#[test]
+fn each_prefill_length_measured_is_a_point_of_its_own_and_wins_over_a_decode_batch_of_its_size() {
+    let s = tiny();
+    let bare = profile("bare");
+    let load = ExpertLoad::zipf(s.experts, 0.0);
+    let cluster = Cluster::new(&s, &bare, &bare, layout(1, 0), &load);
+    // Decode batches at 3× their rooflines; prefills of 32 and 128 tokens at 2× and 5×.
+    let stages = |step: &Step, f: f64| {
+        let c = cluster.step(step, 0.0);
+        serde_json::json!({
+            "dense_projections": {"seconds": f * c.dense},
+            "routed_experts": {"seconds": f * c.experts},
+            "deltanet_recurrent": {"seconds": if step.decode > 0 { f * c.deltanet } else { 0.0 }},
+            "deltanet_chunked": {"seconds": if step.prefill > 0 { f * c.deltanet } else { 0.0 }},
+            "attention_core": {"seconds": f * c.attention},
+            "rest": {"seconds": 1e-3},
+        })
+    };
+    let decode: Vec<_> = [1usize, 8, 32]
+        .iter()
+        .map(|&b| {
+            let step = Step { decode: b, prefill: 0, logits: b, decode_context: 30.0 * b as f64, prefill_context: 0.0 };
+            serde_json::json!({"batch": b, "stages": stages(&step, 3.0)})
+        })
+        .collect();
+    let prefill = |n: usize, f: f64| {
+        let t = n as f64;
+        let step = Step { decode: 0, prefill: n, logits: 1, decode_context: 0.0, prefill_context: t * (t + 1.0) / 2.0 };
+        serde_json::json!({"prompt_tokens": n, "stages": stages(&step, f)})
+    };
+    let report = serde_json::json!({
+        "threads": 2, "kernel": "test", "memory_bandwidth_gbps": 10.0, "fma_peak_gflops": 100.0,
+        "matmul_kernel_peak_gflops": 1000.0,
+        "prefill": prefill(128, 5.0),
+        "prefills": [prefill(128, 5.0), prefill(32, 2.0)],
+        "decode": decode,
+    });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("bench-model.json");
+    std::fs::write(&path, report.to_string()).expect("write");
+    let p = calibrate::from_reports(&s, &path, None, facts(&bare)).expect("calibrated");
+    let dense = &p.corrections[&moe_plan::Stage::DenseProjections];
+    let at = |t: f64| dense.iter().find(|[n, _]| *n == t).map(|[_, r]| *r);
+    assert_eq!(dense.iter().map(|[t, _]| *t).collect::<Vec<_>>(), [1.0, 8.0, 32.0, 128.0], "{dense:?}");
+    assert!((at(1.0).expect("1") - 3.0).abs() < 1e-9, "{dense:?}");
+    assert!((at(32.0).expect("32") - 2.0).abs() < 1e-9, "the prefill's point stands: {dense:?}");
+    assert!((at(128.0).expect("128") - 5.0).abs() < 1e-9, "{dense:?}");
+    let chunked = &p.corrections[&moe_plan::Stage::DeltanetChunked];
+    assert_eq!(chunked.len(), 2, "{chunked:?}");
+    // A report of the older form, one `prefill` and no `prefills`, still calibrates.
+    let mut old = report.clone();
+    old.as_object_mut().expect("object").remove("prefills");
+    std::fs::write(&path, old.to_string()).expect("write");
+    let p = calibrate::from_reports(&s, &path, None, facts(&bare)).expect("calibrated");
+    assert_eq!(p.corrections[&moe_plan::Stage::DeltanetChunked].len(), 1);
+}
