@@ -46,7 +46,14 @@ pub struct PrefixCache {
     by_use: BTreeMap<u64, u64>,
     tick: u64,
     bytes: u64,
+    /// The keys of the first blocks of prompts looked up, by their last use: whether a prompt's beginning has come
+    /// before (at most [`SEEN_CAP`] of them).
+    seen: HashMap<u64, u64>,
+    seen_by_use: BTreeMap<u64, u64>,
 }
+
+/// How many prompt beginnings [`PrefixCache::seen_before`] remembers (16 bytes and a tree node each).
+const SEEN_CAP: usize = 1 << 14;
 
 /// The keys of `tokens`' aligned prefixes: entry `b` is the key of the first `(b + 1) · ALIGN_TOKENS` tokens.
 fn prefix_keys(tokens: &[u32]) -> Vec<u64> {
@@ -107,6 +114,23 @@ impl PrefixCache {
         self.touch(key);
         let state = self.entries.get(&key)?.state.snapshot()?;
         Some(Hit { state, tokens: len })
+    }
+
+    /// Whether a prompt starting with `prompt`'s first aligned block was looked up before (that block is remembered
+    /// from now on, the least recently seen forgotten past [`SEEN_CAP`]); false for a prompt shorter than one block.
+    pub fn seen_before(&mut self, prompt: &[u32]) -> bool {
+        let Some(&key) = prefix_keys(&prompt[..ALIGN_TOKENS.min(prompt.len())]).first() else { return false };
+        self.tick += 1;
+        let before = self.seen.insert(key, self.tick);
+        if let Some(old) = before {
+            self.seen_by_use.remove(&old);
+        }
+        self.seen_by_use.insert(self.tick, key);
+        while self.seen.len() > SEEN_CAP {
+            let Some((_, oldest)) = self.seen_by_use.pop_first() else { break };
+            self.seen.remove(&oldest);
+        }
+        before.is_some()
     }
 
     /// Whether the state of exactly `prefix` is cached.
@@ -210,6 +234,26 @@ mod tests {
         assert_eq!(cache.lookup(&other).map(|h| h.tokens), Some(64));
         let hit = cache.lookup(&p).expect("a hit");
         assert_eq!(hit.state.position(), 96);
+    }
+
+    #[test]
+    fn a_prompt_beginning_is_seen_from_its_second_lookup_on_and_forgotten_past_the_cap() {
+        let mut cache = PrefixCache::new();
+        let a: Vec<u32> = (0..40).collect();
+        let mut b = a.clone();
+        b[35] = 999; // the same first block
+        let mut c = a.clone();
+        c[3] = 999; // another first block
+        assert!(!cache.seen_before(&a));
+        assert!(cache.seen_before(&b), "the same first block");
+        assert!(!cache.seen_before(&c));
+        assert!(!cache.seen_before(&a[..20]), "shorter than a block: its own key");
+        for i in 0..SEEN_CAP as u32 {
+            cache.seen_before(&[i + 10_000; ALIGN_TOKENS]);
+        }
+        assert_eq!(cache.seen.len(), SEEN_CAP);
+        assert_eq!(cache.seen_by_use.len(), SEEN_CAP);
+        assert!(!cache.seen_before(&a), "forgotten: the least recently seen go first");
     }
 
     #[test]
