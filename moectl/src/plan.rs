@@ -102,7 +102,8 @@ struct PlanArgs {
 
 #[derive(Debug, clap::Args)]
 struct CalibrateArgs {
-    /// `moectl bench-model --batch 1,8,32,64 --json` output measured on this machine.
+    /// `moectl bench-model --batch 1,8,32,64 --prompt-len 128,512 --json` output measured on this machine (each
+    /// prompt length is a point of the correction tables: give the lengths the cluster will see).
     #[arg(long)]
     bench_model: PathBuf,
     /// `moectl bench-dataplane --json` output: the expert link's round trip and codec rate.
